@@ -1,8 +1,87 @@
 """sharpscope: sharpness-aware training (ZSharp, SAM, ASAM, Friendly-SAM) and sharpness analysis.
 
-The public API is re-exported here (see DESIGN.md); importing changes no global state.
+The public API is re-exported here (see DESIGN.md); importing changes no global state. The plotting
+helpers ``style`` and ``save_figure`` are loaded on first use so that ``import sharpscope`` does not
+import matplotlib.
 """
 
-from ._version import __version__
+from typing import Any
 
-__all__ = ["__version__"]
+from ._version import __version__
+from .analysis.directions import (
+    Direction,
+    eigen_directions,
+    interpolation_direction,
+    random_directions,
+    trajectory_directions,
+)
+from .analysis.gradients import ZScoreResult, gradient_zscores, load_zscores
+from .analysis.hessian import (
+    DensityResult,
+    EigenResult,
+    TraceResult,
+    hessian_density,
+    hessian_eigenvalues,
+    hessian_trace,
+    layer_curvature,
+    load_layer_curvature,
+    save_layer_curvature,
+)
+from .analysis.landscape import Landscape, interpolate, landscape_1d, landscape_2d
+from .analysis.masks import AlignmentResult, load_mask_log, mask_statistics, perturbation_alignment
+from .analysis.sharpness import SharpnessResult, sharpness
+from .data import load_dataset
+from .models import build_model
+from .optim import ASAM, SAM, FriendlySAM, ZSharp
+from .train import fit, load_checkpoint
+
+_LAZY_PLOT = ("style", "save_figure")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_PLOT:
+        from . import plot
+
+        return getattr(plot, name)
+    raise AttributeError(f"module 'sharpscope' has no attribute {name!r}")
+
+
+__all__ = [
+    "ASAM",
+    "SAM",
+    "AlignmentResult",
+    "DensityResult",
+    "Direction",
+    "EigenResult",
+    "FriendlySAM",
+    "Landscape",
+    "SharpnessResult",
+    "TraceResult",
+    "ZSharp",
+    "ZScoreResult",
+    "__version__",
+    "build_model",
+    "eigen_directions",
+    "fit",
+    "gradient_zscores",
+    "hessian_density",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "interpolate",
+    "interpolation_direction",
+    "landscape_1d",
+    "landscape_2d",
+    "layer_curvature",
+    "load_checkpoint",
+    "load_dataset",
+    "load_layer_curvature",
+    "load_mask_log",
+    "load_zscores",
+    "mask_statistics",
+    "perturbation_alignment",
+    "random_directions",
+    "save_figure",
+    "sharpness",
+    "style",
+    "trajectory_directions",
+]

@@ -17,7 +17,9 @@ from .errors import UserInputError
 
 # name -> (module implementing add_arguments/run, one-line help). Modules are imported lazily so
 # that `sharpscope --help` stays fast.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("sharpscope.train.command", "Train a model (ZSharp, SAM, ASAM, Friendly-SAM, SGD, Adam) and save checkpoints."),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,109 @@
+"""Benchmark: cost of a 2-D loss-landscape grid point against one forward pass over the same data.
+
+    python bench/landscape.py                 # 21 x 21 grid, ResNet-20, 256 CIFAR-shaped images, CPU
+    python bench/landscape.py --grid 5 --n 64 # a quick check
+
+Prints the wall time per grid point of ``sharpscope.landscape_2d`` divided by the time of one
+evaluation pass (forward + loss, eval mode, no grad) over the same data: 1.0 is the floor, the
+target is <= 1.2. If the ``loss-landscapes`` package can be imported (it is not a dependency;
+e.g. ``pip install --target /tmp/ll --no-deps loss-landscapes`` and ``PYTHONPATH=/tmp/ll``), its
+``random_plane`` on the same grid is timed too. Its plane is not Li et al.'s: directions drawn from
+U[0, 1), one all-positive, and with an odd number of steps the trained point is not on the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def build(name: str) -> nn.Module:
+    try:
+        from sharpscope.models import build_model
+
+        return build_model(name, 10)
+    except ImportError:  # the model zoo is not there yet: a small CIFAR CNN of similar cost
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+def forward_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
+    model.eval()
+    times = []
+    with torch.no_grad():
+        model(x)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            float(F.cross_entropy(model(x), y))
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--grid", type=int, default=21, help="points per axis")
+    parser.add_argument("--n", type=int, default=256, help="number of images")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=10, help="forward passes timed for the floor")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from sharpscope.analysis.landscape import landscape_2d
+
+    torch.manual_seed(0)
+    model = build(args.model)
+    x = torch.randn(args.n, 3, 32, 32)
+    y = torch.randint(0, 10, (args.n,))
+    points = args.grid**2
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {params} parameters, {args.n} images, {args.grid} x {args.grid} grid, "
+          f"{torch.get_num_threads()} threads")
+
+    floor_before = forward_floor(model, x, y, args.repeats)
+    start = time.perf_counter()
+    land = landscape_2d(model, F.cross_entropy, (x, y), x=args.grid, y=args.grid, progress=False)
+    ours = (time.perf_counter() - start) / points
+    floor_after = forward_floor(model, x, y, args.repeats)
+    floor = min(floor_before, floor_after)
+    print(f"forward pass (floor): {floor * 1e3:.1f} ms  (before {floor_before * 1e3:.1f}, after {floor_after * 1e3:.1f})")
+    print(f"sharpscope landscape_2d: {ours * 1e3:.1f} ms/point  ratio to floor {ours / floor:.3f}"
+          f"  (loss range {np.nanmin(land.loss):.3f}..{np.nanmax(land.loss):.3f})")
+
+    try:
+        import loss_landscapes
+        import loss_landscapes.metrics
+    except ImportError:
+        print("loss-landscapes not importable: comparison skipped")
+        return
+    metric = loss_landscapes.metrics.Loss(F.cross_entropy, x, y)
+    model.eval()
+    for normalization in ("filter", "model"):
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                loss_landscapes.random_plane(model, metric, distance=1, steps=args.grid,
+                                             normalization=normalization, deepcopy_model=True)
+        except ZeroDivisionError:
+            # its filter normalisation divides by the norm of a direction filter that it has just
+            # zeroed when the weight filter is zero (BatchNorm shifts at initialisation)
+            print("loss-landscapes random_plane(normalization='filter') fails: ZeroDivisionError; "
+                  "timing normalization='model' instead")
+            continue
+        theirs = (time.perf_counter() - start) / points
+        print(f"loss-landscapes random_plane({normalization!r}): {theirs * 1e3:.1f} ms/point  ratio to floor "
+              f"{theirs / floor:.3f}  (sharpscope is {theirs / ours:.2f}x faster per point)")
+        break
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""The Hessian of the full-data loss as a linear operator: Hessian-vector products (HVPs).
+
+For parameters ``w`` (the trainable tensors, flattened and concatenated into one vector of length
+``dim``) and data split into batches ``B_1 .. B_m`` of sizes ``n_1 .. n_m`` (``N = sum n_b``), the
+operator applies
+
+    H v = sum_b (n_b / N) * d^2 L_b(w) / dw^2 . v,
+
+where ``L_b`` is the mean loss of batch ``b``. Weighting by batch size makes unequal batches give
+exactly the Hessian of the mean loss over the concatenated data. The model runs in eval mode
+(BatchNorm uses its running statistics, dropout is off), so ``H`` is the Hessian of a deterministic
+function of ``w`` -- the quantity PyHessian and Ghorbani et al. (2019) report.
+
+Every algorithm in :mod:`sharpscope.analysis.hessian` is written against this one operator
+(the curvlinops idea: one operator, many algorithms).
+
+How an HVP is computed (``hvp=``):
+
+* ``"func"``: forward-over-reverse, ``jvp(grad(L), (w,), (v,))`` with :func:`torch.func.functional_call`
+  (Pearlmutter 1994; the torch.func recipe). One forward and one backward with dual numbers per batch,
+  nothing kept between calls, so memory does not grow with the number of batches.
+* ``"cached"``: reverse-over-reverse on a gradient graph built once (``create_graph=True``) and kept;
+  every HVP is then one backward pass through that graph. Cheapest per HVP, but it holds the graph of
+  every batch in memory, so ``"auto"`` uses it only for a single batch.
+* ``"autograd"``: reverse-over-reverse, rebuilding the graph per HVP (the fallback when torch.func cannot
+  trace a model, e.g. one that calls ``.item()`` inside ``forward``).
+
+The operator works on a snapshot of the parameters and buffers taken at construction (cast to
+``dtype`` if given, e.g. ``torch.float64`` for validation), so the model itself is never written to:
+its parameters, buffers, ``.grad`` and ``requires_grad`` stay bit-for-bit as they were. Only the
+modules' train/eval flags are switched for the duration of each HVP and restored afterwards.
+Used as a context manager, the whole block additionally runs under
+:func:`~sharpscope.analysis.batching.preserved_model_state`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import nn
+from torch.func import functional_call, grad, jvp
+
+from .batching import (
+    as_batches,
+    batch_weights,
+    checked_loss,
+    model_device,
+    preserved_model_state,
+    to_device,
+    trainable_named_parameters,
+)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+HVP_METHODS = ("auto", "func", "cached", "autograd")
+
+# Errors that mean "the user's model/loss is wrong", never "torch.func cannot trace this model".
+_USER_ERRORS = (ValueError, TypeError, FloatingPointError)
+
+
+@contextlib.contextmanager
+def _eval_flags(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode for the block and restore each one's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(False)
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        return t.to(dtype)
+    return t
+
+
+class HessianOperator:
+    """Hessian of the full-data mean loss w.r.t. the trainable parameters, as a linear operator.
+
+    Args:
+        model: any ``nn.Module``; parameters with ``requires_grad=False`` are held fixed (excluded).
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar, mean-reduced loss.
+        data: one ``(inputs, targets)`` batch or an iterable of them (a DataLoader); materialised once.
+        params: restrict to these parameter tensors (e.g. one layer for a block of the Hessian).
+        dtype: compute in this floating dtype (``torch.float64`` for validation); default: the model's.
+        hvp: ``"auto"`` (``"cached"`` for a single batch, else ``"func"``), ``"func"``, ``"cached"``
+            or ``"autograd"`` -- see the module docstring.
+        progress: show a progress bar over batches inside each HVP (useful for large DataLoaders).
+
+    Attributes:
+        dim: number of scalar parameters (the side of the Hessian).
+        n_hvp: number of full-data Hessian-vector products computed so far.
+        param_names, shapes: the parameter tensors in the order of the flat vector.
+        device, dtype: where and in which precision vectors live.
+
+    Example::
+
+        with HessianOperator(model, loss_fn, loader) as op:
+            hv = op.matvec(torch.randn(op.dim, device=op.device, dtype=op.dtype))
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, params: Iterable[torch.Tensor] | None = None,
+                 dtype: torch.dtype | None = None, hvp: str = "auto", progress: bool = False) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+        if hvp not in HVP_METHODS:
+            raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch dtype (e.g. torch.float64) or None, got {dtype!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.progress = progress
+        self.batches = as_batches(data)
+        self.weights = batch_weights(self.batches)
+        self.device = model_device(model)
+
+        chosen = trainable_named_parameters(model, params)
+        if not chosen:
+            raise ValueError("the model has no parameter with requires_grad=True: nothing to differentiate")
+        chosen_ids = {id(p) for _, p in chosen}
+        self.param_names: list[str] = [n for n, _ in chosen]
+        self.shapes: list[torch.Size] = [p.shape for _, p in chosen]
+        self.numels: list[int] = [p.numel() for _, p in chosen]
+        self.dim: int = int(sum(self.numels))
+        # Snapshot: the operator is the Hessian at the parameters as they are now.
+        self._params = tuple(_cast(p.detach(), dtype).clone() for _, p in chosen)
+        self.dtype: torch.dtype = self._params[0].dtype
+        self._fixed = {n: _cast(p.detach(), dtype).clone()
+                       for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in chosen_ids}
+        self._fixed.update({n: _cast(b.detach(), dtype).clone()
+                            for n, b in model.named_buffers(remove_duplicate=False)})
+        # Tied parameters appear under several names; functional_call needs every alias.
+        self._aliases = self._alias_map(model, chosen)
+
+        self.n_hvp = 0
+        self.method = ("cached" if len(self.batches) == 1 else "func") if hvp == "auto" else hvp
+        self._graph: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
+        self._state_cm: contextlib.AbstractContextManager[Any] | None = None
+
+    # -- context management ------------------------------------------------------------------------
+    def __enter__(self) -> HessianOperator:
+        self._state_cm = preserved_model_state(self.model, train=False)
+        self._state_cm.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the cached graph and, inside a ``with`` block, restore the model exactly."""
+        self._graph = None
+        if self._state_cm is not None:
+            cm, self._state_cm = self._state_cm, None
+            cm.__exit__(None, None, None)
+
+    # -- flat vectors <-> parameter-shaped tensors --------------------------------------------------
+    def unflatten(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """Split a flat vector of length ``dim`` into tensors shaped like the parameters (views)."""
+        v = self._check_vector(v)
+        return [chunk.view(shape) for chunk, shape in zip(torch.split(v, self.numels), self.shapes)]
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate parameter-shaped tensors into one flat vector (on ``device``, in ``dtype``)."""
+        if len(tensors) != len(self.shapes):
+            raise ValueError(f"expected {len(self.shapes)} tensors (one per parameter), got {len(tensors)}")
+        for t, shape, name in zip(tensors, self.shapes, self.param_names):
+            if t.shape != shape:
+                raise ValueError(f"tensor for {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        return torch.cat([t.reshape(-1) for t in tensors]).to(device=self.device, dtype=self.dtype)
+
+    def parameters_vector(self) -> torch.Tensor:
+        """The point ``w`` at which the Hessian is taken, as a flat vector."""
+        return self.flatten(self._params)
+
+    def _check_vector(self, v: torch.Tensor) -> torch.Tensor:
+        if not isinstance(v, torch.Tensor):
+            v = torch.as_tensor(np.asarray(v))
+        if v.dim() != 1 or v.numel() != self.dim:
+            raise ValueError(f"vector must be 1-D of length dim={self.dim}, got shape {tuple(v.shape)}")
+        return v.to(device=self.device, dtype=self.dtype)
+
+    # -- the product ---------------------------------------------------------------------------------
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a flat vector ``v`` of length ``dim``; returns a flat tensor (device, dtype)."""
+        vs = tuple(self.unflatten(v))
+        with _eval_flags(self.model):
+            if self.method == "func":
+                try:
+                    out = self._hvp_func(vs)
+                except _USER_ERRORS:
+                    raise
+                except Exception as exc:  # torch.func could not trace this model
+                    warnings.warn(f"torch.func could not compute the HVP ({exc.__class__.__name__}: {exc}); "
+                                  "falling back to double-backward autograd", RuntimeWarning, stacklevel=2)
+                    self.method = "autograd"
+                    out = self._hvp_autograd(vs)
+            elif self.method == "cached":
+                out = self._hvp_cached(vs)
+            else:
+                out = self._hvp_autograd(vs)
+        flat = torch.cat([t.reshape(-1) for t in out])
+        if not bool(torch.isfinite(flat).all()):
+            raise FloatingPointError("the Hessian-vector product is not finite (NaN/inf); check the model, "
+                                     "the data and loss_fn, or use dtype=torch.float64")
+        self.n_hvp += 1
+        return flat
+
+    __matmul__ = matvec
+
+    def gradient(self) -> torch.Tensor:
+        """The full-data gradient at ``w`` as a flat vector (used for the HVP/gradient cost ratio)."""
+        total: list[torch.Tensor] | None = None
+        with _eval_flags(self.model):
+            for (x, y), weight in self._weighted_batches():
+                ps = [p.detach().requires_grad_(True) for p in self._params]
+                loss = self._loss(tuple(ps), x, y)
+                gs = torch.autograd.grad(loss, ps, allow_unused=True)
+                gs = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, ps)]
+                total = [weight * g for g in gs] if total is None else [t + weight * g for t, g in zip(total, gs)]
+        assert total is not None
+        return torch.cat([t.reshape(-1) for t in total])
+
+    def _weighted_batches(self) -> Iterable[tuple[tuple[torch.Tensor, torch.Tensor], float]]:
+        from .._progress import progress
+
+        items = zip(self.batches, self.weights)
+        return progress(items, enabled=self.progress and len(self.batches) > 1, desc="HVP batches",
+                        total=len(self.batches))
+
+    def _inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = to_device((x, y), self.device)
+        return _cast(x, self.dtype), y if not y.is_floating_point() else _cast(y, self.dtype)
+
+    def _loss(self, ps: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tensors = dict(self._fixed)
+        for (name, aliases), p in zip(self._aliases, ps):
+            tensors[name] = p
+            for alias in aliases:
+                tensors[alias] = p
+        x, y = self._inputs(x, y)
+        loss = checked_loss(self.loss_fn(functional_call(self.model, tensors, (x,)), y))
+        return loss
+
+    def _check_finite_loss(self, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError(f"the loss is not finite ({loss.item()}); check the model, data and loss_fn")
+
+    def _hvp_func(self, vs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        total: list[torch.Tensor] | None = None
+        for (x, y), weight in self._weighted_batches():
+            def grad_and_loss(ps: tuple[torch.Tensor, ...], x: torch.Tensor = x, y: torch.Tensor = y) -> Any:
+                loss = self._loss(ps, x, y)
+                return loss, loss.detach()
+
+            g_fn = grad(grad_and_loss, has_aux=True)
+            _, hv, loss = jvp(g_fn, (self._params,), (vs,), has_aux=True)
+            self._check_finite_loss(loss)
+            total = [weight * h for h in hv] if total is None else [t + weight * h for t, h in zip(total, hv)]
+        assert total is not None
+        return total
+
+    def _hvp_autograd(self, vs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        total: list[torch.Tensor] | None = None
+        for (x, y), weight in self._weighted_batches():
+            ps, gs = self._gradient_graph(x, y)
+            hv = self._backward(ps, gs, vs, retain=False)
+            total = [weight * h for h in hv] if total is None else [t + weight * h for t, h in zip(total, hv)]
+        assert total is not None
+        return total
+
+    def _hvp_cached(self, vs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        if self._graph is None:
+            self._graph = [self._gradient_graph(x, y) for x, y in self.batches]
+        total: list[torch.Tensor] | None = None
+        for (ps, gs), weight in zip(self._graph, self.weights):
+            hv = self._backward(ps, gs, vs, retain=True)
+            total = [weight * h for h in hv] if total is None else [t + weight * h for t, h in zip(total, hv)]
+        assert total is not None
+        return total
+
+    def _gradient_graph(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
+        ps = tuple(p.detach().requires_grad_(True) for p in self._params)
+        with torch.enable_grad():
+            loss = self._loss(ps, x, y)
+            self._check_finite_loss(loss)
+            gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
+        return ps, gs
+
+    @staticmethod
+    def _backward(ps: tuple[torch.Tensor, ...], gs: tuple[Any, ...], vs: tuple[torch.Tensor, ...],
+                  retain: bool) -> list[torch.Tensor]:
+        # Parameters the loss does not depend on (or only linearly) have zero Hessian rows.
+        live = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
+        out = [torch.zeros_like(p) for p in ps]
+        if live:
+            hv = torch.autograd.grad([gs[i] for i in live], [ps[i] for i in range(len(ps))],
+                                     grad_outputs=[vs[i] for i in live], retain_graph=retain, allow_unused=True)
+            out = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, ps)]
+        return out
+
+    @staticmethod
+    def _alias_map(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> list[tuple[str, list[str]]]:
+        names_of: dict[int, list[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(p), []).append(n)
+        return [(n, [a for a in names_of[id(p)] if a != n]) for n, p in chosen]
+
+    # -- scipy view ------------------------------------------------------------------------------------
+    def as_linear_operator(self) -> LinearOperator:
+        """A :class:`scipy.sparse.linalg.LinearOperator` (float64 numpy in and out) for ``eigsh`` & co."""
+
+        def mv(x: np.ndarray) -> np.ndarray:
+            v = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
+            return self.matvec(v).detach().cpu().to(torch.float64).numpy()
+
+        return LinearOperator((self.dim, self.dim), matvec=mv, rmatvec=mv, dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return (f"HessianOperator(dim={self.dim}, tensors={len(self.shapes)}, batches={len(self.batches)}, "
+                f"dtype={self.dtype}, device={self.device}, hvp={self.method!r}, n_hvp={self.n_hvp})")

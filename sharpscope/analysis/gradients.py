@@ -1,0 +1,442 @@
+r"""Per-layer distributions of the gradient Z-scores that ZSharp filters.
+
+ZSharp (J. Yun, "Sharpness-Aware Minimization with Z-Score Gradient Filtering", arXiv 2505.02369)
+standardises the mini-batch gradient of each weight tensor on its own,
+
+.. math::
+    z = \frac{g - \mu(g)}{\sigma_{N-1}(g) + 10^{-12}},
+
+and keeps the entries with :math:`|z| > \tau = Q_p(|z|)`. How many entries survive, and how far
+the kept ones stand out, depends on the shape of the distribution of :math:`z` in each layer: a
+Gaussian layer has :math:`P(|z| > 2) = \operatorname{erfc}(2/\sqrt 2) \approx 4.55\,\%` and excess
+kurtosis 0; a heavy-tailed layer has more mass far out. :func:`gradient_zscores` measures, for
+every filtered tensor (``ndim > 1``, as ZSharp) or every tensor, per batch and pooled over batches:
+
+* a histogram of :math:`z` on fixed bins (counts outside the bins are kept as ``below``/``above``);
+* the moments: mean, standard deviation (N-1), skewness :math:`m_3/m_2^{3/2}` and excess kurtosis
+  :math:`m_4/m_2^2 - 3` (central moments :math:`m_k`, the ``scipy.stats`` default ``bias=True``);
+* the tail fractions :math:`P(|z| > t)` next to the Gaussian value :math:`\operatorname{erfc}(t/\sqrt2)`;
+* the threshold :math:`\tau` at ``percentile`` exactly as ``ZSharp`` computes it
+  (:func:`sharpscope.optim.zscore.zscore_mask`), next to the Gaussian value
+  :math:`\Phi^{-1}((1 + p)/2)`.
+
+Pooled moments are the moments of all the batches' Z-scores together (exact, from power sums);
+the pooled threshold is the mean of the per-batch thresholds (each batch has its own, as in
+training). With ``full_data=True`` the gradient of the mean loss over all of ``data`` is analysed
+instead, as a single "batch".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from scipy.special import erfc, ndtri
+from torch import nn
+
+from .._progress import progress as _progress
+from ..errors import UserInputError
+from ..optim.zscore import is_filtered, layer_zscores, zscore_mask
+from .batching import (
+    Batch,
+    as_batches,
+    batch_weights,
+    checked_loss,
+    model_device,
+    preserved_model_state,
+    require_finite,
+    to_device,
+    trainable_named_parameters,
+)
+from .results import model_fingerprint, read_dataset, write_dataset
+
+KIND = "gradient_zscores"
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+INCLUDE = ("filtered", "all")
+
+
+# --- input checks shared with masks.py --------------------------------------------------------------
+def check_percentile(percentile: Any) -> float:
+    """Return ``percentile`` as a float in the open interval (0, 1), or raise ``UserInputError``."""
+    try:
+        value = float(percentile)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise UserInputError(
+            f"percentile must be in the open interval (0, 1), e.g. 0.95 (keep the top 5 %); got {percentile!r}"
+        )
+    return value
+
+
+def select_parameters(model: nn.Module, include: str = "filtered",
+                      params: Any = None) -> list[tuple[str, nn.Parameter]]:
+    """The ``(name, parameter)`` pairs to analyse: ZSharp's filtered tensors or all trainable ones.
+
+    ``include="filtered"`` keeps the tensors ZSharp filters (``ndim > 1``: conv, linear and
+    embedding weights); ``"all"`` every trainable tensor with at least two entries (a Z-score of a
+    single number is undefined). Raises ``UserInputError`` when nothing is left.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if include not in INCLUDE:
+        raise UserInputError(f"include must be one of {INCLUDE}, got {include!r}")
+    named = trainable_named_parameters(model, params)
+    if include == "filtered":
+        chosen = [(n, p) for n, p in named if is_filtered(p)]
+        if not chosen:
+            raise UserInputError(
+                "the model has no trainable parameter tensor with ndim > 1 (conv/linear weights), so "
+                "ZSharp filters nothing; use include='all' to look at biases and norm parameters"
+            )
+    else:
+        chosen = [(n, p) for n, p in named if p.numel() > 1]
+        if not chosen:
+            raise UserInputError("the model has no trainable parameter tensor with more than one entry")
+    return chosen
+
+
+# --- gradients ---------------------------------------------------------------------------------------
+def iter_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
+                   named: Sequence[tuple[str, nn.Parameter]], full_data: bool = False,
+                   show_progress: bool = True, desc: str = "gradients",
+                   ) -> Iterator[list[torch.Tensor | None]]:
+    """Yield the gradient of each batch's mean loss w.r.t. ``named`` (``None`` for an unused tensor).
+
+    The caller holds the model in the state it wants (eval mode, under
+    :func:`~sharpscope.analysis.batching.preserved_model_state`); ``.grad`` is not touched
+    (``torch.autograd.grad``). With ``full_data`` a single list is yielded: the batch-size-weighted
+    mean of the batch gradients, i.e. the gradient of the mean loss over all samples.
+    """
+    device = model_device(model)
+    params = [p for _, p in named]
+    total: list[torch.Tensor | None] | None = None
+    weights = batch_weights(batches)
+    for batch, weight in _progress(zip(batches, weights), enabled=show_progress and len(batches) > 1,
+                                   desc=desc, total=len(batches)):
+        x, y = to_device(batch, device)
+        with torch.enable_grad():
+            loss = checked_loss(loss_fn(model(x), y))
+            require_finite(loss.detach().item(), "the loss")
+            grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+        for (name, _), g in zip(named, grads):
+            if g is not None and not bool(torch.isfinite(g).all()):
+                raise FloatingPointError(f"the gradient of {name} is not finite; check the model, data and loss_fn")
+        grads = [None if g is None else g.detach() for g in grads]
+        if not full_data:
+            yield grads
+            continue
+        if total is None:
+            total = [None if g is None else weight * g for g in grads]
+        else:
+            total = [t if g is None else (weight * g if t is None else t + weight * g) for t, g in zip(total, grads)]
+    if full_data and total is not None:
+        yield total
+
+
+# --- statistics of one tensor ------------------------------------------------------------------------
+def bin_edges(bins: int | Sequence[float] = 160, z_range: tuple[float, float] = (-8.0, 8.0)) -> np.ndarray:
+    """Histogram edges: ``bins`` equal bins over ``z_range``, or the given increasing edges."""
+    if isinstance(bins, (int, np.integer)) and not isinstance(bins, bool):
+        lo, hi = (float(v) for v in z_range)
+        if bins < 1 or not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise UserInputError(f"bins must be >= 1 and z_range finite with low < high; got {bins}, {z_range}")
+        return np.linspace(lo, hi, int(bins) + 1)
+    edges = np.asarray(bins, dtype=np.float64).reshape(-1)
+    if edges.size < 2 or not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
+        raise UserInputError("bins must be a number of bins or at least two finite, strictly increasing edges")
+    return edges
+
+
+def zscore_statistics(g: torch.Tensor, edges: torch.Tensor, percentile: float,
+                      tails: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Histogram, power sums, tail counts and ZSharp threshold of one gradient tensor's Z-scores.
+
+    The Z-scores and the threshold come from :mod:`sharpscope.optim.zscore` (what ``ZSharp``
+    uses). Bins are ``[e_i, e_{i+1})`` with the last one closed, as ``numpy.histogram``.
+    Returns float64/int64 device tensors; nothing is moved to the host.
+    """
+    z = layer_zscores(g).reshape(-1)
+    threshold = zscore_mask(g, percentile).threshold.to(torch.float64)
+    z64 = z.to(torch.float64)
+    n_bins = edges.numel() - 1
+    index = torch.bucketize(z64, edges, right=True) - 1  # bin i holds edges[i] <= z < edges[i+1]
+    index = torch.where(z64 == edges[-1], torch.full_like(index, n_bins - 1), index)
+    below = (index < 0).sum()
+    above = (index >= n_bins).sum()
+    inside = index[(index >= 0) & (index < n_bins)]
+    counts = torch.bincount(inside, minlength=n_bins)
+    mean = z64.mean()
+    d = z64 - mean
+    d2 = d * d
+    abs_z = z64.abs()
+    return {
+        "counts": counts,
+        "below": below,
+        "above": above,
+        "power_sums": torch.stack([z64.sum(), (z64 * z64).sum(), (z64**3).sum(), (z64**4).sum()]),
+        "central": torch.stack([mean, d2.mean(), (d2 * d).mean(), (d2 * d2).mean()]),
+        "tail_counts": torch.stack([(abs_z > t).sum() for t in tails]),
+        "threshold": threshold,
+    }
+
+
+def _moments(mean: np.ndarray, m2: np.ndarray, m3: np.ndarray, m4: np.ndarray, n: np.ndarray,
+             ) -> dict[str, np.ndarray]:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        std = np.sqrt(m2 * n / np.maximum(n - 1, 1))
+        skew = np.where(m2 > 0, m3 / np.power(m2, 1.5), np.nan)
+        kurt = np.where(m2 > 0, m4 / (m2 * m2) - 3.0, np.nan)
+    return {"mean": mean, "std": std, "skewness": skew, "excess_kurtosis": kurt}
+
+
+def _central_from_power_sums(s: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Central moments m2..m4 and the mean from raw power sums ``s[..., k-1] = sum z^k``."""
+    r1, r2, r3, r4 = (s[..., k] / n for k in range(4))
+    m2 = r2 - r1**2
+    m3 = r3 - 3 * r1 * r2 + 2 * r1**3
+    m4 = r4 - 4 * r1 * r3 + 6 * r1**2 * r2 - 3 * r1**4
+    return r1, np.maximum(m2, 0.0), m3, m4
+
+
+# --- the result ----------------------------------------------------------------------------------------
+class ZScoreResult:
+    """Per-layer distributions of gradient Z-scores, per batch and pooled.
+
+    Attributes:
+        dataset: an ``xarray.Dataset`` with dims ``layer``, ``batch``, ``bin`` (and ``edge``,
+            ``tail``): ``counts[batch, layer, bin]``, ``below``/``above`` (outside the bins),
+            ``numel[layer]``, ``power_sums``, per-batch ``mean``/``std``/``skewness``/
+            ``excess_kurtosis``, ``tail_fraction[batch, layer, tail]``, ``threshold[batch, layer]``
+            and ``gaussian_tail[tail]``.
+        settings: percentile, tails, ``full_data``, batch sizes, model fingerprint.
+    """
+
+    def __init__(self, dataset: xr.Dataset, settings: dict[str, Any]) -> None:
+        self.dataset = dataset
+        self.settings = dict(settings)
+
+    # --- access --------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[str]:
+        return [str(v) for v in self.dataset["layer"].values]
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.asarray(self.dataset["edges"].values, dtype=np.float64)
+
+    @property
+    def percentile(self) -> float:
+        return float(self.settings["percentile"])
+
+    @property
+    def tails(self) -> np.ndarray:
+        return np.asarray(self.dataset["tail"].values, dtype=np.float64)
+
+    @property
+    def n_batches(self) -> int:
+        return int(self.dataset.sizes["batch"])
+
+    def pooled_counts(self) -> np.ndarray:
+        """Histogram counts summed over batches, shape ``(layer, bin)``."""
+        return self.dataset["counts"].values.sum(axis=0)
+
+    def pooled_moments(self) -> dict[str, np.ndarray]:
+        """Mean, std (N-1), skewness, excess kurtosis of all batches' Z-scores together, per layer."""
+        n = self.dataset["numel"].values.astype(np.float64) * self.n_batches
+        sums = self.dataset["power_sums"].values.sum(axis=0)
+        mean, m2, m3, m4 = _central_from_power_sums(sums, n)
+        return _moments(mean, m2, m3, m4, n)
+
+    def pooled_tail_fraction(self) -> np.ndarray:
+        """``P(|z| > t)`` over all batches, shape ``(layer, tail)``."""
+        counts = self.dataset["tail_count"].values.sum(axis=0)
+        return counts / (self.dataset["numel"].values[:, None].astype(np.float64) * self.n_batches)
+
+    # --- tidy tables ---------------------------------------------------------------------------------
+    def to_dataframe(self, level: str = "pooled") -> pd.DataFrame:
+        """One row per layer (``level="pooled"``) or per batch and layer (``"batch"``).
+
+        Columns: ``layer, numel, [batch,] mean, std, skewness, excess_kurtosis, threshold,
+        gaussian_threshold``, then ``p_abs_z_gt_<t>`` and ``gaussian_p_abs_z_gt_<t>`` for each tail
+        level ``t``. The pooled threshold is the mean of the per-batch thresholds.
+        """
+        ds = self.dataset
+        layers = self.layers
+        numel = ds["numel"].values.astype(np.int64)
+        gauss_thr = float(ndtri((1.0 + self.percentile) / 2.0))
+        tail_names = [_tail_name(t) for t in self.tails]
+        if level == "pooled":
+            moments = self.pooled_moments()
+            frame = pd.DataFrame({"layer": layers, "numel": numel, "n_batches": self.n_batches, **moments,
+                                  "threshold": ds["threshold"].values.mean(axis=0),
+                                  "gaussian_threshold": gauss_thr})
+            tails = self.pooled_tail_fraction()
+        elif level == "batch":
+            n_b = self.n_batches
+            frame = pd.DataFrame({
+                "layer": np.tile(layers, n_b), "numel": np.tile(numel, n_b),
+                "batch": np.repeat(np.arange(n_b), len(layers)),
+                **{k: ds[k].values.reshape(-1) for k in ("mean", "std", "skewness", "excess_kurtosis")},
+                "threshold": ds["threshold"].values.reshape(-1), "gaussian_threshold": gauss_thr,
+            })
+            tails = ds["tail_fraction"].values.reshape(-1, len(tail_names))
+        else:
+            raise UserInputError(f"level must be 'pooled' or 'batch', got {level!r}")
+        gaussian = ds["gaussian_tail"].values
+        for i, name in enumerate(tail_names):
+            frame[f"p_abs_z_gt_{name}"] = tails[:, i]
+            frame[f"gaussian_p_abs_z_gt_{name}"] = gaussian[i]
+        return frame
+
+    def histogram_dataframe(self, level: str = "pooled") -> pd.DataFrame:
+        """Tidy histogram: ``layer, [batch,] bin_left, bin_right, z, count, density``.
+
+        ``density`` is ``count / (n * width)`` with ``n`` all the layer's Z-scores (those outside the
+        bins included), so it is directly comparable with the standard normal density.
+        """
+        edges = self.edges
+        left, right = edges[:-1], edges[1:]
+        width = right - left
+        numel = self.dataset["numel"].values.astype(np.float64)
+        layers = self.layers
+        if level == "pooled":
+            counts = self.pooled_counts()
+            total = numel * self.n_batches
+            rows = {"layer": np.repeat(layers, len(left))}
+        elif level == "batch":
+            counts = self.dataset["counts"].values.reshape(-1, len(left))
+            total = np.tile(numel, self.n_batches)
+            rows = {"layer": np.tile(np.repeat(layers, len(left)), self.n_batches),
+                    "batch": np.repeat(np.arange(self.n_batches), len(layers) * len(left))}
+        else:
+            raise UserInputError(f"level must be 'pooled' or 'batch', got {level!r}")
+        frame = pd.DataFrame({
+            **rows,
+            "bin_left": np.tile(left, counts.shape[0]), "bin_right": np.tile(right, counts.shape[0]),
+            "z": np.tile((left + right) / 2, counts.shape[0]),
+            "count": counts.reshape(-1).astype(np.int64),
+        })
+        frame["density"] = frame["count"].to_numpy() / (np.repeat(total, len(left)) * np.tile(width, counts.shape[0]))
+        return frame
+
+    # --- files -----------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result (netCDF with the settings as JSON), atomically."""
+        return write_dataset(self.dataset, path, KIND, self.settings)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ZScoreResult:
+        """Read a file written by :meth:`save` (refuses other result kinds with a clear message)."""
+        ds, settings = read_dataset(path, KIND)
+        return cls(ds, settings)
+
+    def __repr__(self) -> str:
+        return (f"ZScoreResult(layers={len(self.layers)}, batches={self.n_batches}, "
+                f"percentile={self.percentile}, full_data={self.settings.get('full_data')})")
+
+
+def _tail_name(t: float) -> str:
+    return f"{t:g}".replace(".", "_")
+
+
+def load_zscores(path: str | os.PathLike[str]) -> ZScoreResult:
+    """Read a :class:`ZScoreResult` saved with :meth:`ZScoreResult.save`."""
+    return ZScoreResult.load(path)
+
+
+# --- the analysis -----------------------------------------------------------------------------------
+def gradient_zscores(model: nn.Module, loss_fn: LossFn, data: Any, bins: int | Sequence[float] = 160,
+                     percentile: float = 0.95, full_data: bool = False, *,
+                     z_range: tuple[float, float] = (-8.0, 8.0), tails: Sequence[float] = (2.0, 3.0, 4.0),
+                     include: str = "filtered", params: Any = None, progress: bool = True) -> ZScoreResult:
+    """Distributions of the layer-wise gradient Z-scores ZSharp filters, per layer and batch.
+
+    Args:
+        model: any ``nn.Module``; run in eval mode and restored exactly afterwards.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced scalar.
+        data: one ``(inputs, targets)`` batch or an iterable of them (a DataLoader).
+        bins: number of equal histogram bins over ``z_range``, or the bin edges.
+        percentile: ZSharp's percentile in (0, 1); the threshold reported is its ``Q_p(|z|)``.
+        full_data: analyse the gradient of the mean loss over all of ``data`` (one "batch") instead
+            of each batch's gradient.
+        z_range: the histogram's range when ``bins`` is a number.
+        tails: levels ``t`` of the tail fractions ``P(|z| > t)``.
+        include: ``"filtered"`` (tensors with ``ndim > 1``, what ZSharp filters) or ``"all"``.
+        params: restrict to these parameter tensors.
+        progress: show a progress bar over batches.
+
+    Returns:
+        :class:`ZScoreResult` (``.to_dataframe()``, ``.histogram_dataframe()``, ``.save()``).
+
+    The analysis is deterministic (no random choice). A tensor the loss does not depend on has no
+    distribution and is left out with a warning; a tensor whose gradient is constant has Z-scores
+    all 0, and its skewness and kurtosis are NaN (with a warning naming it).
+    """
+    percentile = check_percentile(percentile)
+    tails = [float(t) for t in tails]
+    if not tails or any(not (math.isfinite(t) and t > 0) for t in tails):
+        raise UserInputError(f"tails must be positive finite |z| levels, e.g. (2, 3, 4); got {tails}")
+    edges_np = bin_edges(bins, z_range)
+    named = select_parameters(model, include, params)
+    batches = as_batches(data)
+
+    per_batch: list[list[dict[str, torch.Tensor] | None]] = []
+    with preserved_model_state(model, train=False):
+        edges = torch.as_tensor(edges_np, dtype=torch.float64, device=model_device(model))
+        for grads in iter_gradients(model, loss_fn, batches, named, full_data, progress, "Z-scores"):
+            per_batch.append([None if g is None else zscore_statistics(g, edges, percentile, tails) for g in grads])
+
+    unused = [name for i, (name, _) in enumerate(named) if any(stats[i] is None for stats in per_batch)]
+    if unused:
+        warnings.warn(f"no gradient reaches {', '.join(unused)} (not used by the loss): left out", RuntimeWarning,
+                      stacklevel=2)
+    keep = [i for i, (name, _) in enumerate(named) if name not in unused]
+    if not keep:
+        raise UserInputError("the loss depends on none of the selected parameter tensors: nothing to analyse")
+    names = [named[i][0] for i in keep]
+    stats = [[batch_stats[i] for i in keep] for batch_stats in per_batch]
+
+    def stack(key: str) -> np.ndarray:
+        return torch.stack([torch.stack([s[key] for s in row]) for row in stats]).cpu().numpy()  # type: ignore[index]
+
+    numel = np.array([named[i][1].numel() for i in keep], dtype=np.int64)
+    central = stack("central")
+    moments = _moments(central[..., 0], central[..., 1], central[..., 2], central[..., 3], numel[None, :])
+    flat = [n for k, n in enumerate(names) if not np.all(np.isfinite(moments["skewness"][:, k]))]
+    if flat:
+        warnings.warn(f"the gradient of {', '.join(flat)} is constant in some batch: Z-scores are all 0 and "
+                      "skewness/kurtosis are undefined (NaN) there", RuntimeWarning, stacklevel=2)
+    tail_counts = stack("tail_counts").astype(np.int64)
+    ds = xr.Dataset(
+        {
+            "edges": ("edge", edges_np),
+            "numel": ("layer", numel),
+            "counts": (("batch", "layer", "bin"), stack("counts").astype(np.int64)),
+            "below": (("batch", "layer"), stack("below").astype(np.int64)),
+            "above": (("batch", "layer"), stack("above").astype(np.int64)),
+            "power_sums": (("batch", "layer", "power"), stack("power_sums")),
+            **{k: (("batch", "layer"), v) for k, v in moments.items()},
+            "tail_count": (("batch", "layer", "tail"), tail_counts),
+            "tail_fraction": (("batch", "layer", "tail"), tail_counts / numel[None, :, None]),
+            "threshold": (("batch", "layer"), stack("threshold")),
+            "gaussian_tail": ("tail", erfc(np.asarray(tails) / math.sqrt(2.0))),
+        },
+        coords={"layer": names, "batch": np.arange(len(stats)), "tail": np.asarray(tails),
+                "power": np.arange(1, 5)},
+    )
+    sizes = [len(x) for x, _ in batches]
+    settings = {
+        "percentile": percentile, "tails": tails, "full_data": bool(full_data), "include": include,
+        "batch_sizes": sizes, "n_samples": int(sum(sizes)), "model_fingerprint": model_fingerprint(model),
+        "model_class": type(model).__name__,
+    }
+    return ZScoreResult(ds, settings)

@@ -1,0 +1,571 @@
+r"""What ZSharp's filter keeps, and whether its ascent finds the sharp directions.
+
+ZSharp (J. Yun, arXiv 2505.02369) perturbs each filtered tensor :math:`t` (``ndim > 1``) along
+:math:`g_t \odot m_t` with the mask :math:`m_t = |z_t| > Q_p(|z_t|)` of its layer-wise Z-scores.
+
+* :func:`mask_statistics` -- per layer, over the batches of ``data``: how many entries the mask
+  keeps, the threshold, the share of the layer's gradient energy kept
+  :math:`\|g_t \odot m_t\|^2 / \|g_t\|^2`, the layer's share :math:`\|e_t\|^2 / \|e\|^2` of the
+  squared perturbation norm under both readings (``perturb_norm="tensor"``: every filtered tensor
+  gets norm :math:`\rho`, so :math:`\|e\| \approx \rho\sqrt K`; ``"global"``: the whole direction has
+  norm :math:`\rho`), how stable the mask is from batch to batch (mean Jaccard overlap
+  :math:`|m_a \cap m_b| / |m_a \cup m_b|` over all pairs of batches), and how often the fallback
+  to SAM fires (empty mask).
+* :func:`perturbation_alignment` -- the ascent directions of SAM, ZSharp (both readings) and ASAM
+  (and a random direction, for scale) at the same total norm :math:`\rho`, against the top-k
+  Hessian eigenvectors :math:`v_i`: :math:`|\cos(e, v_i)|`, the cosine with the top-k subspace
+  :math:`\|V^\top e\| / \|e\|`, the same per layer, the directional curvature
+  :math:`e^\top H e / \|e\|^2` and the actual loss increase :math:`L(w + e) - L(w)`.
+* :func:`load_mask_log` -- the mask statistics logged during training (``masks.csv``) as a tidy table.
+
+Single source of truth: masks and thresholds come from :mod:`sharpscope.optim.zscore` (the
+functions ``ZSharp.first_step`` calls), and every ascent direction is computed by the optimizer
+itself -- ``first_step`` on scratch copies of the parameters that hold the gradient, never on the
+model -- so the numbers are exactly those of a training step on the same gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from torch import nn
+from torch.func import functional_call
+
+from .._progress import progress as _progress
+from ..errors import UserInputError
+from ..optim import ASAM, SAM, ZSharp
+from ..optim.zscore import is_filtered, zscore_masks
+from ..optim.zsharp import MASK_STATS_COLUMNS
+from .batching import (
+    Batch,
+    as_batches,
+    batch_weights,
+    checked_loss,
+    model_device,
+    preserved_model_state,
+    to_device,
+    trainable_named_parameters,
+)
+from .gradients import check_percentile, iter_gradients
+from .results import model_fingerprint, read_dataset, write_dataset
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PERTURB_NORMS = ("tensor", "global")
+METHODS = ("sam", "zsharp", "zsharp_global", "asam", "random")
+ALIGNMENT_KIND = "perturbation_alignment"
+
+
+# --- ascent directions computed by the optimizers themselves ----------------------------------------
+def _check_rho(rho: Any) -> float:
+    try:
+        value = float(rho)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise UserInputError(f"rho must be a finite number > 0, got {rho!r}")
+    return value
+
+
+def optimizer_ascent(make_optimizer: Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer],
+                     names: Sequence[str], grads: Sequence[torch.Tensor],
+                     start: Sequence[torch.Tensor] | None = None,
+                     ) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+    """Run ``first_step`` of a sharpness-aware optimizer on scratch parameters holding ``grads``.
+
+    The scratch parameters start at zero (exact: ``e = (0 + e) - 0``) or at ``start`` (ASAM needs
+    the weights). Returns the ascent ``e`` per tensor and the optimizer (for ``mask_stats``).
+    """
+    origin = [torch.zeros_like(g) for g in grads] if start is None else [s.detach() for s in start]
+    scratch = [nn.Parameter(o.clone()) for o in origin]
+    for p, g in zip(scratch, grads):
+        p.grad = g.detach().clone()
+    opt = make_optimizer(list(zip(names, scratch)))
+    opt.first_step()
+    return [p.detach() - o for p, o in zip(scratch, origin)], opt
+
+
+def _zsharp(rho: float, percentile: float, perturb_norm: str, threshold_scope: str
+            ) -> Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]:
+    return lambda named: ZSharp(named, torch.optim.SGD, rho=rho, percentile=percentile, perturb_norm=perturb_norm,
+                                threshold_scope=threshold_scope, lr=0.0)
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.to(torch.float64))
+                                                       for t in tensors])))
+
+
+def _filtered_with_grad(named: Sequence[tuple[str, nn.Parameter]], grads: Sequence[torch.Tensor | None]
+                        ) -> tuple[list[str], list[torch.Tensor], list[int]]:
+    """Names and gradients of the tensors with a gradient, and the indices of the filtered ones."""
+    names = [n for (n, _), g in zip(named, grads) if g is not None]
+    present = [g for g in grads if g is not None]
+    filtered = [i for i, g in enumerate(present) if is_filtered(g)]
+    return names, present, filtered
+
+
+# --- mask statistics ---------------------------------------------------------------------------------
+def zsharp_masks(model: nn.Module, loss_fn: LossFn, data: Any, percentile: float = 0.95, *,
+                 threshold_scope: str = "tensor", params: Any = None) -> dict[str, torch.Tensor]:
+    """The masks ``ZSharp.first_step`` would use on the gradient of the mean loss over ``data``.
+
+    For a single batch this is exactly the mask of a training step on that batch (model in eval
+    mode). Returns ``{parameter name: bool tensor shaped like the parameter}`` for every filtered
+    tensor (``ndim > 1``) that has a gradient; the model is left as found.
+    """
+    percentile = check_percentile(percentile)
+    if threshold_scope not in ("tensor", "global"):
+        raise UserInputError(f"threshold_scope must be 'tensor' or 'global', got {threshold_scope!r}")
+    named = _named_filtered_model(model, params)
+    batches = as_batches(data)
+    with preserved_model_state(model, train=False):
+        grads = next(iter_gradients(model, loss_fn, batches, named, True, False))
+    names, present, filtered = _filtered_with_grad(named, grads)
+    if not filtered:
+        raise UserInputError("no gradient reaches any parameter tensor with ndim > 1: nothing is filtered")
+    filters = zscore_masks([present[i] for i in filtered], percentile, threshold_scope)
+    return {names[i]: f.mask for i, f in zip(filtered, filters)}
+
+
+def _named_filtered_model(model: nn.Module, params: Any) -> list[tuple[str, nn.Parameter]]:
+    """Trainable ``(name, parameter)`` pairs; raise unless some tensor has ``ndim > 1``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = trainable_named_parameters(model, params)
+    if not any(is_filtered(p) for _, p in named):
+        raise UserInputError("the model has no trainable parameter tensor with ndim > 1 (conv/linear weights): "
+                             "ZSharp filters nothing, so there is no mask to describe")
+    return named
+
+
+def _batch_rows(names: list[str], grads: list[torch.Tensor], filtered: list[int], rho: float,
+                percentile: float, threshold_scope: str) -> tuple[pd.DataFrame, list[torch.Tensor]]:
+    """One row per filtered tensor for one gradient, and the masks (on the CPU)."""
+    filters = zscore_masks([grads[i] for i in filtered], percentile, threshold_scope)
+    readings = {}
+    for reading in PERTURB_NORMS:
+        e, opt = optimizer_ascent(_zsharp(rho, percentile, reading, threshold_scope), names, grads)
+        total = _norm(e)
+        stats = opt.mask_stats
+        readings[reading] = (stats, np.array([_norm([e[i]]) ** 2 / total**2 for i in filtered]), total)
+    frame = readings["tensor"][0].copy()
+    g_sq = np.array([_norm([grads[i]]) ** 2 for i in filtered])
+    kept_sq = np.array([_norm([grads[i] * f.mask]) ** 2 for i, f in zip(filtered, filters)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frame["energy_kept"] = np.where(g_sq > 0, kept_sq / g_sq, np.nan)
+    for reading, (stats, share, total) in readings.items():
+        frame[f"perturbation_norm_{reading}"] = stats["perturbation_norm"].to_numpy()
+        frame[f"perturbation_share_{reading}"] = share
+        frame[f"total_perturbation_norm_{reading}"] = total
+    return frame, [f.mask.detach().reshape(-1).cpu() for f in filters]
+
+
+def _mean_jaccard(masks: list[torch.Tensor]) -> float:
+    """Mean ``|a & b| / |a | b|`` over all pairs (two empty masks count as identical, 1)."""
+    if len(masks) < 2:
+        return float("nan")
+    m = torch.stack(masks).to(torch.float64)
+    inter = m @ m.T
+    sizes = m.sum(dim=1)
+    union = sizes[:, None] + sizes[None, :] - inter
+    jac = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+    i, j = torch.triu_indices(len(masks), len(masks), offset=1)
+    return float(jac[i, j].mean())
+
+
+def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: float = 0.95, *,
+                    rho: float = 0.05, threshold_scope: str = "tensor", per_batch: bool = False,
+                    params: Any = None, progress: bool = True) -> pd.DataFrame:
+    """Per-layer statistics of ZSharp's mask on the batches of ``data`` (model in eval mode).
+
+    For each batch the gradient of its mean loss is filtered exactly as ``ZSharp.first_step``
+    does (same functions, same settings), on scratch tensors: the model is left as found.
+
+    Args:
+        model, loss_fn, data: as everywhere (``data``: one batch or an iterable of batches).
+        percentile: ZSharp's percentile, in (0, 1).
+        rho: ZSharp's radius (the perturbation norms scale with it; shares do not).
+        threshold_scope: ``"tensor"`` (official) or ``"global"``, as in :class:`~sharpscope.optim.ZSharp`.
+        per_batch: return one row per (batch, layer) instead of the summary over batches.
+        params: restrict to these parameter tensors (ZSharp built on the same subset).
+        progress: show a progress bar over batches.
+
+    Returns:
+        With ``per_batch=False``, one row per filtered tensor (``ndim > 1``): ``layer, numel,
+        n_batches, kept, kept_fraction, kept_fraction_std, threshold, threshold_std, energy_kept,
+        perturbation_norm_tensor, perturbation_share_tensor, perturbation_norm_global,
+        perturbation_share_global, mask_jaccard, fallback_rate`` (means over batches;
+        ``mask_jaccard`` is NaN for a single batch, with a warning). ``df.attrs`` holds the mean total
+        perturbation norm under each reading. With ``per_batch=True``: ``batch`` followed by the
+        columns of ``ZSharp.mask_stats`` (identical values), then ``energy_kept`` and the
+        ``perturbation_norm_*``/``perturbation_share_*``/``total_perturbation_norm_*`` columns.
+    """
+    percentile = check_percentile(percentile)
+    rho = _check_rho(rho)
+    if threshold_scope not in ("tensor", "global"):
+        raise UserInputError(f"threshold_scope must be 'tensor' or 'global', got {threshold_scope!r}")
+    named = _named_filtered_model(model, params)
+    batches = as_batches(data)
+
+    frames: list[pd.DataFrame] = []
+    masks: dict[str, list[torch.Tensor]] = {}
+    with preserved_model_state(model, train=False):
+        for b, grads in enumerate(iter_gradients(model, loss_fn, batches, named, False, progress, "masks")):
+            names, present, filtered = _filtered_with_grad(named, grads)
+            if not filtered:
+                raise UserInputError("no gradient reaches any parameter tensor with ndim > 1: nothing is filtered")
+            frame, batch_masks = _batch_rows(names, present, filtered, rho, percentile, threshold_scope)
+            frame.insert(0, "batch", b)
+            frames.append(frame)
+            for i, mask in zip(filtered, batch_masks):
+                masks.setdefault(names[i], []).append(mask)
+    table = pd.concat(frames, ignore_index=True)
+    dead = sorted(set(table.loc[table["energy_kept"].isna(), "layer"]))
+    if dead:
+        warnings.warn(f"the gradient of {', '.join(dead)} is exactly zero in some batch: its kept energy share "
+                      "is undefined (NaN) there", RuntimeWarning, stacklevel=2)
+    if per_batch:
+        return table
+
+    if len(batches) < 2:
+        warnings.warn("mask stability (mask_jaccard) needs at least two batches: it is NaN", RuntimeWarning,
+                      stacklevel=2)
+    grouped = table.groupby("layer", sort=False)
+    summary = pd.DataFrame({
+        "layer": list(grouped.groups),
+        "numel": grouped["numel"].first().to_numpy(),
+        "n_batches": grouped.size().to_numpy(),
+        "kept": grouped["kept"].mean().to_numpy(),
+        "kept_fraction": grouped["kept_fraction"].mean().to_numpy(),
+        "kept_fraction_std": grouped["kept_fraction"].std(ddof=0).to_numpy(),
+        "threshold": grouped["threshold"].mean().to_numpy(),
+        "threshold_std": grouped["threshold"].std(ddof=0).to_numpy(),
+        "energy_kept": grouped["energy_kept"].mean().to_numpy(),
+    })
+    for reading in PERTURB_NORMS:
+        for what in ("norm", "share"):
+            summary[f"perturbation_{what}_{reading}"] = grouped[f"perturbation_{what}_{reading}"].mean().to_numpy()
+    summary["mask_jaccard"] = [_mean_jaccard(masks[name]) for name in summary["layer"]]
+    summary["fallback_rate"] = grouped["fallback"].mean().to_numpy()
+    per_batch_totals = table.drop_duplicates("batch")
+    summary.attrs = {f"total_perturbation_norm_{r}": float(per_batch_totals[f"total_perturbation_norm_{r}"].mean())
+                     for r in PERTURB_NORMS}
+    summary.attrs.update({"percentile": percentile, "rho": rho, "threshold_scope": threshold_scope,
+                          "n_batches": len(batches)})
+    return summary
+
+
+# --- training-time mask logs -------------------------------------------------------------------------
+def load_mask_log(path: str | os.PathLike[str], model: Any = None) -> pd.DataFrame:
+    """The mask statistics logged during ZSharp training, as a tidy DataFrame.
+
+    Args:
+        path: the ``masks.csv`` written by ``sharpscope train`` (or the run folder holding it).
+        model: optionally the model (or a checkpoint with ``.model``) the log should belong to;
+            a log whose layers or sizes do not match is refused (a log from another run).
+
+    Returns:
+        One row per (logged step, filtered tensor), sorted by step: ``step``, ``epoch`` (when
+        logged), then the columns of ``ZSharp.mask_stats`` (``layer, numel, kept, kept_fraction,
+        threshold, grad_norm, perturbation_norm, fallback``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "masks.csv"
+    if not path.is_file():
+        raise UserInputError(f"mask log not found: {path} (sharpscope train writes masks.csv in the run folder "
+                             "when training with ZSharp and --log-mask-every > 0)")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{path} is not a ZSharp mask log (unreadable as CSV: {exc.__class__.__name__})") from exc
+    required = ["step", *MASK_STATS_COLUMNS]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise UserInputError(f"{path} is not a ZSharp mask log: missing column(s) {', '.join(missing)} "
+                             f"(expected {', '.join(required)})")
+    columns = ["step"] + (["epoch"] if "epoch" in frame.columns else []) + list(MASK_STATS_COLUMNS)
+    frame = frame[columns].copy()
+    numeric = [c for c in columns if c not in ("layer", "fallback")]
+    for col in numeric:
+        if not pd.api.types.is_numeric_dtype(frame[col]):
+            raise UserInputError(f"{path} is not a ZSharp mask log: column {col!r} is not numeric")
+    frame["layer"] = frame["layer"].astype(str)
+    frame["fallback"] = frame["fallback"].map(_as_bool)
+    if frame["fallback"].isna().any():
+        raise UserInputError(f"{path} is not a ZSharp mask log: column 'fallback' is not boolean")
+    frame["fallback"] = frame["fallback"].astype(bool)
+    if model is not None:
+        _check_log_matches(frame, getattr(model, "model", model), path)
+    order = {name: i for i, name in enumerate(dict.fromkeys(frame["layer"]))}
+    frame = frame.assign(_order=frame["layer"].map(order)).sort_values(["step", "_order"], kind="stable")
+    return frame.drop(columns="_order").reset_index(drop=True)
+
+
+def _as_bool(value: Any) -> Any:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    text = str(value).strip().lower()
+    return {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}.get(text)
+
+
+def _check_log_matches(frame: pd.DataFrame, model: nn.Module, path: Path) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or a checkpoint with .model, got {type(model).__name__}")
+    sizes = {n: p.numel() for n, p in model.named_parameters() if is_filtered(p)}
+    logged = frame.drop_duplicates("layer").set_index("layer")["numel"]
+    unknown = [n for n in logged.index if n not in sizes]
+    wrong = [n for n in logged.index if n in sizes and int(logged[n]) != sizes[n]]
+    if unknown or wrong:
+        detail = (f"layer(s) not in the model: {', '.join(unknown[:3])}" if unknown
+                  else f"size mismatch for {', '.join(wrong[:3])}")
+        raise UserInputError(f"{path} comes from another run: its mask log does not match this model's filtered "
+                             f"tensors ({detail}{', ...' if len(unknown or wrong) > 3 else ''})")
+
+
+# --- alignment of the ascent directions with the top Hessian eigenvectors ----------------------------
+class AlignmentResult:
+    """Ascent directions of several methods against the top-k Hessian eigenvectors.
+
+    Attributes:
+        dataset: ``xarray.Dataset`` over dims ``method``, ``rank`` (eigenpair), ``layer``:
+            ``cosine[method, rank]`` (``|cos(e, v_i)|``), ``cos_subspace[method]``,
+            ``directional_curvature[method]``, ``loss_increase[method]``, ``norm[method]``,
+            ``layer_cosine[method, layer, rank]``, ``layer_subspace[method, layer]``,
+            ``norm_share[method, layer]`` (``||e_l||^2 / ||e||^2``),
+            ``eigvec_share[layer, rank]`` (``||v_{i,l}||^2``), ``eigenvalue[rank]``.
+        settings: rho, k, percentile, seed, loss at ``w``, data and model identity.
+    """
+
+    def __init__(self, dataset: xr.Dataset, settings: dict[str, Any]) -> None:
+        self.dataset = dataset
+        self.settings = dict(settings)
+
+    @property
+    def methods(self) -> list[str]:
+        return [str(m) for m in self.dataset["method"].values]
+
+    @property
+    def eigenvalues(self) -> np.ndarray:
+        return np.asarray(self.dataset["eigenvalue"].values, dtype=np.float64)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per method: ``method, norm, directional_curvature, loss_increase, cos_subspace,
+        cos_v1 .. cos_vk`` (the table that answers "does the ascent find the sharp directions")."""
+        ds = self.dataset
+        frame = pd.DataFrame({"method": self.methods, "norm": ds["norm"].values,
+                              "directional_curvature": ds["directional_curvature"].values,
+                              "loss_increase": ds["loss_increase"].values,
+                              "cos_subspace": ds["cos_subspace"].values})
+        for r in range(ds.sizes["rank"]):
+            frame[f"cos_v{r + 1}"] = ds["cosine"].values[:, r]
+        return frame
+
+    def layer_dataframe(self) -> pd.DataFrame:
+        """Tidy per-layer table: ``method, layer, eigenvector (1..k), cosine, cos_subspace,
+        norm_share, eigvec_share``. ``cosine`` is NaN where the direction or the eigenvector has no
+        component in that layer."""
+        ds = self.dataset
+        methods, layers, k = self.methods, [str(v) for v in ds["layer"].values], ds.sizes["rank"]
+        n_m, n_l = len(methods), len(layers)
+        return pd.DataFrame({
+            "method": np.repeat(methods, n_l * k),
+            "layer": np.tile(np.repeat(layers, k), n_m),
+            "eigenvector": np.tile(np.arange(1, k + 1), n_m * n_l),
+            "cosine": ds["layer_cosine"].values.reshape(-1),
+            "cos_subspace": np.repeat(ds["layer_subspace"].values.reshape(-1), k),
+            "norm_share": np.repeat(ds["norm_share"].values.reshape(-1), k),
+            "eigvec_share": np.tile(ds["eigvec_share"].values.reshape(-1), n_m),
+        })
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result (netCDF with the settings as JSON), atomically."""
+        return write_dataset(self.dataset, path, ALIGNMENT_KIND, self.settings)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> AlignmentResult:
+        """Read a file written by :meth:`save`."""
+        ds, settings = read_dataset(path, ALIGNMENT_KIND)
+        return cls(ds, settings)
+
+    def __repr__(self) -> str:
+        return f"AlignmentResult(methods={self.methods}, k={self.dataset.sizes['rank']}, rho={self.settings['rho']})"
+
+
+def _full_loss(model: nn.Module, loss_fn: LossFn, batches: list[Batch], names: list[str],
+               values: list[torch.Tensor] | None) -> float:
+    """Mean loss over all batches with the named parameters replaced by ``values`` (model untouched)."""
+    device = model_device(model)
+    total = 0.0
+    with torch.no_grad():
+        for (x, y), weight in zip(batches, batch_weights(batches)):
+            x, y = to_device((x, y), device)
+            out = model(x) if values is None else functional_call(model, dict(zip(names, values)), (x,))
+            total += weight * float(checked_loss(loss_fn(out, y)))
+    if not math.isfinite(total):
+        raise FloatingPointError(f"the loss is not finite ({total}); check the model, data and loss_fn")
+    return total
+
+
+def _orthonormal_columns(v: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the column span of ``v`` (columns that are numerically 0 dropped)."""
+    if v.numel() == 0:
+        return v
+    u, s, _ = torch.linalg.svd(v, full_matrices=False)
+    keep = s > s.max() * max(v.shape) * torch.finfo(v.dtype).eps if s.numel() and s.max() > 0 else s > 1
+    return u[:, keep]
+
+
+def perturbation_alignment(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 5, rho: float = 0.05, *,
+                           methods: Sequence[str] = METHODS, percentile: float = 0.95, asam_eta: float = 0.01,
+                           eigen: Any = None, seed: int = 0, tol: float = 1e-3, max_iter: int = 200,
+                           progress: bool = True) -> AlignmentResult:
+    """How well each method's ascent direction lines up with the top-k Hessian eigenvectors.
+
+    The gradient is that of the mean loss over all of ``data`` (the Hessian is too), model in eval
+    mode. Each method's ascent ``e`` is computed by its optimizer's ``first_step`` and rescaled to
+    norm ``rho``, so all are compared at the same total norm: ``"sam"``; ``"zsharp"`` (the official
+    per-tensor reading) and ``"zsharp_global"`` (``perturb_norm="global"``), both with ``percentile``;
+    ``"asam"`` (official rule, ``T = |w| + asam_eta`` on tensors named ``weight``); ``"random"``
+    (Gaussian, seeded: the cosine a direction gets by chance, about ``1/sqrt(dim)``).
+
+    Args:
+        k: number of top eigenvectors (computed with :func:`~sharpscope.analysis.hessian.hessian_eigenvalues`
+            unless ``eigen``, an ``EigenResult`` with eigenvectors for this model, is given).
+        rho: the common norm of the directions (> 0).
+        seed, tol, max_iter: for the eigen-solver (and ``seed`` for the random direction).
+        progress: show progress bars.
+
+    Returns:
+        :class:`AlignmentResult`; ``.to_dataframe()`` has one row per method.
+    """
+    from .curvature import HessianOperator  # the Hessian stack is only needed here
+    from .hessian import hessian_eigenvalues
+
+    rho = _check_rho(rho)
+    percentile = check_percentile(percentile)
+    methods = list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise UserInputError(f"methods must be distinct names among {METHODS}, got {methods}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise UserInputError(f"k must be an integer >= 1 (number of top eigenvectors), got {k!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = trainable_named_parameters(model)
+    if any(m.startswith("zsharp") for m in methods) and not any(is_filtered(p) for _, p in named):
+        raise UserInputError("the model has no trainable parameter tensor with ndim > 1 (conv/linear weights): "
+                             "ZSharp filters nothing; drop the zsharp methods")
+    batches = as_batches(data)
+    names = [n for n, _ in named]
+
+    if eigen is None:
+        eigen = hessian_eigenvalues(model, loss_fn, batches, k=int(k), tol=tol, max_iter=max_iter, seed=seed,
+                                    progress=progress)
+    elif getattr(eigen, "eigenvectors", None) is None:
+        raise UserInputError("eigen must be an EigenResult computed with eigenvectors=True")
+    if list(eigen.param_names) != names:
+        raise UserInputError("eigen was computed for other parameters than this model's trainable ones "
+                             "(compute it on the same model, with params=None)")
+    vectors = torch.as_tensor(np.asarray(eigen.eigenvectors, dtype=np.float64))[:, : int(k)]
+    k = vectors.shape[1]
+    sizes = [p.numel() for _, p in named]
+
+    with preserved_model_state(model, train=False):
+        grads = next(iter_gradients(model, loss_fn, batches, named, True, progress, "full-data gradient"))
+        with_grad = [i for i, g in enumerate(grads) if g is not None]
+        g_names = [names[i] for i in with_grad]
+        g_list = [grads[i] for i in with_grad]  # type: ignore[misc]
+        directions: dict[str, torch.Tensor] = {}
+        for method in methods:
+            if method == "random":
+                gen = torch.Generator().manual_seed(int(seed))
+                directions[method] = torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
+                continue
+            if method == "sam":
+                e, _ = optimizer_ascent(lambda nm: SAM(nm, torch.optim.SGD, rho=rho, lr=0.0), g_names, g_list)
+            elif method in ("zsharp", "zsharp_global"):
+                reading = "tensor" if method == "zsharp" else "global"
+                e, _ = optimizer_ascent(_zsharp(rho, percentile, reading, "tensor"), g_names, g_list)
+            else:  # asam: T depends on w, so start at w (in float64, so that (w + e) - w is e to 1e-16)
+                w64 = [named[i][1].detach().to(torch.float64) for i in with_grad]
+                e, _ = optimizer_ascent(lambda nm: ASAM(nm, torch.optim.SGD, rho=rho, eta=asam_eta, lr=0.0),
+                                        g_names, [g.to(torch.float64) for g in g_list], start=w64)
+            full = [torch.zeros(s, dtype=torch.float64) for s in sizes]
+            for i, t in zip(with_grad, e):
+                full[i] = t.detach().reshape(-1).cpu().to(torch.float64)
+            directions[method] = torch.cat(full)
+        units = {}
+        for method, d in directions.items():
+            norm = torch.linalg.vector_norm(d)
+            if not norm > 0:
+                raise FloatingPointError(f"the {method} ascent direction is zero: the gradient vanishes on {names}")
+            units[method] = d / norm
+
+        # Directional curvature: one Hessian-vector product per method.
+        curvature = {}
+        with HessianOperator(model, loss_fn, batches) as op:
+            for method in _progress(methods, enabled=progress, desc="curvature along e"):
+                u = units[method]
+                hu = op.matvec(u.to(device=op.device, dtype=op.dtype)).detach().cpu().to(torch.float64)
+                curvature[method] = float(u @ hu)
+        base_loss = _full_loss(model, loss_fn, batches, names, None)
+        increase = {}
+        for method in methods:
+            step = torch.split(rho * units[method], sizes)
+            values = [p.detach() + s.reshape(p.shape).to(device=p.device, dtype=p.dtype)
+                      for (_, p), s in zip(named, step)]
+            increase[method] = _full_loss(model, loss_fn, batches, names, values) - base_loss
+
+    # Cosines: globally and per layer.
+    basis = _orthonormal_columns(vectors)
+    cosine = np.array([[abs(float(units[m] @ vectors[:, r])) for r in range(k)] for m in methods])
+    cos_subspace = np.array([float(torch.linalg.vector_norm(basis.T @ units[m])) for m in methods])
+    v_blocks = torch.split(vectors, sizes)
+    layer_cos = np.full((len(methods), len(names), k), np.nan)
+    layer_sub = np.full((len(methods), len(names)), np.nan)
+    share = np.zeros((len(methods), len(names)))
+    for mi, m in enumerate(methods):
+        for li, (u_l, v_l) in enumerate(zip(torch.split(units[m], sizes), v_blocks)):
+            u_norm = float(torch.linalg.vector_norm(u_l))
+            share[mi, li] = u_norm**2
+            if u_norm == 0:
+                continue
+            v_norms = torch.linalg.vector_norm(v_l, dim=0)
+            dots = (u_l @ v_l).abs()
+            layer_cos[mi, li] = np.where(v_norms.numpy() > 0, (dots / (u_norm * v_norms)).numpy(), np.nan)
+            q = _orthonormal_columns(v_l)
+            layer_sub[mi, li] = float(torch.linalg.vector_norm(q.T @ u_l)) / u_norm if q.shape[1] else np.nan
+    eigvec_share = np.stack([(torch.linalg.vector_norm(v_l, dim=0) ** 2).numpy() for v_l in v_blocks])
+
+    ds = xr.Dataset(
+        {
+            "eigenvalue": ("rank", np.asarray(eigen.eigenvalues, dtype=np.float64)[:k]),
+            "norm": ("method", np.full(len(methods), rho)),
+            "cosine": (("method", "rank"), cosine),
+            "cos_subspace": ("method", cos_subspace),
+            "directional_curvature": ("method", np.array([curvature[m] for m in methods])),
+            "loss_increase": ("method", np.array([increase[m] for m in methods])),
+            "layer_cosine": (("method", "layer", "rank"), layer_cos),
+            "layer_subspace": (("method", "layer"), layer_sub),
+            "norm_share": (("method", "layer"), share),
+            "eigvec_share": (("layer", "rank"), eigvec_share),
+        },
+        coords={"method": methods, "rank": np.arange(1, k + 1), "layer": names},
+    )
+    settings = {
+        "rho": rho, "k": int(k), "percentile": percentile, "asam_eta": float(asam_eta), "seed": int(seed),
+        "base_loss": base_loss, "n_samples": int(sum(len(x) for x, _ in batches)),
+        "model_fingerprint": model_fingerprint(model), "eigen_converged": bool(getattr(eigen, "converged", True)),
+        "eigen_n_hvp": int(getattr(eigen, "n_hvp", 0)),
+    }
+    return AlignmentResult(ds, settings)

@@ -1,0 +1,97 @@
+"""Model zoo: ``build_model(name, num_classes, **kwargs)``.
+
+These are conveniences (the paper's architectures and small models for the embedded digits data);
+every analysis and the training loop work with any ``nn.Module``. A model built here is described
+by its *spec* ``{"name", "num_classes", "kwargs"}``, which a checkpoint stores so that
+:func:`sharpscope.load_checkpoint` can rebuild the model without the user's code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ..errors import UserInputError
+from .resnet_cifar import CifarResNet
+from .small import MLP, SmallCNN
+from .vgg import VGG
+from .vit import ViT
+from .wide_resnet import WideResNet
+
+__all__ = ["MODEL_NAMES", "build_model", "model_spec", "CifarResNet", "VGG", "ViT", "WideResNet", "MLP",
+           "SmallCNN"]
+
+
+def _resnet(depth: int) -> Callable[..., nn.Module]:
+    def make(num_classes: int, **kwargs: Any) -> nn.Module:
+        return CifarResNet(depth=depth, num_classes=num_classes, **kwargs)
+    return make
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": _resnet(20),
+    "resnet32": _resnet(32),
+    "resnet44": _resnet(44),
+    "resnet56": _resnet(56),
+    "resnet110": _resnet(110),
+    "vgg16_bn": lambda num_classes, **kw: VGG(num_classes=num_classes, **kw),
+    "vit": lambda num_classes, **kw: ViT(num_classes=num_classes, **kw),
+    "wrn28_10": lambda num_classes, **kw: WideResNet(depth=28, widen_factor=10, num_classes=num_classes, **kw),
+    "mlp": lambda num_classes, **kw: MLP(num_classes=num_classes, **kw),
+    "cnn": lambda num_classes, **kw: SmallCNN(num_classes=num_classes, **kw),
+}
+
+#: The names :func:`build_model` accepts (case, ``-`` and ``_`` are ignored: ``"ResNet-20"`` works).
+MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+_BY_KEY = {_key(name): name for name in _BUILDERS}
+
+
+def canonical_model_name(name: str) -> str:
+    """Return the canonical spelling of a model name, or raise :class:`UserInputError` listing them."""
+    if not isinstance(name, str) or _key(name) not in _BY_KEY:
+        raise UserInputError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    return _BY_KEY[_key(name)]
+
+
+def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build a freshly initialised model.
+
+    Args:
+        name: one of :data:`MODEL_NAMES`: ``resnet20/32/44/56/110`` (CIFAR ResNets, option-A shortcuts),
+            ``vgg16_bn`` (GAP + one linear head), ``vit`` (the ZSharp paper's CIFAR ViT),
+            ``wrn28_10`` (WideResNet-28-10), ``mlp`` and ``cnn`` (small models for 8x8 digits).
+        num_classes: size of the output layer (>= 1).
+        **kwargs: passed to the model class, e.g. ``in_channels=1``, ``image_size=64`` (ViT),
+            ``in_features=64`` / ``hidden=(64, 64)`` (MLP), ``width=16``.
+
+    The returned module carries its spec as ``model.sharpscope_spec`` (see :func:`model_spec`).
+
+    Raises:
+        UserInputError: unknown name, bad ``num_classes`` or keyword arguments the model does not take.
+    """
+    canonical = canonical_model_name(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise UserInputError(f"num_classes must be a positive integer, got {num_classes!r}")
+    try:
+        model = _BUILDERS[canonical](num_classes, **kwargs)
+    except TypeError as exc:
+        raise UserInputError(f"bad keyword arguments for model {canonical!r}: {exc}") from None
+    except ValueError as exc:
+        raise UserInputError(f"model {canonical!r}: {exc}") from None
+    # Lets fit() store the spec in checkpoints without being told how the model was built.
+    model.sharpscope_spec = model_spec(canonical, num_classes, **kwargs)
+    return model
+
+
+def model_spec(name: str, num_classes: int, **kwargs: Any) -> dict[str, Any]:
+    """The spec a checkpoint stores to rebuild ``build_model(name, num_classes, **kwargs)``."""
+    plain = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+    return {"name": canonical_model_name(name), "num_classes": int(num_classes), "kwargs": plain}

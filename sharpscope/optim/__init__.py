@@ -1,0 +1,23 @@
+"""Sharpness-aware optimizers: ZSharp, SAM, ASAM and Friendly-SAM around any ``torch.optim`` class.
+
+All follow the davda54/sam two-pass protocol (``first_step``/``second_step``) and also offer a
+torch-style ``step(closure)``; see :mod:`sharpscope.optim.base` for the protocol and the GradScaler
+recipe, :mod:`sharpscope.optim.zscore` for ZSharp's filter and :mod:`sharpscope.optim.bn` for the
+optional BatchNorm bypass.
+"""
+
+from .base import SharpnessAwareOptimizer
+from .bn import frozen_running_stats
+from .fsam import FriendlySAM
+from .sam import ASAM, SAM
+from .zsharp import MASK_STATS_COLUMNS, ZSharp
+
+__all__ = [
+    "ASAM",
+    "MASK_STATS_COLUMNS",
+    "SAM",
+    "FriendlySAM",
+    "SharpnessAwareOptimizer",
+    "ZSharp",
+    "frozen_running_stats",
+]

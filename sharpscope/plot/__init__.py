@@ -1,0 +1,73 @@
+"""Publication figures: one function per figure, results (or tidy DataFrames) in, Axes/Figure out.
+
+Every function takes ``ax=None`` (single panel; a figure sized to the current style is created when
+absent) or ``fig=None`` (multi-panel) and returns the Axes or Figure. Nothing is shown and no global
+setting changes; sizes, fonts and the palette come from ``with style(venue, column):``.
+
+>>> from sharpscope.plot import style, plot_density, save_figure
+>>> with style("neurips"):
+...     ax = plot_density({"sgd": dens_sgd, "zsharp": dens_zsharp}, eigenvalues={"sgd": eig_sgd, "zsharp": eig_z})
+...     save_figure(ax.figure, "figures/density")      # figures/density.pdf + .png (300 dpi)
+"""
+
+from .landscape import (
+    plot_contour,
+    plot_contours,
+    plot_interpolation,
+    plot_landscape_1d,
+    plot_landscape_1d_panels,
+    plot_surface,
+)
+from .spectrum import (
+    plot_curvature_trajectories,
+    plot_curvature_trajectory,
+    plot_density,
+    plot_layer_curvature,
+)
+from .style import (
+    OPTIMIZER_COLORS,
+    VENUES,
+    new_figure,
+    optimizer_color,
+    optimizer_label,
+    optimizer_marker,
+    save_figure,
+    style,
+)
+from .training import plot_training_curve, plot_training_curves, read_history
+from .zsharp import (
+    plot_alignment,
+    plot_mask_heatmap,
+    plot_mask_summary,
+    plot_zscore_distributions,
+    read_mask_log,
+)
+
+__all__ = [
+    "OPTIMIZER_COLORS",
+    "VENUES",
+    "new_figure",
+    "optimizer_color",
+    "optimizer_label",
+    "optimizer_marker",
+    "plot_alignment",
+    "plot_contour",
+    "plot_contours",
+    "plot_curvature_trajectories",
+    "plot_curvature_trajectory",
+    "plot_density",
+    "plot_interpolation",
+    "plot_landscape_1d",
+    "plot_landscape_1d_panels",
+    "plot_layer_curvature",
+    "plot_mask_heatmap",
+    "plot_mask_summary",
+    "plot_surface",
+    "plot_training_curve",
+    "plot_training_curves",
+    "plot_zscore_distributions",
+    "read_history",
+    "read_mask_log",
+    "save_figure",
+    "style",
+]

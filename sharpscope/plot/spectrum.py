@@ -1,0 +1,235 @@
+"""Hessian spectra: eigenvalue density, curvature over training, per-layer curvature.
+
+The density is the stochastic Lanczos quadrature estimate (Ghorbani, Krishnan & Xiao 2019,
+"An investigation into neural net optimization via Hessian eigenvalue density"): a Gaussian-smoothed
+sum of Ritz values. It spans many orders of magnitude -- a bulk near zero and a few outliers -- so it
+is drawn on a log density axis, with the top-k eigenvalues (from Lanczos) marked above it.
+
+Over training, the top eigenvalue is compared with 2/eta: full-batch gradient descent with learning
+rate eta is stable on a quadratic only while lambda_max < 2/eta (Cohen et al. 2021, "Gradient descent
+on neural networks typically occurs at the edge of stability").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib import ticker, transforms
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from ..errors import UserInputError
+from ._bars import grouped_barh
+from ._data import labelled_frame, ordered_unique, require_columns, require_finite, to_frame
+from .style import new_figure, optimizer_label, optimizer_marker, series_colors
+
+__all__ = ["plot_density", "plot_curvature_trajectory", "plot_curvature_trajectories", "plot_layer_curvature"]
+
+_QUANTITY_LABEL = {
+    "lambda_max": r"Top eigenvalue $\lambda_{\max}$",
+    "trace": r"Hessian trace $\mathrm{tr}(H)$",
+    "top_eigenvalue": r"Top eigenvalue $\lambda_{\max}$",
+}
+# layer_curvature names the top eigenvalue ``top_eigenvalue``; trajectories may use either name.
+_ALIASES = {"lambda_max": "top_eigenvalue", "top_eigenvalue": "lambda_max"}
+
+
+def _column(df: pd.DataFrame, quantity: str) -> str:
+    if quantity not in df.columns and _ALIASES.get(quantity) in df.columns:
+        return _ALIASES[quantity]
+    return quantity
+
+
+def _density_arrays(obj: Any, arg: str) -> tuple[np.ndarray, np.ndarray]:
+    """(grid, density) from a DensityResult-like object or a DataFrame ``eigenvalue, density``."""
+    if hasattr(obj, "grid") and hasattr(obj, "density"):
+        grid, density = np.asarray(obj.grid, float), np.asarray(obj.density, float)
+    else:
+        df = to_frame(obj, arg)
+        xcol = "eigenvalue" if "eigenvalue" in df.columns else "grid"
+        require_columns(df, [xcol, "density"], arg)
+        grid, density = df[xcol].to_numpy(float), df["density"].to_numpy(float)
+    if grid.ndim != 1 or grid.shape != density.shape or grid.size < 2:
+        raise UserInputError(f"{arg}: grid and density must be 1-D arrays of the same length >= 2")
+    require_finite(grid, f"{arg} grid")
+    require_finite(density, f"{arg} density")
+    if np.any(density < 0):
+        raise UserInputError(f"{arg}: a spectral density cannot be negative")
+    return grid, density
+
+
+def _eigen_array(obj: Any, arg: str) -> np.ndarray:
+    values = obj.eigenvalues if hasattr(obj, "eigenvalues") else obj
+    values = np.sort(np.atleast_1d(np.asarray(values, float)))[::-1]
+    return require_finite(values, arg)
+
+
+def _as_mapping(obj: Any, label: str | None) -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        return {str(k): v for k, v in obj.items()}
+    return {label or "": obj}
+
+
+def plot_density(density: Any, *, eigenvalues: Any = None, top_k: int | None = None, label: str | None = None,
+                 floor: float = 1e-6, ax: Axes | None = None) -> Axes:
+    """Eigenvalue density on a log density axis with the top-k eigenvalues marked.
+
+    ``density``: a ``DensityResult`` (``.grid``, ``.density``), a DataFrame with columns
+    ``eigenvalue, density``, or a mapping ``{optimizer: either}`` to overlay several models.
+    ``eigenvalues``: an ``EigenResult``, an array, or a mapping with the same keys; each is marked
+    by a triangle above the curve (at most ``top_k`` per model). Densities below ``floor`` times the
+    peak are clipped to it, so the log axis shows the bulk and the outliers without empty decades.
+    """
+    if not 0 < floor < 1:
+        raise UserInputError(f"floor must be in (0, 1), got {floor}")
+    if top_k is not None and top_k < 1:
+        raise UserInputError(f"top_k must be >= 1, got {top_k}")
+    curves = _as_mapping(density, label)
+    marks = _as_mapping(eigenvalues, label) if eigenvalues is not None else {}
+    unknown = set(marks) - set(curves)
+    if unknown:
+        raise UserInputError(f"eigenvalues has keys {sorted(unknown)} with no density; keys are {sorted(curves)}")
+    if ax is None:
+        _, ax = new_figure()
+    colors = series_colors(curves)
+    peak = 0.0
+    for name, obj in curves.items():
+        grid, dens = _density_arrays(obj, f"density[{name!r}]" if name else "density")
+        peak = max(peak, float(dens.max()))
+        dens = np.where(dens > 0, dens, np.nan)  # log axis: zero density lies below the floor
+        ax.plot(grid, dens, color=colors[name], label=optimizer_label(name) or None)
+        ax.fill_between(grid, floor * np.nanmax(dens), dens, where=np.isfinite(dens), color=colors[name],
+                        alpha=0.12, linewidth=0)
+    if not peak > 0:
+        raise UserInputError("density is zero everywhere: nothing to draw")
+    ax.set_yscale("log")
+    # Headroom above the peak keeps the eigenvalue markers clear of the curves.
+    top_fraction = 0.82 - 0.04 * max(len(marks) - 1, 0)
+    ax.set_ylim(floor * peak, floor * peak * (1.0 / floor) ** (1.0 / top_fraction))
+    # Markers sit in a strip above the curves: x in data units, y in axes fraction.
+    strip = transforms.blended_transform_factory(ax.transData, ax.transAxes)
+    shown = 0
+    for i, (name, obj) in enumerate(marks.items()):
+        values = _eigen_array(obj, f"eigenvalues[{name!r}]" if name else "eigenvalues")
+        if top_k is not None:
+            values = values[:top_k]
+        y = 0.96 - 0.045 * i
+        ax.plot(values, np.full(values.shape, y), linestyle="none", marker="v", markersize=3.5,
+                color=colors[name], transform=strip, clip_on=False)
+        shown = max(shown, values.size)
+    if marks:
+        ax.plot([], [], linestyle="none", marker="v", color="0.3", markersize=3.5,
+                label=f"top-{shown} eigenvalues (Lanczos)")
+    ax.set_xlabel(r"Eigenvalue $\lambda$")
+    ax.set_ylabel("Spectral density")
+    handles = ax.get_legend_handles_labels()[0]
+    if handles:
+        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncols=min(len(handles), 4),
+                  borderaxespad=0.0, handlelength=1.5, columnspacing=1.2)
+    return ax
+
+
+def _trajectory_frame(data: Any, arg: str) -> pd.DataFrame:
+    df = labelled_frame(data, arg, "optimizer")
+    if "optimizer" not in df.columns:
+        df["optimizer"] = ""
+    return df
+
+
+def plot_curvature_trajectory(data: Any, quantity: str = "lambda_max", *, x: str = "epoch",
+                              lr: float | Mapping[str, float] | None = None, log: bool = False,
+                              ax: Axes | None = None, legend: bool = True) -> Axes:
+    """``quantity`` (``lambda_max`` or ``trace``) across checkpoints, one line per optimizer.
+
+    ``data``: a tidy DataFrame with columns ``x`` (e.g. ``epoch`` or ``step``), ``quantity``, and
+    optionally ``optimizer`` and ``{quantity}_stderr`` (drawn as a +-1 s.e. band); or a mapping
+    ``{optimizer: DataFrame}``. ``lr`` draws the stability threshold 2/lr (one learning rate, or one
+    per optimizer in its colour); it is only drawn for ``lambda_max``.
+    """
+    if quantity not in _QUANTITY_LABEL:
+        raise UserInputError(f"quantity must be one of {list(_QUANTITY_LABEL)}, got {quantity!r}")
+    df = _trajectory_frame(data, "data")
+    column = _column(df, quantity)
+    require_columns(df, [x, column], "data")
+    require_finite(df[column].to_numpy(float), f"data[{column!r}]")
+    if ax is None:
+        _, ax = new_figure()
+    optimizers = ordered_unique(df["optimizer"])
+    colors = series_colors(optimizers)
+    err = f"{column}_stderr"
+    for i, name in enumerate(optimizers):
+        run = df[df["optimizer"] == name].sort_values(x)
+        xs, ys = run[x].to_numpy(float), run[column].to_numpy(float)
+        ax.plot(xs, ys, color=colors[name], marker=optimizer_marker(name, i), label=optimizer_label(name) or None)
+        if err in run.columns:
+            se = run[err].to_numpy(float)
+            ax.fill_between(xs, ys - se, ys + se, color=colors[name], alpha=0.18, linewidth=0)
+    if lr is not None and quantity in ("lambda_max", "top_eigenvalue"):
+        rates = lr if isinstance(lr, Mapping) else {"": lr}
+        top = float(df[column].max())
+        off_scale = []
+        for name, rate in rates.items():
+            if not rate > 0:
+                raise UserInputError(f"lr must be positive, got {rate}")
+            label = rf"$2/\eta$ ({optimizer_label(name)})" if name else r"$2/\eta$"
+            if 2.0 / rate > 3.0 * top > 0:  # far above the data: say so instead of flattening the curves
+                off_scale.append(f"{label} = {2.0 / rate:.3g}")
+                continue
+            color = series_colors([name])[name] if name else "0.35"
+            ax.axhline(2.0 / rate, color=color, linestyle=":", linewidth=1.0, label=label)
+        for text in off_scale:  # a legend entry, so it never covers a curve
+            ax.plot([], [], linestyle="none", label=f"{text} (off scale)")
+    if log:
+        ax.set_yscale("log")
+    if x in ("epoch", "step"):
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.set_xlabel(x.capitalize())
+    ax.set_ylabel(_QUANTITY_LABEL[quantity])
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best")
+    return ax
+
+
+def plot_curvature_trajectories(data: Any, *, x: str = "epoch", lr: float | Mapping[str, float] | None = None,
+                                fig: Figure | None = None) -> Figure:
+    """Two panels: top eigenvalue (with 2/lr) and trace over training, with one shared legend."""
+    df = _trajectory_frame(data, "data")
+    if fig is None:
+        fig, axes = new_figure(0.42, ncols=2)
+    else:
+        axes = fig.subplots(1, 2)
+    plot_curvature_trajectory(df, "lambda_max", x=x, lr=lr, ax=axes[0], legend=False)
+    plot_curvature_trajectory(df, "trace", x=x, ax=axes[1], legend=False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside upper center", ncols=min(len(handles), 6))
+    return fig
+
+
+def plot_layer_curvature(data: Any, value: str | None = None, *, hue: str = "optimizer", log: bool | None = None,
+                         ax: Axes | None = None) -> Axes:
+    """Per-layer curvature as horizontal bars, layers top to bottom in model order.
+
+    ``data``: the ``layer_curvature`` DataFrame (one row per parameter tensor: ``layer``,
+    ``top_eigenvalue``, ``trace``, ``trace_stderr``, ...) or a mapping ``{optimizer: DataFrame}`` to
+    compare models side by side. ``value`` defaults to ``top_eigenvalue`` (the top eigenvalue of the
+    tensor's diagonal Hessian block); ``trace`` is drawn with its standard error.
+    ``log`` (default: on when all values are positive and span more than two decades).
+    """
+    df = labelled_frame(data, "data", "optimizer")
+    if value is None:
+        value = next((c for c in ("top_eigenvalue", "lambda_max", "trace") if c in df.columns), "top_eigenvalue")
+    require_columns(df, ["layer", value], "data")
+    values = require_finite(df[value].to_numpy(float), f"data[{value!r}]")
+    if log is None:
+        log = bool(np.all(values > 0) and values.max() / values.min() > 100)
+    if log and np.any(values <= 0):
+        raise UserInputError(f"log=True needs positive {value!r} values; use log=False")
+    label = {"top_eigenvalue": r"Top eigenvalue of the block $\lambda_{\max}(H_{ll})$",
+             "trace": r"Trace of the block $\mathrm{tr}(H_{ll})$"}.get(value, value.replace("_", " "))
+    stderr = f"{value}_stderr"
+    return grouped_barh(df, "layer", value, hue=hue if hue in df.columns else None, ax=ax, log=log,
+                        xlabel=label, error=stderr if stderr in df.columns else None)

@@ -1,0 +1,408 @@
+r"""ZSharp diagnostics: Z-score distributions, what the filter keeps, and how that evolves.
+
+ZSharp (Yun 2025, arXiv 2505.02369) standardises each weight tensor's gradient,
+:math:`z = (g - \mu) / \sigma`, and keeps in the ascent only the entries with
+:math:`|z| > \tau = Q_p(|z|)`. These figures show
+
+* the per-layer distribution of :math:`z` against the standard normal :math:`\mathcal N(0, 1)`,
+  with :math:`\pm\tau` marked: heavy tails mean a few entries carry most of the gradient;
+* per layer, the kept fraction and each layer's share of the squared perturbation norm,
+  :math:`\|e_l\|^2 / \sum_k \|e_k\|^2`, next to its share of the squared gradient norm
+  (which is exactly SAM's perturbation share, since SAM's :math:`e \propto g`);
+* mask statistics over training as a layer x step heatmap;
+* alignment/curvature tables as grouped bars.
+
+Inputs are tidy tables. Mask statistics have the columns of ``ZSharp.mask_stats``
+(``layer, numel, kept, kept_fraction, threshold, grad_norm, perturbation_norm, fallback``), and a
+training log (``masks.csv``) adds ``step`` (and ``epoch``). Z-scores are a table with columns
+``layer`` and ``z`` (one row per sampled gradient entry), optionally ``threshold`` (the cut
+:math:`\tau` in Z units, per layer) and ``optimizer``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib import ticker
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from ..errors import UserInputError
+from ._bars import grouped_barh, short_layer_name
+from ._data import choose, labelled_frame, ordered_unique, require_columns, require_finite, to_frame
+from .style import OKABE_ITO, figure_width, new_figure, optimizer_color, optimizer_label
+
+__all__ = [
+    "plot_zscore_distributions",
+    "plot_mask_summary",
+    "plot_mask_heatmap",
+    "plot_alignment",
+    "read_mask_log",
+]
+
+_NORMAL_STYLE = {"color": "0.25", "linestyle": "--", "linewidth": 0.8}
+_VALUE_LABEL = {
+    "kept_fraction": "Kept fraction (%)",
+    "threshold": r"Threshold $\tau$ ($|z|$)",
+    "grad_norm": r"Gradient norm $\|g_l\|$",
+    "perturbation_norm": r"Perturbation norm $\|e_l\|$",
+    "kept": "Kept entries",
+}
+
+
+def read_mask_log(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a ZSharp mask log (``masks.csv``, or a run folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "masks.csv"
+    if not path.is_file():
+        raise UserInputError(f"mask log not found: {path} (expected masks.csv or a run folder)")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise UserInputError(f"{path} is not a readable mask log ({exc.__class__.__name__})") from exc
+    return df
+
+
+def _mask_frame(obj: Any, arg: str) -> pd.DataFrame:
+    if isinstance(obj, (str, os.PathLike)):
+        return read_mask_log(obj)
+    if hasattr(obj, "mask_stats") and not isinstance(obj, pd.DataFrame):  # a ZSharp optimizer
+        return obj.mask_stats.copy()
+    return to_frame(obj, arg)
+
+
+# --- Z-score distributions -------------------------------------------------------------------
+
+def _zscore_table(data: Any) -> pd.DataFrame:
+    if isinstance(data, Mapping) and data and not any(hasattr(v, "to_dataframe") or isinstance(v, pd.DataFrame)
+                                                      for v in data.values()):
+        # {layer: array of z}
+        parts = [pd.DataFrame({"layer": str(k), "z": np.asarray(v, float).ravel()}) for k, v in data.items()]
+        df = pd.concat(parts, ignore_index=True)
+    else:
+        df = labelled_frame(data, "data", "optimizer")
+    require_columns(df, ["layer", "z"], "data")
+    require_finite(df["z"].to_numpy(float), "data['z']")
+    return df
+
+
+def _threshold(z: np.ndarray, given: pd.Series | None, percentile: float | None) -> float | None:
+    if given is not None and given.notna().any():
+        return float(given.dropna().iloc[0])
+    if percentile is None:
+        return None
+    # The official filter's cut: linear-interpolation p-quantile of |z| (torch.quantile default).
+    return float(np.quantile(np.abs(z), percentile))
+
+
+def _normal_pdf(x: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+
+
+def plot_zscore_distributions(data: Any, *, percentile: float | None = 0.95, layers: Sequence[str] | None = None,
+                              max_layers: int = 12, kind: str = "grid", bins: int = 60, log: bool = True,
+                              fig: Figure | None = None) -> Figure:
+    r"""Per-layer histograms of gradient Z-scores against :math:`\mathcal N(0, 1)`, threshold marked.
+
+    ``data``: a table with columns ``layer, z`` (and optionally ``threshold``, ``optimizer``), a
+    result with ``to_dataframe()`` giving one, or a mapping ``{layer: array of z}``.
+    ``percentile``: ZSharp's ``p``; the threshold :math:`\tau = Q_p(|z|)` is drawn at
+    :math:`\pm\tau` and the kept tails are shaded (a ``threshold`` column, when present, wins).
+    ``layers``: which layers to draw (default: the first ``max_layers`` in model order).
+    ``kind``: ``"grid"`` (small multiples, log density by default) or ``"ridge"`` (one row per
+    layer, shared z axis, linear density).
+    """
+    choose(kind, ("grid", "ridge"), "kind")
+    if percentile is not None and not 0.0 < percentile < 1.0:
+        raise UserInputError(f"percentile must be in (0, 1), got {percentile}")
+    if bins < 5:
+        raise UserInputError(f"bins must be >= 5, got {bins}")
+    df = _zscore_table(data)
+    names = ordered_unique(df["layer"])
+    if layers is not None:
+        unknown = [name for name in layers if name not in names]
+        if unknown:
+            raise UserInputError(f"layers {unknown} are not in the data; it has {names}")
+        names = list(layers)
+    names = names[:max_layers]
+    series = ordered_unique(df["optimizer"]) if "optimizer" in df.columns else [None]
+    lim = float(np.ceil(min(max(np.abs(df["z"]).max(), 4.0), 12.0)))
+    edges = np.linspace(-lim, lim, bins + 1)
+    grid_x = np.linspace(-lim, lim, 400)
+    if kind == "grid":
+        return _zscore_grid(df, names, series, edges, grid_x, percentile, log, fig)
+    return _zscore_ridge(df, names, series, edges, grid_x, percentile, fig)
+
+
+def _series_color(name: str | None, i: int) -> str:
+    return optimizer_color(name, i) if name is not None else OKABE_ITO["vermillion"]
+
+
+def _zscore_grid(df, names, series, edges, grid_x, percentile, log, fig) -> Figure:
+    n = len(names)
+    width = figure_width()
+    ncols = min(n, 2 if width < 4 else 4)
+    nrows = int(np.ceil(n / ncols))
+    if fig is None:
+        panel_h = width / ncols * 0.72
+        fig, axes = new_figure(aspect=(nrows * panel_h + 0.45) / width, nrows=nrows, ncols=ncols,
+                               width=width, sharex=True, sharey=True, squeeze=False)
+    else:
+        axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+    axes = np.asarray(axes).ravel()
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    for ax, layer in zip(axes, names):
+        for i, s in enumerate(series):
+            part = df[(df["layer"] == layer) & ((df["optimizer"] == s) if s is not None else True)]
+            z = part["z"].to_numpy(float)
+            if z.size == 0:
+                continue
+            hist, _ = np.histogram(z, bins=edges, density=True)
+            color = _series_color(s, i)
+            ax.stairs(hist, edges, color=color, linewidth=0.9, fill=False, label=optimizer_label(s) if s else None)
+            tau = _threshold(z, part["threshold"] if "threshold" in part else None, percentile)
+            if tau is not None:
+                kept = np.abs(centers) > tau
+                ax.fill_between(centers, 0, np.where(kept, hist, 0), step="mid", color=color, alpha=0.25,
+                                linewidth=0)
+                for sign in (-1, 1):
+                    ax.axvline(sign * tau, color=color, linewidth=0.7, linestyle=":")
+        ax.plot(grid_x, _normal_pdf(grid_x), **_NORMAL_STYLE)
+        ax.set_title(short_layer_name(layer), fontsize="small", pad=2)
+        if log:
+            ax.set_yscale("log")
+    if log:
+        axes[0].set_ylim(1e-4, 1.5)
+        axes[0].yaxis.set_major_locator(ticker.LogLocator(numticks=4))
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.supxlabel(r"Gradient Z-score $z$", fontsize=axes[0].xaxis.label.get_fontsize())
+    fig.supylabel("Density", fontsize=axes[0].yaxis.label.get_fontsize())
+    _zscore_legend(fig, series, percentile)
+    return fig
+
+
+def _zscore_legend(fig: Figure, series: list, percentile: float | None) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=_series_color(s, i), linewidth=0.9, label=optimizer_label(s) if s else
+                      "gradient Z-scores") for i, s in enumerate(series)]
+    handles.append(Line2D([], [], label=r"$\mathcal{N}(0, 1)$", **_NORMAL_STYLE))
+    if percentile is not None:
+        handles.append(Line2D([], [], color="0.3", linestyle=":", linewidth=0.7,
+                              label=rf"$\pm\tau$, $\tau = Q_{{{percentile:g}}}(|z|)$"))
+        handles.append(Patch(color=_series_color(series[0], 0) if len(series) == 1 else "0.3", alpha=0.25,
+                             linewidth=0, label="kept by the filter"))
+    ncols = len(handles) if figure_width() >= 4 else 2
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(ncols, 4))
+
+
+def _zscore_ridge(df, names, series, edges, grid_x, percentile, fig) -> Figure:
+    n = len(names)
+    width = figure_width()
+    if fig is None:
+        fig, ax = new_figure(aspect=(0.5 + 0.28 * n) / width, width=width)
+    else:
+        ax = fig.subplots()
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    normal = _normal_pdf(centers)
+    step = 1.0
+    for row, layer in enumerate(names):
+        base = (n - 1 - row) * step
+        peak = normal.max()
+        for s in series:
+            part = df[(df["layer"] == layer) & ((df["optimizer"] == s) if s is not None else True)]
+            z = part["z"].to_numpy(float)
+            if z.size == 0:
+                continue
+            hist, _ = np.histogram(z, bins=edges, density=True)
+            peak = max(peak, hist.max())
+        scale = 1.6 * step / peak
+        ax.plot(centers, base + normal * scale, zorder=3 * row + 2, **_NORMAL_STYLE)
+        for i, s in enumerate(series):
+            part = df[(df["layer"] == layer) & ((df["optimizer"] == s) if s is not None else True)]
+            z = part["z"].to_numpy(float)
+            if z.size == 0:
+                continue
+            hist, _ = np.histogram(z, bins=edges, density=True)
+            color = _series_color(s, i)
+            ax.fill_between(centers, base, base + hist * scale, color="white", zorder=3 * row, linewidth=0)
+            ax.fill_between(centers, base, base + hist * scale, color=color, alpha=0.08, zorder=3 * row + 1,
+                            linewidth=0)
+            ax.plot(centers, base + hist * scale, color=color, linewidth=0.9, zorder=3 * row + 1)
+            tau = _threshold(z, part["threshold"] if "threshold" in part else None, percentile)
+            if tau is not None:
+                kept = np.abs(centers) > tau
+                ax.fill_between(centers, base, base + np.where(kept, hist, 0) * scale, color=color, alpha=0.3,
+                                zorder=3 * row + 1, linewidth=0, step="mid")
+                for sign in (-1, 1):
+                    ax.plot([sign * tau] * 2, [base, base + 0.9 * step], color=color, linestyle=":",
+                            linewidth=0.8, zorder=3 * row + 2)
+    ax.set_yticks([(n - 1 - r) * step for r in range(n)], [short_layer_name(name) for name in names])
+    ax.tick_params(axis="y", length=0)
+    ax.grid(axis="y", visible=False)
+    ax.spines["left"].set_visible(False)
+    ax.set_ylim(-0.1, (n - 1) * step + 1.9 * step)
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel(r"Gradient Z-score $z$")
+    _zscore_legend(fig, series, percentile)
+    return fig
+
+
+# --- mask statistics -------------------------------------------------------------------------
+
+def _mask_table(stats: Any, arg: str = "stats") -> pd.DataFrame:
+    df = labelled_frame(stats, arg, "optimizer", convert=_mask_frame)
+    require_columns(df, ["layer"], arg)
+    return df
+
+
+def _per_layer(df: pd.DataFrame, columns: Sequence[str], group: Sequence[str]) -> pd.DataFrame:
+    """One row per (group, layer): the mean over logged steps, in model order."""
+    order = {name: i for i, name in enumerate(ordered_unique(df["layer"]))}
+    out = df.groupby([*group, "layer"], sort=False)[list(columns)].mean().reset_index()
+    return out.sort_values(by=[*group, "layer"], key=lambda c: c.map(order) if c.name == "layer" else c,
+                           kind="stable")
+
+
+def plot_mask_summary(stats: Any, *, percentile: float | None = None, fig: Figure | None = None) -> Figure:
+    r"""Two panels per layer: the kept fraction, and the share of the squared perturbation norm.
+
+    ``stats``: ``ZSharp.mask_stats`` (or the optimizer itself), a ``masks.csv`` log or path (then
+    averaged over the logged steps), or a mapping ``{label: either}`` to compare runs.
+    Right panel: ZSharp's share :math:`\|e_l\|^2 / \sum_k \|e_k\|^2` next to the gradient's share
+    :math:`\|g_l\|^2 / \sum_k \|g_k\|^2`, which is SAM's perturbation share. Layers where the mask was
+    empty and ZSharp fell back to SAM are hatched. ``percentile`` draws the nominal kept fraction
+    :math:`1 - p`.
+    """
+    df = _mask_table(stats)
+    require_columns(df, ["kept_fraction", "grad_norm", "perturbation_norm"], "stats")
+    if percentile is not None and not 0.0 < percentile < 1.0:
+        raise UserInputError(f"percentile must be in (0, 1), got {percentile}")
+    group = ["optimizer"] if "optimizer" in df.columns else []
+    df = df.assign(grad_sq=df["grad_norm"].astype(float) ** 2, pert_sq=df["perturbation_norm"].astype(float) ** 2,
+                   fallback=df["fallback"].astype(float) if "fallback" in df.columns else 0.0)
+    if "step" in df.columns:  # shares per step, then averaged
+        keys = [*group, "step"]
+        df["grad_share"] = df["grad_sq"] / df.groupby(keys)["grad_sq"].transform("sum")
+        df["pert_share"] = df["pert_sq"] / df.groupby(keys)["pert_sq"].transform("sum")
+    else:
+        denom_g = df.groupby(group)["grad_sq"].transform("sum") if group else df["grad_sq"].sum()
+        denom_p = df.groupby(group)["pert_sq"].transform("sum") if group else df["pert_sq"].sum()
+        df["grad_share"] = df["grad_sq"] / denom_g
+        df["pert_share"] = df["pert_sq"] / denom_p
+    layer = _per_layer(df, ["kept_fraction", "grad_share", "pert_share", "fallback"], group)
+    for col in ("kept_fraction", "grad_share", "pert_share"):
+        require_finite(layer[col].to_numpy(float), f"stats[{col!r}]")
+        layer[col] = layer[col] * 100.0
+    layer["fell_back"] = layer["fallback"] > 0
+    n_layers = layer["layer"].nunique()
+    if fig is None:
+        width = figure_width()
+        fig, axes = new_figure(aspect=(0.75 + n_layers * 0.2) / width, ncols=2, width=width, sharey=True)
+    else:
+        axes = fig.subplots(1, 2, sharey=True)
+    hue = "optimizer" if group else None
+    grouped_barh(layer, "layer", "kept_fraction", hue=hue, ax=axes[0], xlabel="Kept fraction (%)",
+                 hatch_mask=layer["fell_back"], color=optimizer_color("zsharp"))
+    if percentile is not None:
+        axes[0].axvline(100.0 * (1.0 - percentile), color="0.3", linestyle=":", linewidth=0.8,
+                        label=rf"$1 - p$ = {100 * (1 - percentile):g}%")
+    shares = pd.concat([
+        layer.assign(source="SAM (gradient share)", share=layer["grad_share"]),
+        layer.assign(source="ZSharp" if not group else layer["optimizer"], share=layer["pert_share"]),
+    ], ignore_index=True)
+    if group:  # keep the gradient share of the first run only: one reference bar per layer
+        first = ordered_unique(layer["optimizer"])[0]
+        shares = shares[(shares["source"] != "SAM (gradient share)") | (shares["optimizer"] == first)]
+    grouped_barh(shares, "layer", "share", hue="source", ax=axes[1], xlabel="Share of squared norm (%)",
+                 order=ordered_unique(layer["layer"]))
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
+    if layer["fell_back"].any():
+        handles.append(Patch(facecolor="0.6", hatch="////", edgecolor="white", label="fell back to SAM"))
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 4))
+    return fig
+
+
+def plot_mask_heatmap(log: Any, value: str = "kept_fraction", *, x: str = "step", cmap: str = "cividis",
+                      ax: Axes | None = None) -> Axes:
+    """A layer x step heatmap of a mask statistic logged during ZSharp training.
+
+    ``log``: the ``masks.csv`` training log (path, run folder or DataFrame with ``step``, ``layer``
+    and ``value``); ``value`` is any numeric mask column (``kept_fraction`` is drawn in percent).
+    Steps may be unevenly spaced; each cell spans the interval to the next logged step.
+    """
+    df = _mask_frame(log, "log")
+    require_columns(df, ["layer", x, value], "log")
+    table = df.pivot_table(index="layer", columns=x, values=value, aggfunc="mean", sort=False)
+    table = table.reindex(index=ordered_unique(df["layer"]))
+    table = table.reindex(columns=np.sort(table.columns.to_numpy()))
+    z = table.to_numpy(float) * (100.0 if value == "kept_fraction" else 1.0)
+    if np.isnan(z).all():
+        raise UserInputError(f"log[{value!r}] is NaN everywhere: nothing to draw")
+    steps = table.columns.to_numpy(float)
+    if steps.size > 1:
+        edges = np.concatenate([[steps[0] - 0.5 * (steps[1] - steps[0])], 0.5 * (steps[1:] + steps[:-1]),
+                                [steps[-1] + 0.5 * (steps[-1] - steps[-2])]])
+    else:
+        edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
+    n = len(table.index)
+    if ax is None:
+        width = figure_width()
+        _, ax = new_figure(aspect=min(max(0.6 + 0.16 * n, 1.4), 8.0) / width, width=width)
+    mesh = ax.pcolormesh(edges, np.arange(n + 1), np.ma.masked_invalid(z), cmap=cmap, shading="flat",
+                         rasterized=True)
+    ax.set_yticks(np.arange(n) + 0.5, [short_layer_name(name) for name in table.index])
+    ax.set_ylim(n, 0)
+    ax.tick_params(axis="y", length=0)
+    ax.grid(False)
+    ax.set_xlabel("Training step" if x == "step" else x.capitalize())
+    cb = ax.figure.colorbar(mesh, ax=ax, pad=0.02, aspect=30, fraction=0.05)
+    cb.set_label(_VALUE_LABEL.get(value, value.replace("_", " ")))
+    cb.outline.set_linewidth(0.5)
+    return ax
+
+
+def plot_alignment(table: Any, values: str | Sequence[str] | None = None, *, category: str = "layer",
+                   hue: str | None = "optimizer", ax: Axes | None = None, xlabel: str | None = None) -> Axes:
+    """Grouped horizontal bars for a per-layer alignment or curvature table.
+
+    ``table``: one row per ``category`` (default ``layer``) and optionally per ``hue`` (default
+    ``optimizer``). ``values``: the numeric column to draw, or several columns (then drawn side by
+    side, one colour per column; ``hue`` must then be absent). By default every numeric column
+    except counts. Cosine similarities lie in [-1, 1]; a zero line is drawn when values change sign.
+    """
+    df = labelled_frame(table, "table", "optimizer")
+    require_columns(df, [category], "table")
+    if values is None:
+        values = [c for c in df.select_dtypes("number").columns if c not in ("numel", "kept", "step", "epoch")]
+    if isinstance(values, str):
+        values = [values]
+    require_columns(df, values, "table")
+    if not values:
+        raise UserInputError("table has no numeric column to draw; pass values=...")
+    if len(values) > 1:
+        if hue is not None and hue in df.columns and df[hue].nunique() > 1:
+            raise UserInputError(f"draw several values for one {hue} at a time, or one value across {hue}s")
+        df = df.melt(id_vars=[category], value_vars=list(values), var_name="quantity", value_name="value")
+        hue_col, value_col = "quantity", "value"
+    else:
+        hue_col = hue if hue is not None and hue in df.columns else None
+        value_col = values[0]
+    require_finite(df[value_col].to_numpy(float), f"table[{value_col!r}]")
+    label = xlabel if xlabel is not None else (value_col.replace("_", " ") if len(values) == 1 else "Value")
+    ax = grouped_barh(df, category, value_col, hue=hue_col, ax=ax, xlabel=label)
+    v = df[value_col].to_numpy(float)
+    if v.min() < 0 < v.max():
+        ax.axvline(0.0, color="0.3", linewidth=0.6)
+    return ax

@@ -1,0 +1,160 @@
+"""``sharpscope train``: train a model zoo model on a dataset and write a run folder.
+
+Precedence of settings: :class:`TrainConfig` defaults < ``--preset paper`` < explicit flags.
+With ``--resume`` the run's stored configuration, model and dataset are used, and explicit flags
+(typically a larger ``--epochs``) override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..data import DATASET_NAMES, TensorData, canonical_dataset_name, load_dataset
+from ..errors import UserInputError
+from ..models import MODEL_NAMES, build_model, canonical_model_name
+from .checkpoint import load_checkpoint
+from .config import AMP_MODES, BASE_NAMES, OPTIMIZER_NAMES, PAPER_PRESET, SCHEDULES, TrainConfig
+from .loop import fit
+
+# flag destination -> TrainConfig field (all default to None so that "not given" is visible).
+_CONFIG_FLAGS = ("optimizer", "base", "lr", "momentum", "weight_decay", "rho", "percentile", "epochs", "batch_size",
+                 "eval_batch_size", "schedule", "warmup_epochs", "step_size", "gamma", "label_smoothing", "grad_clip",
+                 "seed", "device", "amp", "log_mask_every", "save_every")
+_SWITCHES = ("compile", "bn_bypass", "channels_last")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data and model")
+    data.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASET_NAMES)} (default: digits)")
+    data.add_argument("--data-root", default=None, help="folder with the dataset files (default: $SHARPSCOPE_DATA "
+                                                        "or ./data)")
+    data.add_argument("--model", default=None, help=f"one of {', '.join(MODEL_NAMES)} (default: mlp for digits, "
+                                                    f"resnet20 otherwise)")
+    data.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                      help="no random crop/flip (default: the dataset's choice)")
+    opt = parser.add_argument_group("optimizer")
+    opt.add_argument("--preset", choices=["paper"], default=None,
+                     help="paper: ZSharp paper recipe (Adam 1e-3, wd 5e-5, warm-up 5, x0.75 every 30, batch 256, "
+                          "200 epochs, seed 52); other flags override it")
+    opt.add_argument("--optimizer", default=None, help=f"one of {', '.join(OPTIMIZER_NAMES)} (default: sgd)")
+    opt.add_argument("--base", default=None, help=f"base optimizer of sam/asam/zsharp/fsam: {', '.join(BASE_NAMES)}")
+    opt.add_argument("--lr", type=float, default=None, help="learning rate (default 0.1 for SGD, 1e-3 for Adam)")
+    opt.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
+    opt.add_argument("--weight-decay", type=float, default=None, help="weight decay of the base optimizer (5e-4)")
+    opt.add_argument("--rho", type=float, default=None, help="neighbourhood radius (sam/zsharp/fsam 0.05, asam 0.5)")
+    opt.add_argument("--percentile", type=float, default=None, help="ZSharp: Z-score quantile kept above (0.95)")
+    opt.add_argument("--bn-bypass", action="store_true", default=None,
+                     help="freeze BatchNorm running statistics during the second (perturbed) pass")
+    opt.add_argument("--grad-clip", type=float, default=None, help="clip the descent gradient to this L2 norm")
+    sched = parser.add_argument_group("schedule")
+    sched.add_argument("--epochs", type=int, default=None, help="total epochs (default 10)")
+    sched.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
+    sched.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (default 1024)")
+    sched.add_argument("--schedule", default=None, help=f"learning-rate schedule: {', '.join(SCHEDULES)}")
+    sched.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up length in epochs")
+    sched.add_argument("--step-size", type=int, default=None, help="step schedule: epochs between decays (30)")
+    sched.add_argument("--gamma", type=float, default=None, help="step schedule: decay factor (0.75)")
+    sched.add_argument("--label-smoothing", type=float, default=None, help="cross-entropy label smoothing (0)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=None, help="seed of initialisation, data order, augmentation (0)")
+    run.add_argument("--device", default=None, help="auto (CUDA if available), cpu, cuda, cuda:N")
+    run.add_argument("--amp", default=None, help=f"mixed precision: {', '.join(AMP_MODES)}")
+    run.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    run.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
+    run.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<model>-<optimizer>-s<seed>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    run.add_argument("--log-mask-every", type=int, default=None, help="ZSharp: log mask statistics every N steps "
+                                                                       "(50; 0 disables)")
+    run.add_argument("--save-every", type=int, default=None, help="also keep epoch_XXXX.pt every N epochs")
+    run.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+
+
+def _model_kwargs(name: str, data: TensorData) -> dict[str, Any]:
+    """Input-shape arguments a zoo model needs to fit ``data``."""
+    c, h, w = data.image_shape
+    if name == "mlp":
+        return {"in_features": c * h * w}
+    kwargs: dict[str, Any] = {"in_channels": c}
+    if name == "vit":
+        if h != w:
+            raise UserInputError(f"vit needs square images, {data.name} has {h}x{w}")
+        kwargs["image_size"] = h
+    return kwargs
+
+
+def _config_from(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
+    updates: dict[str, Any] = {}
+    if args.preset == "paper":
+        updates.update(PAPER_PRESET)
+    for name in _CONFIG_FLAGS + _SWITCHES + ("augment",):
+        value = getattr(args, name, None)
+        if value is not None:
+            updates[name] = value
+    if args.quiet:
+        updates["progress"] = False
+    fields = {k: v for k, v in base.to_dict().items()}
+    fields.update(updates)
+    return TrainConfig.from_dict(fields).validate()
+
+
+def _check_names(args: argparse.Namespace) -> None:
+    for value, allowed, what in ((args.optimizer, OPTIMIZER_NAMES, "optimizer"), (args.base, BASE_NAMES, "base"),
+                                 (args.schedule, SCHEDULES, "schedule"), (args.amp, AMP_MODES, "amp")):
+        if value is not None and value not in allowed:
+            raise UserInputError(f"unknown --{what} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_names(args)
+    stored: dict[str, Any] = {}
+    if args.resume:
+        if args.out is None:
+            raise UserInputError("--resume needs --out, the run folder holding last.pt")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the run")
+        if not (out / "last.pt").is_file():
+            raise UserInputError(f"nothing to resume: {str(out / 'last.pt')!r} does not exist")
+        ckpt = load_checkpoint(out / "last.pt")
+        stored = ckpt.raw
+        if ckpt.spec is None:
+            raise UserInputError(f"{str(out / 'last.pt')!r} has no model spec; resume it from Python with fit()")
+        base_config = TrainConfig.from_dict(stored.get("config", {}))
+        dataset = args.dataset or stored.get("metadata", {}).get("dataset", "digits")
+        data_root = args.data_root or stored.get("metadata", {}).get("data_root")
+    else:
+        base_config = TrainConfig()
+        dataset = args.dataset or "digits"
+        data_root = args.data_root
+    dataset = canonical_dataset_name(dataset)
+    config = _config_from(args, base_config)
+    train_data = load_dataset(dataset, root=data_root, train=True)
+    test_data = load_dataset(dataset, root=data_root, train=False)
+    if args.resume:
+        spec = stored["model_spec"]
+        if args.model is not None and canonical_model_name(args.model) != spec["name"]:
+            raise UserInputError(f"--model {args.model} differs from the run's model {spec['name']}; drop --model")
+        model = build_model(spec["name"], spec["num_classes"], **spec["kwargs"])
+    else:
+        name = canonical_model_name(args.model or ("mlp" if dataset == "digits" else "resnet20"))
+        import torch
+        torch.manual_seed(config.seed)  # the initialisation is part of the run's seed
+        model = build_model(name, train_data.num_classes, **_model_kwargs(name, train_data))
+        out = Path(args.out or f"runs/{dataset}-{name}-{config.optimizer}-s{config.seed}")
+
+    def report(row: dict[str, Any]) -> None:
+        if not args.quiet:
+            print(f"epoch {row['epoch']:>4}  lr {row['lr']:.3g}  train loss {row['train_loss']:.4f} "
+                  f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}  "
+                  f"{row['images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
+
+    result = fit(model, train_data, test_data, config, out=out, resume=bool(args.resume), on_epoch=report,
+                 metadata={"dataset": dataset, "data_root": str(data_root) if data_root is not None else None})
+    last = result.history[-1] if result.history else {}
+    print(f"done: {config.optimizer} on {dataset}, {last.get('epoch', 0)} epochs, test acc "
+          f"{last.get('test_acc', float('nan')):.4f} (best {result.best_test_acc:.4f}); run folder {out}")
+    return 0
+

@@ -1,0 +1,174 @@
+"""Training configuration: :class:`TrainConfig`, the paper preset and the optimizer factory."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserInputError
+
+OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adam", "adamw", "sam", "asam", "zsharp", "fsam")
+BASE_NAMES: tuple[str, ...] = ("sgd", "adam", "adamw")
+SHARPNESS_AWARE: tuple[str, ...] = ("sam", "asam", "zsharp", "fsam")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
+AMP_MODES: tuple[str, ...] = ("off", "bf16")
+#: rho when none is given: the defaults of the reference implementations (REFERENCE.md).
+DEFAULT_RHO = {"sam": 0.05, "asam": 0.5, "zsharp": 0.05, "fsam": 0.05}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint).
+
+    The learning rate at optimizer step ``t`` (``e = t / steps_per_epoch`` epochs done) is
+    ``lr * f(t)``: a linear warm-up ``f = (t + 1) / (warmup_epochs * steps_per_epoch)`` while
+    ``e < warmup_epochs``, then ``constant`` f = 1, ``step`` f = gamma^floor((floor(e) - warmup) / step_size),
+    or ``cosine`` f = (1 + cos(pi (e - warmup) / (epochs - warmup))) / 2.
+    """
+
+    optimizer: str = "sgd"
+    base: str = "sgd"
+    lr: float | None = None  # None: 0.1 with an SGD base, 1e-3 with Adam/AdamW
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    rho: float | None = None  # None: DEFAULT_RHO[optimizer]
+    percentile: float = 0.95
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. eta (ASAM), sigma/lmbda (F-SAM)
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    step_size: int = 30
+    gamma: float = 0.75
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max L2 norm of the descent gradient (g' for the SAM family)
+    augment: bool | None = None  # None: the dataset's default (crop + flip for natural images)
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "off"
+    compile: bool = False
+    channels_last: bool = False
+    bn_bypass: bool = False  # SAM family: BatchNorm running stats frozen during the second pass
+    log_mask_every: int = 50  # ZSharp: mask statistics every this many steps (0: never)
+    save_every: int = 0  # also keep epoch_XXXX.pt every this many epochs (0: never)
+    progress: bool = True
+
+    @property
+    def base_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else (0.1 if self.base_name == "sgd" else 1e-3)
+
+    @property
+    def base_name(self) -> str:
+        """The optimizer doing the descent (the base of a SAM-family method, else the optimizer itself)."""
+        return self.base if self.optimizer in SHARPNESS_AWARE else self.optimizer
+
+    @property
+    def effective_rho(self) -> float | None:
+        if self.optimizer not in SHARPNESS_AWARE:
+            return None
+        return float(self.rho) if self.rho is not None else DEFAULT_RHO[self.optimizer]
+
+    def validate(self) -> TrainConfig:
+        """Raise :class:`UserInputError` naming the first bad field."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UserInputError(message)
+
+        need(self.optimizer in OPTIMIZER_NAMES, f"unknown optimizer {self.optimizer!r}; choose one of: "
+                                                f"{', '.join(OPTIMIZER_NAMES)}")
+        need(self.base in BASE_NAMES, f"unknown base optimizer {self.base!r}; choose one of: {', '.join(BASE_NAMES)}")
+        need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        need(self.amp in AMP_MODES, f"unknown amp mode {self.amp!r}; choose one of: {', '.join(AMP_MODES)}")
+        need(self.base_lr > 0 and math.isfinite(self.base_lr), f"lr must be a positive number, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(self.rho is None or self.rho > 0, f"rho must be > 0, got {self.rho}")
+        need(0 < self.percentile < 1, f"percentile must be in (0, 1), e.g. 0.95; got {self.percentile}")
+        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        need(self.step_size >= 1, f"step_size must be >= 1, got {self.step_size}")
+        need(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+        need(self.log_mask_every >= 0, f"log_mask_every must be >= 0, got {self.log_mask_every}")
+        need(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "betas" in kwargs:
+            kwargs["betas"] = tuple(kwargs["betas"])
+        return cls(**kwargs)
+
+
+#: The recipe of the ZSharp paper's code (REFERENCE.md, "Training recipe").
+PAPER_PRESET: dict[str, Any] = {
+    "optimizer": "zsharp", "base": "adam", "lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 5e-5, "rho": 0.05,
+    "percentile": 0.95, "batch_size": 256, "eval_batch_size": 1024, "epochs": 200, "schedule": "step",
+    "warmup_epochs": 5.0, "step_size": 30, "gamma": 0.75, "label_smoothing": 0.0, "augment": True, "amp": "off",
+    "seed": 52, "bn_bypass": False,
+}
+
+
+def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (see :class:`TrainConfig`)."""
+    epochs_done = step / steps_per_epoch
+    warm = config.warmup_epochs
+    if warm > 0 and epochs_done < warm:
+        return min(1.0, (step + 1) / (warm * steps_per_epoch))
+    if config.schedule == "step":
+        return config.gamma ** ((step // steps_per_epoch - int(math.ceil(warm))) // config.step_size)
+    if config.schedule == "cosine":
+        span = max(config.epochs - warm, 1e-12)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (epochs_done - warm) / span)))
+    return 1.0
+
+
+def _base_class_and_kwargs(config: TrainConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    name = config.base_name
+    if name == "sgd":
+        return torch.optim.SGD, {"lr": config.base_lr, "momentum": config.momentum,
+                                 "weight_decay": config.weight_decay}
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls, {"lr": config.base_lr, "betas": tuple(config.betas), "weight_decay": config.weight_decay}
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+    """The optimizer for ``model``'s trainable parameters and its description for the checkpoint."""
+    base_cls, base_kwargs = _base_class_and_kwargs(config)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise UserInputError("the model has no trainable parameters (requires_grad is False everywhere)")
+    description: dict[str, Any] = {"name": config.optimizer, "base": config.base_name, **base_kwargs}
+    description["betas"] = list(base_kwargs["betas"]) if "betas" in base_kwargs else None
+    if config.optimizer not in SHARPNESS_AWARE:
+        return base_cls([p for _, p in named], **base_kwargs), description
+    from .. import optim as sam_family  # imported here: only SAM-family runs need it
+
+    cls = {"sam": sam_family.SAM, "asam": sam_family.ASAM, "zsharp": sam_family.ZSharp,
+           "fsam": sam_family.FriendlySAM}[config.optimizer]
+    extra = dict(config.optimizer_kwargs)
+    if config.optimizer == "zsharp":
+        extra.setdefault("percentile", config.percentile)
+    description.update(rho=config.effective_rho, **extra)
+    try:
+        optimizer = cls(named, base_cls, rho=config.effective_rho, **extra, **base_kwargs)
+    except TypeError as exc:
+        raise UserInputError(f"bad optimizer_kwargs for {config.optimizer}: {exc}") from None
+    return optimizer, description

@@ -1,0 +1,165 @@
+"""Checkpoints: round trip, foreign formats (bare state_dict, DDP/Lightning prefixes), bad files, and
+atomicity under SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from sharpscope.data import load_dataset
+from sharpscope.errors import UserInputError
+from sharpscope.models import build_model
+from sharpscope.train import fit, load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One short ZSharp run on a digits subset, written to a run folder."""
+    out = tmp_path_factory.mktemp("run")
+    train = load_dataset("digits").subset(range(256))
+    test = load_dataset("digits", train=False)
+    model = build_model("cnn", 10, in_channels=1, width=8)
+    result = fit(model, train, test, optimizer="zsharp", epochs=2, batch_size=64, progress=False, out=out,
+                 log_mask_every=2, save_every=1)
+    return out, result, test
+
+
+def test_round_trip_rebuilds_model_and_restores_everything(digits_run):
+    """Against the in-memory model: same weights, same logits; spec, history, optimizer config and states."""
+    out, result, test = digits_run
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.spec == {"name": "cnn", "num_classes": 10, "kwargs": {"in_channels": 1, "width": 8}}
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(ckpt.model.state_dict()[key], value.cpu())
+    x, _ = test.tensors(n=50)
+    result.model.eval()
+    torch.testing.assert_close(ckpt.model(x), result.model(x), rtol=0, atol=0)
+    assert not ckpt.model.training
+    assert ckpt.history == result.history and ckpt.epoch == 2 and ckpt.step == 8
+    assert ckpt.optimizer_config["name"] == "zsharp" and ckpt.optimizer_config["rho"] == 0.05
+    assert ckpt.optimizer_config["percentile"] == 0.95 and ckpt.optimizer_config["base"] == "sgd"
+    assert ckpt.optimizer_state["base"]["state"]  # momentum buffers of the base optimizer are there
+    assert ckpt.scheduler_state["step"] == 8 and ckpt.rng["torch"].dtype == torch.uint8
+    assert ckpt.raw["torch_version"] == str(torch.__version__) and ckpt.raw["format_version"] == 1
+    assert ckpt.config["batch_size"] == 64
+    assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "epoch_0001.pt", "epoch_0002.pt",
+                                               "metrics.jsonl", "masks.csv", "config.json"}
+    best_epoch = max(result.history, key=lambda r: r["test_acc"])["epoch"]
+    assert load_checkpoint(out / "best.pt").epoch == best_epoch
+    assert load_checkpoint(out / "epoch_0001.pt").epoch == 1
+
+
+def test_bare_state_dict_with_prefixes_loads(tmp_path):
+    """Plain, DDP (module.), Lightning ({'state_dict': {'model.…'}}) and torch.compile (_orig_mod.) files."""
+    model = build_model("mlp", 10, hidden=(16,))
+    spec = model.sharpscope_spec
+    sd = model.state_dict()
+    variants = {
+        "plain.pt": sd,
+        "ddp.pt": {f"module.{k}": v for k, v in sd.items()},
+        "lightning.ckpt": {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3},
+        "compiled.pt": {f"_orig_mod.{k}": v for k, v in sd.items()},
+    }
+    for name, obj in variants.items():
+        torch.save(obj, tmp_path / name)
+        ckpt = load_checkpoint(tmp_path / name, spec=spec)
+        assert ckpt.is_bare
+        for k, v in sd.items():
+            assert torch.equal(ckpt.model.state_dict()[k], v)
+    into = build_model("mlp", 10, hidden=(16,))
+    assert load_checkpoint(tmp_path / "ddp.pt", model=into).model is into
+    assert torch.equal(into.state_dict()["net.0.weight"], sd["net.0.weight"])
+    with pytest.raises(UserInputError, match="bare state_dict: pass model= .* or spec="):
+        load_checkpoint(tmp_path / "plain.pt")
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "does not exist"),
+    (b"hello, not a checkpoint", "not a readable checkpoint"),
+    ("list", "not a checkpoint: it holds no state_dict"),
+    ("pickled-model", "safe loading .* refuses"),
+])
+def test_non_checkpoints_are_one_line_errors(tmp_path, content, match):
+    """Missing, garbage, a torch file without weights, and a pickled module (refused by weights_only)."""
+    path = tmp_path / "x.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "list":
+        torch.save([1, 2, 3], path)
+    elif content == "pickled-model":
+        torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(UserInputError, match=match) as info:
+        load_checkpoint(path, spec={"name": "mlp", "num_classes": 10, "kwargs": {}})
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_checkpoint_is_refused(digits_run, tmp_path):
+    """A file cut in half (a copy interrupted mid-way) gives a one-line error, not a traceback."""
+    out, _, _ = digits_run
+    payload = (out / "last.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(payload[: len(payload) // 2])
+    with pytest.raises(UserInputError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_wrong_architecture_names_the_mismatch(digits_run):
+    """Loading ResNet weights into an MLP (or another class count) names missing/unexpected/shape keys."""
+    out, _, _ = digits_run
+    with pytest.raises(UserInputError, match=r"does not fit MLP: \d+ missing \(e.g. net.0.weight\)"):
+        load_checkpoint(out / "last.pt", spec={"name": "mlp", "num_classes": 10, "kwargs": {}})
+    with pytest.raises(UserInputError, match=r"linear.weight: \(10, 16\) in the file, \(7, 16\) in the model"):
+        load_checkpoint(out / "last.pt", model=build_model("cnn", 7, in_channels=1, width=8))
+
+
+_WRITER = textwrap.dedent("""
+    import sys, torch
+    from sharpscope.train.checkpoint import save_checkpoint
+    path = sys.argv[1]
+    big = torch.randn(12_000_000)  # ~48 MB: a save takes long enough to be interrupted
+    save_checkpoint(path, {"state_dict": {"w": big}, "epoch": 0})
+    print("first", flush=True)
+    i = 1
+    while True:
+        save_checkpoint(path, {"state_dict": {"w": big + i}, "epoch": i})
+        i += 1
+""")
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    """A writer killed with SIGKILL mid-save: last.pt is still a complete, earlier checkpoint."""
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    target = tmp_path / "last.pt"
+    killed_mid_write = 0
+    for attempt in range(4):
+        proc = subprocess.Popen([sys.executable, str(script), str(target)], stdout=subprocess.PIPE,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.stdout.readline().strip() == b"first"
+        time.sleep(0.15 + 0.1 * attempt)
+        temps_before = list(tmp_path.glob(".last.pt.*.tmp"))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed_mid_write += bool(temps_before)
+        obj = torch.load(target, weights_only=True)
+        w = obj["state_dict"]["w"]
+        assert w.shape == (12_000_000,) and obj["format"] == "sharpscope-checkpoint"
+        for tmp in tmp_path.glob(".last.pt.*.tmp"):
+            tmp.unlink()
+        if killed_mid_write and attempt >= 1:
+            break
+    assert killed_mid_write >= 1  # the kill really interrupted a save at least once
+
+
+def test_save_refuses_a_directory_target(tmp_path):
+    """Saving onto a folder is a user error, and nothing is written."""
+    (tmp_path / "last.pt").mkdir()
+    with pytest.raises(UserInputError, match="is a directory"):
+        save_checkpoint(tmp_path / "last.pt", {"state_dict": {}})
+    assert list((tmp_path / "last.pt").iterdir()) == []
