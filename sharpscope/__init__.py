@@ -30,10 +30,10 @@ from .analysis.hessian import (
 from .analysis.landscape import Landscape, interpolate, landscape_1d, landscape_2d
 from .analysis.masks import AlignmentResult, load_mask_log, mask_statistics, perturbation_alignment
 from .analysis.sharpness import SharpnessResult, sharpness
-from .data import load_dataset
-from .models import build_model
+from .data import DATASET_NAMES, TensorData, load_dataset
+from .models import MODEL_NAMES, build_model
 from .optim import ASAM, SAM, FriendlySAM, ZSharp
-from .train import fit, load_checkpoint
+from .train import Checkpoint, TrainConfig, fit, load_checkpoint
 
 _LAZY_PLOT = ("style", "save_figure")
 
@@ -50,6 +50,11 @@ __all__ = [
     "ASAM",
     "SAM",
     "AlignmentResult",
+    "Checkpoint",
+    "DATASET_NAMES",
+    "MODEL_NAMES",
+    "TensorData",
+    "TrainConfig",
     "DensityResult",
     "Direction",
     "EigenResult",
@@ -77,6 +82,7 @@ __all__ = [
     "load_layer_curvature",
     "load_mask_log",
     "load_zscores",
+    "save_layer_curvature",
     "mask_statistics",
     "perturbation_alignment",
     "random_directions",

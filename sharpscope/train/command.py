@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..data import DATASET_NAMES, TensorData, canonical_dataset_name, load_dataset
 from ..errors import UserInputError
 from ..models import MODEL_NAMES, build_model, canonical_model_name
@@ -131,6 +133,14 @@ def run(args: argparse.Namespace) -> int:
         data_root = args.data_root
     dataset = canonical_dataset_name(dataset)
     config = _config_from(args, base_config)
+    if not args.resume:
+        default_name = canonical_model_name(args.model or ("mlp" if dataset == "digits" else "resnet20"))
+        out = Path(args.out or f"runs/{dataset}-{default_name}-{config.optimizer}-s{config.seed}")
+        if out.exists() and not out.is_dir():
+            raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the run")
+        if (out / "last.pt").exists():  # fail before reading a large dataset
+            raise UserInputError(f"--out {str(out)!r} already holds a run (last.pt); pass --resume to continue it "
+                                 f"or choose another folder")
     train_data = load_dataset(dataset, root=data_root, train=True)
     test_data = load_dataset(dataset, root=data_root, train=False)
     if args.resume:
@@ -140,10 +150,8 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(spec["name"], spec["num_classes"], **spec["kwargs"])
     else:
         name = canonical_model_name(args.model or ("mlp" if dataset == "digits" else "resnet20"))
-        import torch
         torch.manual_seed(config.seed)  # the initialisation is part of the run's seed
         model = build_model(name, train_data.num_classes, **_model_kwargs(name, train_data))
-        out = Path(args.out or f"runs/{dataset}-{name}-{config.optimizer}-s{config.seed}")
 
     def report(row: dict[str, Any]) -> None:
         if not args.quiet:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -197,11 +198,11 @@ def fit(model: nn.Module, train_data: TensorData, test_data: TensorData | None =
     if len(train_data) == 0:
         raise UserInputError("the training data is empty")
     device = resolve_device(config.device)
-    out_dir = _prepare_out(Path(out) if out is not None else None, resume)
     spec = spec if spec is not None else getattr(model, "sharpscope_spec", None)
     if spec is not None and spec.get("num_classes") not in (None, train_data.num_classes):
         raise UserInputError(f"the model has {spec['num_classes']} outputs but {train_data.name} has "
                              f"{train_data.num_classes} classes")
+    out_dir = _prepare_out(Path(out) if out is not None else None, resume)
     torch.manual_seed(config.seed)
     model.to(device)
     if config.channels_last:
@@ -240,7 +241,6 @@ def fit(model: nn.Module, train_data: TensorData, test_data: TensorData | None =
     identity = {"train": train_data.name, "test": test_data.name if test_data is not None else None,
                 "train_size": len(train_data), "num_classes": train_data.num_classes}
     if out_dir is not None:
-        import json
         atomic_write_text(out_dir / "config.json", json.dumps(
             {"config": config.to_dict(), "model_spec": spec, "optimizer": optimizer_config, "data": identity,
              "metadata": metadata or {}},
