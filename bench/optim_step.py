@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--batch", type=int, default=128, help="images per batch (default: 128)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 15, quick 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads (default 1: stable timings on a shared machine; 0 leaves torch's default)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 15)
     batch = 16 if args.quick else args.batch

@@ -10,6 +10,7 @@ from typing import Any
 from ._version import __version__
 from .analysis.directions import (
     Direction,
+    TrajectoryDirections,
     eigen_directions,
     interpolation_direction,
     random_directions,
@@ -32,7 +33,7 @@ from .analysis.masks import AlignmentResult, load_mask_log, mask_statistics, per
 from .analysis.sharpness import SharpnessResult, sharpness
 from .data import DATASET_NAMES, TensorData, load_dataset
 from .models import MODEL_NAMES, build_model
-from .optim import ASAM, SAM, FriendlySAM, ZSharp
+from .optim import ASAM, SAM, FriendlySAM, ZSharp, frozen_running_stats
 from .train import Checkpoint, TrainConfig, fit, load_checkpoint
 
 _LAZY_PLOT = ("style", "save_figure")
@@ -57,6 +58,7 @@ __all__ = [
     "TrainConfig",
     "DensityResult",
     "Direction",
+    "TrajectoryDirections",
     "EigenResult",
     "FriendlySAM",
     "Landscape",
@@ -68,6 +70,7 @@ __all__ = [
     "build_model",
     "eigen_directions",
     "fit",
+    "frozen_running_stats",
     "gradient_zscores",
     "hessian_density",
     "hessian_eigenvalues",

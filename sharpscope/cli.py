@@ -19,6 +19,10 @@ from .errors import UserInputError
 # that `sharpscope --help` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sharpscope.train.command", "Train a model (ZSharp, SAM, ASAM, Friendly-SAM, SGD, Adam) and save checkpoints."),
+    "analyze": ("sharpscope.commands.analyze", "Analyse checkpoints: Hessian spectrum, landscapes, Z-scores, masks, "
+                                               "alignment, sharpness."),
+    "figures": ("sharpscope.commands.figures", "Draw every comparison figure a folder of result files allows."),
+    "demo": ("sharpscope.commands.demo", "Train SGD, SAM and ZSharp on digits, analyse them and draw every figure."),
 }
 
 

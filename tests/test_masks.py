@@ -14,8 +14,10 @@ from sharpscope.analysis.hessian import EigenResult
 from sharpscope.analysis.masks import (
     AlignmentResult,
     load_mask_log,
+    load_mask_statistics,
     mask_statistics,
     perturbation_alignment,
+    save_mask_statistics,
     zsharp_masks,
 )
 from sharpscope.errors import UserInputError
@@ -302,6 +304,19 @@ def test_alignment_save_load(tmp_path):
     pd.testing.assert_frame_equal(back.to_dataframe(), res.to_dataframe())
     pd.testing.assert_frame_equal(back.layer_dataframe(), res.layer_dataframe())
     assert back.settings == res.settings
+
+
+def test_mask_statistics_save_load(tmp_path):
+    """Summary and per-batch tables read back identical, attrs (total norms, settings) included."""
+    model, data = make_net(), make_data(16, 8)
+    for per_batch in (False, True):
+        table = mask_statistics(model, CE, data, per_batch=per_batch, progress=False)
+        back = load_mask_statistics(save_mask_statistics(table, tmp_path / f"m{per_batch}.nc"))
+        # netCDF3 stores int64 as int32 and text as characters: values must match, dtypes may not
+        pd.testing.assert_frame_equal(back, table, check_dtype=False)
+        assert back.attrs == table.attrs
+        if per_batch:
+            assert back["fallback"].dtype == bool
 
 
 def _write_log(path, model, steps=(0, 2, 4)):

@@ -377,7 +377,9 @@ def gradient_zscores(model: nn.Module, loss_fn: LossFn, data: Any, bins: int | S
     Returns:
         :class:`ZScoreResult` (``.to_dataframe()``, ``.histogram_dataframe()``, ``.save()``).
 
-    The analysis is deterministic (no random choice). A tensor the loss does not depend on has no
+    The model runs in eval mode (BatchNorm with its running statistics, dropout off), as every
+    analysis does, so a batch's Z-scores are those of a training step on it only for a model
+    without BatchNorm or dropout. The analysis is deterministic (no random choice). A tensor the loss does not depend on has no
     distribution and is left out with a warning; a tensor whose gradient is constant has Z-scores
     all 0, and its skewness and kurtosis are NaN (with a warning naming it).
     """

@@ -56,7 +56,7 @@ from .batching import (
     trainable_named_parameters,
 )
 from .gradients import check_percentile, iter_gradients
-from .results import model_fingerprint, read_dataset, write_dataset
+from .results import model_fingerprint, read_dataset, read_table, write_dataset, write_table
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PERTURB_NORMS = ("tensor", "global")
@@ -173,9 +173,10 @@ def _mean_jaccard(masks: list[torch.Tensor]) -> float:
     """Mean ``|a & b| / |a | b|`` over all pairs (two empty masks count as identical, 1)."""
     if len(masks) < 2:
         return float("nan")
-    m = torch.stack(masks).to(torch.float64)
-    inter = m @ m.T
-    sizes = m.sum(dim=1)
+    # float32 counts are exact below 2**24 entries and halve the memory of the (batches x entries) matrix
+    m = torch.stack(masks).to(torch.float32 if masks[0].numel() < 2**24 else torch.float64)
+    inter = (m @ m.T).to(torch.float64)
+    sizes = m.sum(dim=1).to(torch.float64)
     union = sizes[:, None] + sizes[None, :] - inter
     jac = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
     i, j = torch.triu_indices(len(masks), len(masks), offset=1)
@@ -262,6 +263,21 @@ def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: fl
     summary.attrs.update({"percentile": percentile, "rho": rho, "threshold_scope": threshold_scope,
                           "n_batches": len(batches)})
     return summary
+
+
+MASK_STATISTICS_KIND = "mask_statistics"
+
+
+def save_mask_statistics(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write a :func:`mask_statistics` table (its ``attrs`` included) as a self-describing file."""
+    return write_table(table, path, MASK_STATISTICS_KIND, dict(table.attrs))
+
+
+def load_mask_statistics(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a table written by :func:`save_mask_statistics` (``attrs`` restored)."""
+    table, meta = read_table(path, MASK_STATISTICS_KIND)
+    table.attrs = meta
+    return table
 
 
 # --- training-time mask logs -------------------------------------------------------------------------
@@ -421,8 +437,9 @@ def _orthonormal_columns(v: torch.Tensor) -> torch.Tensor:
     if v.numel() == 0:
         return v
     u, s, _ = torch.linalg.svd(v, full_matrices=False)
-    keep = s > s.max() * max(v.shape) * torch.finfo(v.dtype).eps if s.numel() and s.max() > 0 else s > 1
-    return u[:, keep]
+    if not bool(s.max() > 0):
+        return u[:, :0]
+    return u[:, s > s.max() * max(v.shape) * torch.finfo(v.dtype).eps]
 
 
 def perturbation_alignment(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 5, rho: float = 0.05, *,
@@ -476,8 +493,14 @@ def perturbation_alignment(model: nn.Module, loss_fn: LossFn, data: Any, k: int 
     if list(eigen.param_names) != names:
         raise UserInputError("eigen was computed for other parameters than this model's trainable ones "
                              "(compute it on the same model, with params=None)")
-    vectors = torch.as_tensor(np.asarray(eigen.eigenvectors, dtype=np.float64))[:, : int(k)]
-    k = vectors.shape[1]
+    fingerprint = getattr(eigen, "settings", {}).get("model_fingerprint")
+    if fingerprint is not None and fingerprint != model_fingerprint(model):
+        raise UserInputError("eigen was computed for other weights (model fingerprints differ): recompute it "
+                             "for this model, or leave eigen=None")
+    vectors = torch.as_tensor(np.asarray(eigen.eigenvectors, dtype=np.float64))
+    if vectors.shape[1] < k:
+        raise UserInputError(f"k={k} but eigen holds only {vectors.shape[1]} eigenvector(s)")
+    vectors = vectors[:, : int(k)]
     sizes = [p.numel() for _, p in named]
 
     with preserved_model_state(model, train=False):

@@ -23,6 +23,7 @@ from .spectrum import (
     plot_curvature_trajectory,
     plot_density,
     plot_layer_curvature,
+    plot_sharpness_summary,
 )
 from .style import (
     OPTIMIZER_COLORS,
@@ -62,6 +63,7 @@ __all__ = [
     "plot_layer_curvature",
     "plot_mask_heatmap",
     "plot_mask_summary",
+    "plot_sharpness_summary",
     "plot_surface",
     "plot_training_curve",
     "plot_training_curves",

@@ -26,7 +26,8 @@ from ._bars import grouped_barh
 from ._data import labelled_frame, ordered_unique, require_columns, require_finite, to_frame
 from .style import new_figure, optimizer_label, optimizer_marker, series_colors
 
-__all__ = ["plot_density", "plot_curvature_trajectory", "plot_curvature_trajectories", "plot_layer_curvature"]
+__all__ = ["plot_density", "plot_curvature_trajectory", "plot_curvature_trajectories", "plot_layer_curvature",
+           "plot_sharpness_summary"]
 
 _QUANTITY_LABEL = {
     "lambda_max": r"Top eigenvalue $\lambda_{\max}$",
@@ -233,3 +234,52 @@ def plot_layer_curvature(data: Any, value: str | None = None, *, hue: str = "opt
     stderr = f"{value}_stderr"
     return grouped_barh(df, "layer", value, hue=hue if hue in df.columns else None, ax=ax, log=log,
                         xlabel=label, error=stderr if stderr in df.columns else None)
+
+
+_SUMMARY_LABEL = {
+    "lambda_max": r"$\lambda_{\max}$",
+    "trace": r"$\mathrm{tr}(H)$",
+    "sharpness_worst": "Worst-case sharpness",
+    "sharpness_average": "Average sharpness",
+    "test_acc": "Test accuracy (%)",
+}
+
+
+def plot_sharpness_summary(table: Any, quantities: Any = ("lambda_max", "trace", "sharpness_worst",
+                                                            "sharpness_average"), *,
+                           label: str = "run", fig: Figure | None = None) -> Figure:
+    """One small panel per quantity, one bar per model in its optimizer colour (+-1 s.e. where known).
+
+    ``table``: one row per model, with a ``label`` column (default ``run``; an optimizer name keeps
+    its palette colour) and numeric columns named in ``quantities``; a column ``<q>_stderr``, when
+    present, is drawn as an error bar. Quantities absent from ``table`` are skipped.
+    """
+    df = to_frame(table, "table")
+    require_columns(df, [label], "table")
+    shown = [q for q in quantities if q in df.columns and df[q].notna().any()]
+    if not shown:
+        raise UserInputError(f"table has none of the columns {list(quantities)}; it has {list(df.columns)}")
+    names = [str(n) for n in df[label]]
+    colors = series_colors(names)
+    if fig is None:
+        fig, axes = new_figure(0.36 if len(shown) > 2 else 0.5, ncols=len(shown))
+    else:
+        axes = fig.subplots(1, len(shown))
+    axes = np.atleast_1d(axes)
+    positions = np.arange(len(names))
+    for ax, q in zip(axes, shown):
+        values = df[q].to_numpy(float)
+        err = df[f"{q}_stderr"].to_numpy(float) if f"{q}_stderr" in df.columns else None
+        if err is not None and not np.isfinite(err).any():
+            err = None
+        ax.bar(positions, np.nan_to_num(values), width=0.7, color=[colors[n] for n in names], linewidth=0,
+               yerr=None if err is None else np.nan_to_num(err),
+               error_kw={"elinewidth": 0.6, "capsize": 1.5, "ecolor": "0.25"})
+        ax.set_xticks(positions, [optimizer_label(n) for n in names], rotation=0 if len(names) <= 4 else 45,
+                      ha="center" if len(names) <= 4 else "right")
+        ax.tick_params(axis="x", length=0)
+        ax.grid(axis="x", visible=False)
+        ax.set_title(_SUMMARY_LABEL.get(q, q.replace("_", " ")), fontsize="medium")
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(4))
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useMathText=True)
+    return fig

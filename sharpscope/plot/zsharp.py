@@ -80,6 +80,15 @@ def _mask_frame(obj: Any, arg: str) -> pd.DataFrame:
 
 # --- Z-score distributions -------------------------------------------------------------------
 
+def _binned_frame(obj: Any, arg: str) -> pd.DataFrame:
+    """A ``ZScoreResult`` as its pooled histogram, with each layer's mean threshold as ``threshold``."""
+    if hasattr(obj, "histogram_dataframe"):
+        hist = obj.histogram_dataframe("pooled")
+        thresholds = obj.to_dataframe("pooled").set_index("layer")["threshold"]
+        return hist.assign(threshold=hist["layer"].map(thresholds))
+    return to_frame(obj, arg)
+
+
 def _zscore_table(data: Any) -> pd.DataFrame:
     if isinstance(data, Mapping) and data and not any(hasattr(v, "to_dataframe") or isinstance(v, pd.DataFrame)
                                                       for v in data.values()):
@@ -87,10 +96,47 @@ def _zscore_table(data: Any) -> pd.DataFrame:
         parts = [pd.DataFrame({"layer": str(k), "z": np.asarray(v, float).ravel()}) for k, v in data.items()]
         df = pd.concat(parts, ignore_index=True)
     else:
-        df = labelled_frame(data, "data", "optimizer")
+        df = labelled_frame(data, "data", "optimizer", convert=_binned_frame)
+    if _is_binned(df):
+        require_columns(df, ["layer", "bin_left", "bin_right", "density"], "data")
+        require_finite(df[["bin_left", "bin_right", "density"]].to_numpy(float), "data histogram")
+        return df
     require_columns(df, ["layer", "z"], "data")
     require_finite(df["z"].to_numpy(float), "data['z']")
     return df
+
+
+def _is_binned(df: pd.DataFrame) -> bool:
+    """True for a histogram table (``ZScoreResult.histogram_dataframe``): bins and densities, no raw z."""
+    return {"bin_left", "bin_right", "density"} <= set(df.columns)
+
+
+def _layer_histogram(part: pd.DataFrame, edges: np.ndarray, percentile: float | None
+                     ) -> tuple[np.ndarray, np.ndarray, float | None] | None:
+    """(edges, density, tau) of one layer and series: binned here from raw ``z``, or as stored."""
+    given = part["threshold"] if "threshold" in part else None
+    if _is_binned(part):
+        if part.empty:
+            return None
+        part = part.sort_values("bin_left")
+        own = np.append(part["bin_left"].to_numpy(float), part["bin_right"].to_numpy(float)[-1])
+        tau = float(given.dropna().iloc[0]) if given is not None and given.notna().any() else None
+        return own, part["density"].to_numpy(float), tau
+    z = part["z"].to_numpy(float)
+    if z.size == 0:
+        return None
+    hist, _ = np.histogram(z, bins=edges, density=True)
+    return edges, hist, _threshold(z, given, percentile)
+
+
+def _z_limit(df: pd.DataFrame) -> float:
+    """Half-width of the z axis: the largest |z| seen (at least 4, at most 12), rounded up."""
+    if _is_binned(df):
+        seen = df[df["density"] > 0]
+        widest = float(np.abs(seen[["bin_left", "bin_right"]].to_numpy(float)).max()) if len(seen) else 4.0
+    else:
+        widest = float(np.abs(df["z"]).max())
+    return float(np.ceil(min(max(widest, 4.0), 12.0)))
 
 
 def _threshold(z: np.ndarray, given: pd.Series | None, percentile: float | None) -> float | None:
@@ -112,7 +158,9 @@ def plot_zscore_distributions(data: Any, *, percentile: float | None = 0.95, lay
     r"""Per-layer histograms of gradient Z-scores against :math:`\mathcal N(0, 1)`, threshold marked.
 
     ``data``: a table with columns ``layer, z`` (and optionally ``threshold``, ``optimizer``), a
-    result with ``to_dataframe()`` giving one, or a mapping ``{layer: array of z}``.
+    mapping ``{layer: array of z}``, a ``ZScoreResult`` (its pooled histogram is drawn, with its
+    mean per-batch threshold), a histogram table (``layer, bin_left, bin_right, density``), or a
+    mapping ``{optimizer: ZScoreResult or table}`` to overlay runs.
     ``percentile``: ZSharp's ``p``; the threshold :math:`\tau = Q_p(|z|)` is drawn at
     :math:`\pm\tau` and the kept tails are shaded (a ``threshold`` column, when present, wins).
     ``layers``: which layers to draw (default: the first ``max_layers`` in model order).
@@ -133,7 +181,7 @@ def plot_zscore_distributions(data: Any, *, percentile: float | None = 0.95, lay
         names = list(layers)
     names = names[:max_layers]
     series = ordered_unique(df["optimizer"]) if "optimizer" in df.columns else [None]
-    lim = float(np.ceil(min(max(np.abs(df["z"]).max(), 4.0), 12.0)))
+    lim = _z_limit(df)
     edges = np.linspace(-lim, lim, bins + 1)
     grid_x = np.linspace(-lim, lim, 400)
     if kind == "grid":
@@ -157,24 +205,22 @@ def _zscore_grid(df, names, series, edges, grid_x, percentile, log, fig) -> Figu
     else:
         axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
     axes = np.asarray(axes).ravel()
-    centers = 0.5 * (edges[1:] + edges[:-1])
     for ax, layer in zip(axes, names):
         for i, s in enumerate(series):
             part = df[(df["layer"] == layer) & ((df["optimizer"] == s) if s is not None else True)]
-            z = part["z"].to_numpy(float)
-            if z.size == 0:
+            found = _layer_histogram(part, edges, percentile)
+            if found is None:
                 continue
-            hist, _ = np.histogram(z, bins=edges, density=True)
+            own, hist, tau = found
             color = _series_color(s, i)
-            ax.stairs(hist, edges, color=color, linewidth=0.9, fill=False, label=optimizer_label(s) if s else None)
-            tau = _threshold(z, part["threshold"] if "threshold" in part else None, percentile)
+            ax.stairs(hist, own, color=color, linewidth=0.9, fill=False, label=optimizer_label(s) if s else None)
             if tau is not None:
-                kept = np.abs(centers) > tau
-                ax.fill_between(centers, 0, np.where(kept, hist, 0), step="mid", color=color, alpha=0.25,
-                                linewidth=0)
+                kept = np.where((own[:-1] >= tau) | (own[1:] <= -tau), hist, 0.0)
+                ax.stairs(kept, own, color=color, alpha=0.25, fill=True, linewidth=0)
                 for sign in (-1, 1):
                     ax.axvline(sign * tau, color=color, linewidth=0.7, linestyle=":")
         ax.plot(grid_x, _normal_pdf(grid_x), **_NORMAL_STYLE)
+        ax.set_xlim(grid_x[0], grid_x[-1])
         ax.set_title(short_layer_name(layer), fontsize="small", pad=2)
         if log:
             ax.set_yscale("log")
@@ -217,30 +263,27 @@ def _zscore_ridge(df, names, series, edges, grid_x, percentile, fig) -> Figure:
     for row, layer in enumerate(names):
         base = (n - 1 - row) * step
         peak = normal.max()
+        found = {}
         for s in series:
             part = df[(df["layer"] == layer) & ((df["optimizer"] == s) if s is not None else True)]
-            z = part["z"].to_numpy(float)
-            if z.size == 0:
-                continue
-            hist, _ = np.histogram(z, bins=edges, density=True)
-            peak = max(peak, hist.max())
+            found[s] = _layer_histogram(part, edges, percentile)
+            if found[s] is not None:
+                peak = max(peak, found[s][1].max())
         scale = 1.6 * step / peak
         ax.plot(centers, base + normal * scale, zorder=3 * row + 2, **_NORMAL_STYLE)
         for i, s in enumerate(series):
-            part = df[(df["layer"] == layer) & ((df["optimizer"] == s) if s is not None else True)]
-            z = part["z"].to_numpy(float)
-            if z.size == 0:
+            if found[s] is None:
                 continue
-            hist, _ = np.histogram(z, bins=edges, density=True)
+            own, hist, tau = found[s]
+            mid = 0.5 * (own[1:] + own[:-1])
             color = _series_color(s, i)
-            ax.fill_between(centers, base, base + hist * scale, color="white", zorder=3 * row, linewidth=0)
-            ax.fill_between(centers, base, base + hist * scale, color=color, alpha=0.08, zorder=3 * row + 1,
+            ax.fill_between(mid, base, base + hist * scale, color="white", zorder=3 * row, linewidth=0)
+            ax.fill_between(mid, base, base + hist * scale, color=color, alpha=0.08, zorder=3 * row + 1,
                             linewidth=0)
-            ax.plot(centers, base + hist * scale, color=color, linewidth=0.9, zorder=3 * row + 1)
-            tau = _threshold(z, part["threshold"] if "threshold" in part else None, percentile)
+            ax.plot(mid, base + hist * scale, color=color, linewidth=0.9, zorder=3 * row + 1)
             if tau is not None:
-                kept = np.abs(centers) > tau
-                ax.fill_between(centers, base, base + np.where(kept, hist, 0) * scale, color=color, alpha=0.3,
+                kept = np.abs(mid) > tau
+                ax.fill_between(mid, base, base + np.where(kept, hist, 0) * scale, color=color, alpha=0.3,
                                 zorder=3 * row + 1, linewidth=0, step="mid")
                 for sign in (-1, 1):
                     ax.plot([sign * tau] * 2, [base, base + 0.9 * step], color=color, linestyle=":",

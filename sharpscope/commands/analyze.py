@@ -1,0 +1,364 @@
+"""``sharpscope analyze``: checkpoints in, one self-describing result file per analysis out.
+
+For a checkpoint named ``<run>`` (its run folder for ``last.pt``/``best.pt``, else the file stem)
+the files are ``<out>/<run>__<analysis>.nc``:
+
+==============  ==========================================================================================
+``hessian``     ``eigenvalues`` (top-k, Lanczos), ``trace`` (Hutch++ with a standard error),
+                ``density`` (stochastic Lanczos quadrature), ``layer_curvature`` (per parameter tensor)
+``landscape``   ``landscape_1d`` and ``landscape_2d`` (Li et al. 2018: filter-normalised random directions)
+``zscores``     ``zscores``: per-layer distributions of the gradient Z-scores ZSharp filters
+``masks``       ``masks``: ZSharp's mask on every batch (kept fraction, threshold, norms), one row per
+                batch and layer
+``alignment``   ``alignment``: SAM/ZSharp/ASAM/random ascent directions against the top-k eigenvectors
+``sharpness``   ``sharpness_worst`` and ``sharpness_average``: loss increase in the ball of radius rho
+==============  ==========================================================================================
+
+Every checkpoint written by ``sharpscope train`` also gives ``history`` (its per-epoch metrics) and,
+for a ZSharp run with a ``masks.csv`` next to it, ``mask_log`` (the mask statistics logged in training).
+The analyses run on a fixed, seeded sample of ``--samples`` examples of the chosen split, in batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .._progress import progress
+from ..errors import UserInputError
+
+#: The analyses, in the order they run (``alignment`` reuses the eigenvectors of ``hessian``).
+ANALYSES: tuple[str, ...] = ("hessian", "landscape", "zscores", "masks", "alignment", "sharpness")
+HISTORY_KIND = "training_history"
+MASK_LOG_KIND = "mask_log"
+MASKS_KIND = "mask_statistics"
+_GENERIC_STEMS = ("last", "best", "model", "checkpoint")
+
+
+@dataclass
+class AnalysisOptions:
+    """Budgets and settings of the analyses (the defaults suit a small model on a CPU).
+
+    Attributes:
+        samples: examples analysed (a seeded random subset of the split; None: all of it).
+        batch_size: examples per batch (Z-scores and masks are per batch, as in training).
+        seed: seeds the subset, the Lanczos start, the probes and the random directions.
+        top_k, tol, max_iter: top eigenvalues to ``tol`` (relative) within ``max_iter`` products.
+        trace_samples: Hutch++ budget of Hessian-vector products.
+        density_iter, density_runs: Lanczos steps per probe and number of probes of the density.
+        steps_1d, grid_2d, span: points of the 1-D slice, points per side of the 2-D slice, and the
+            coordinate range ``[-span, span]`` along the filter-normalised directions.
+        rho: radius of the ascent (alignment) and of the sharpness ball.
+        percentile: ZSharp's percentile for the Z-score threshold and the mask.
+        sharpness_steps, sharpness_samples: ascent steps (worst case) and random draws (average).
+    """
+
+    samples: int | None = 1024
+    batch_size: int = 256
+    seed: int = 0
+    top_k: int = 5
+    tol: float = 1e-3
+    max_iter: int = 200
+    trace_samples: int = 60
+    density_iter: int = 80
+    density_runs: int = 2
+    steps_1d: int = 41
+    grid_2d: int = 21
+    span: float = 1.0
+    rho: float = 0.05
+    percentile: float = 0.95
+    sharpness_steps: int = 20
+    sharpness_samples: int = 20
+
+    def validate(self) -> AnalysisOptions:
+        """Raise :class:`UserInputError` naming the first bad setting."""
+        def positive_int(name: str, minimum: int = 1) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise UserInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+        if self.samples is not None:
+            positive_int("samples")
+        for name in ("batch_size", "top_k", "max_iter", "density_iter", "density_runs", "sharpness_steps",
+                     "sharpness_samples"):
+            positive_int(name)
+        positive_int("trace_samples", 4)
+        positive_int("steps_1d", 3)
+        positive_int("grid_2d", 3)
+        positive_int("seed", 0)
+        if not (0 < self.tol < 1):
+            raise UserInputError(f"tol must be in (0, 1), got {self.tol}")
+        if not (math.isfinite(self.span) and self.span > 0):
+            raise UserInputError(f"span must be a positive number, got {self.span}")
+        if not (math.isfinite(self.rho) and self.rho > 0):
+            raise UserInputError(f"rho must be a positive number, got {self.rho}")
+        if not (0 < self.percentile < 1):
+            raise UserInputError(f"percentile must be in (0, 1), e.g. 0.95; got {self.percentile}")
+        return self
+
+
+def run_name(path: str | Path) -> str:
+    """``runs/zsharp/last.pt`` -> ``zsharp``; ``ckpt/epoch_0010.pt`` -> ``epoch_0010``."""
+    path = Path(path)
+    stem = path.stem
+    name = path.parent.name if stem in _GENERIC_STEMS and path.parent.name not in ("", ".") else stem
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name).replace("__", "_") or "run"
+
+
+def result_path(out_dir: str | Path, run: str, analysis: str) -> Path:
+    return Path(out_dir) / f"{run}__{analysis}.nc"
+
+
+def split_result_name(path: str | Path) -> tuple[str, str]:
+    """``<run>__<analysis>.nc`` -> ``(run, analysis)``; a file without ``__`` is its own run."""
+    stem = Path(path).stem
+    run, sep, analysis = stem.rpartition("__")
+    return (run, analysis) if sep else (stem, stem)
+
+
+def sample_batches(data: Any, samples: int | None, batch_size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A seeded subset of a :class:`~sharpscope.data.TensorData` as a list of normalised batches.
+
+    Anything else (one batch, a DataLoader) is used as given, all of it.
+    """
+    from ..analysis.batching import as_batches
+    from ..data import TensorData
+
+    if not isinstance(data, TensorData):
+        return as_batches(data)
+    n = len(data) if samples is None else min(int(samples), len(data))
+    if n < 1:
+        raise UserInputError(f"the data {data.name!r} is empty: nothing to analyse")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(int(seed)))[:n]
+    subset = data.subset(torch.sort(order).values)
+    return list(subset.batches(batch_size, shuffle=False, augment=False))
+
+
+def _load(checkpoint: Any, device: torch.device) -> Any:
+    from ..train.checkpoint import Checkpoint, load_checkpoint
+
+    if isinstance(checkpoint, Checkpoint):
+        ckpt = checkpoint
+    else:
+        ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    if ckpt.model is None:
+        raise UserInputError(f"{ckpt.path}: no model could be rebuilt from the checkpoint")
+    ckpt.model.to(device).eval()
+    return ckpt
+
+
+def _history_frame(ckpt: Any) -> pd.DataFrame | None:
+    if not ckpt.history:
+        return None
+    return pd.DataFrame(ckpt.history)
+
+
+def analyze_checkpoint(checkpoint: Any, data: Any, what: Sequence[str] = ANALYSES, out_dir: str | Path = "results",
+                       *, name: str | None = None, options: AnalysisOptions | None = None,
+                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+                       device: str | torch.device = "cpu", show_progress: bool = True) -> list[Path]:
+    """Run the analyses ``what`` on one checkpoint and write one result file each; return the paths.
+
+    Args:
+        checkpoint: a checkpoint path or a loaded :class:`~sharpscope.train.Checkpoint`.
+        data: a :class:`~sharpscope.data.TensorData` split (a seeded subset of ``options.samples``
+            examples is used) or one ``(inputs, targets)`` batch / an iterable of batches (used whole).
+        what: any of :data:`ANALYSES`.
+        out_dir: folder of the result files (created).
+        name: the ``<run>`` part of the file names (default: :func:`run_name` of the path).
+        options: the budgets (:class:`AnalysisOptions`).
+        loss_fn: mean-reduced ``loss_fn(outputs, targets)``.
+        device: where the model and batches go.
+        show_progress: progress bars (one per analysis).
+    """
+    from ..analysis.gradients import gradient_zscores
+    from ..analysis.hessian import (
+        hessian_density,
+        hessian_eigenvalues,
+        hessian_trace,
+        layer_curvature,
+        save_layer_curvature,
+    )
+    from ..analysis.landscape import landscape_1d, landscape_2d
+    from ..analysis.masks import load_mask_log, mask_statistics, perturbation_alignment
+    from ..analysis.results import write_table
+    from ..analysis.sharpness import sharpness
+
+    what = list(dict.fromkeys(what))
+    unknown = [w for w in what if w not in ANALYSES]
+    if unknown:
+        raise UserInputError(f"unknown analysis {unknown[0]!r}; choose among: {', '.join(ANALYSES)}")
+    options = (options or AnalysisOptions()).validate()
+    device = torch.device(device)
+    ckpt = _load(checkpoint, device)
+    run = name or run_name(ckpt.path)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the results")
+    out.mkdir(parents=True, exist_ok=True)
+    model = ckpt.model
+    batches = sample_batches(data, options.samples, options.batch_size, options.seed)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    o = options
+    written: list[Path] = []
+    common = {"progress": show_progress}
+
+    history = _history_frame(ckpt)
+    if history is not None:
+        meta = {"run": run, "checkpoint": str(ckpt.path), "optimizer": ckpt.optimizer_config,
+                "epoch": ckpt.epoch, "data": ckpt.raw.get("data", {})}
+        written.append(write_table(history, result_path(out, run, "history"), HISTORY_KIND, meta))
+    log_file = Path(ckpt.path).parent / "masks.csv"
+    if log_file.is_file():
+        try:
+            log = load_mask_log(log_file, model)
+        except UserInputError as exc:
+            warnings.warn(f"mask log skipped: {exc}", RuntimeWarning, stacklevel=2)
+        else:
+            written.append(write_table(log, result_path(out, run, "mask_log"), MASK_LOG_KIND,
+                                       {"run": run, "source": str(log_file)}))
+
+    eigen = None
+    for analysis in what:
+        if analysis == "hessian":
+            eigen = hessian_eigenvalues(model, loss_fn, batches, k=o.top_k, tol=o.tol, max_iter=o.max_iter,
+                                        seed=o.seed, **common)
+            written.append(eigen.save(result_path(out, run, "eigenvalues"), eigenvectors=False))
+            trace = hessian_trace(model, loss_fn, batches, n_samples=o.trace_samples, seed=o.seed, **common)
+            written.append(trace.save(result_path(out, run, "trace")))
+            density = hessian_density(model, loss_fn, batches, n_iter=o.density_iter, n_runs=o.density_runs,
+                                      seed=o.seed, **common)
+            written.append(density.save(result_path(out, run, "density")))
+            layers = layer_curvature(model, loss_fn, batches, tol=o.tol, max_iter=o.max_iter, seed=o.seed, **common)
+            written.append(save_layer_curvature(layers, result_path(out, run, "layer_curvature")))
+        elif analysis == "landscape":
+            steps = torch.linspace(-o.span, o.span, o.steps_1d).tolist()
+            axis = torch.linspace(-o.span, o.span, o.grid_2d).tolist()
+            one = landscape_1d(model, loss_fn, batches, steps=steps, seed=o.seed, **common)
+            written.append(one.save(result_path(out, run, "landscape_1d")))
+            two = landscape_2d(model, loss_fn, batches, x=axis, y=axis, seed=o.seed, **common)
+            written.append(two.save(result_path(out, run, "landscape_2d")))
+        elif analysis == "zscores":
+            z = gradient_zscores(model, loss_fn, batches, percentile=o.percentile, **common)
+            written.append(z.save(result_path(out, run, "zscores")))
+        elif analysis == "masks":
+            with warnings.catch_warnings():  # a single batch: mask_jaccard is NaN, said in the file itself
+                warnings.simplefilter("ignore", RuntimeWarning)
+                table = mask_statistics(model, loss_fn, batches, percentile=o.percentile, rho=o.rho,
+                                        per_batch=True, **common)
+            meta = {"run": run, "percentile": o.percentile, "rho": o.rho, "n_batches": len(batches)}
+            written.append(write_table(table, result_path(out, run, "masks"), MASKS_KIND, meta))
+        elif analysis == "alignment":
+            if eigen is not None and eigen.eigenvectors is None:
+                eigen = None
+            result = perturbation_alignment(model, loss_fn, batches, k=o.top_k, rho=o.rho, percentile=o.percentile,
+                                            eigen=eigen, seed=o.seed, tol=o.tol, max_iter=o.max_iter, **common)
+            written.append(result.save(result_path(out, run, "alignment")))
+        elif analysis == "sharpness":
+            worst = sharpness(model, loss_fn, batches, rho=o.rho, kind="worst", steps=o.sharpness_steps,
+                              seed=o.seed, **common)
+            written.append(worst.save(result_path(out, run, "sharpness_worst")))
+            average = sharpness(model, loss_fn, batches, rho=o.rho, kind="average", n_samples=o.sharpness_samples,
+                                seed=o.seed, **common)
+            written.append(average.save(result_path(out, run, "sharpness_average")))
+    return written
+
+
+# --- the command ---------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..data import DATASET_NAMES
+
+    d = AnalysisOptions()
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files (.pt) to analyse")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default="digits", help=f"dataset: {', '.join(DATASET_NAMES)} (default: digits)")
+    data.add_argument("--data-root", default=None, help="folder with the dataset files (CIFAR, Tiny-ImageNet)")
+    data.add_argument("--split", choices=["train", "test"], default="train", help="split analysed (default: train)")
+    data.add_argument("--samples", type=int, default=d.samples,
+                      help=f"examples analysed, a seeded random subset (default {d.samples}; 0: all)")
+    data.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
+    which = parser.add_argument_group("analyses (default: all)")
+    for analysis in ANALYSES:
+        which.add_argument(f"--{analysis}", action="store_true", help=_HELP[analysis])
+    knobs = parser.add_argument_group("settings")
+    knobs.add_argument("--top-k", type=int, default=d.top_k, help=f"top eigenvalues (default {d.top_k})")
+    knobs.add_argument("--trace-samples", type=int, default=d.trace_samples,
+                       help=f"Hutch++ Hessian-vector products (default {d.trace_samples})")
+    knobs.add_argument("--density-iter", type=int, default=d.density_iter,
+                       help=f"Lanczos steps per density probe (default {d.density_iter})")
+    knobs.add_argument("--density-runs", type=int, default=d.density_runs,
+                       help=f"density probes (default {d.density_runs})")
+    knobs.add_argument("--steps-1d", type=int, default=d.steps_1d, help=f"points of the 1-D slice ({d.steps_1d})")
+    knobs.add_argument("--grid-2d", type=int, default=d.grid_2d, help=f"points per side of the 2-D slice ({d.grid_2d})")
+    knobs.add_argument("--span", type=float, default=d.span, help=f"slice coordinates in [-span, span] ({d.span})")
+    knobs.add_argument("--rho", type=float, default=d.rho, help=f"ascent / sharpness radius (default {d.rho})")
+    knobs.add_argument("--percentile", type=float, default=d.percentile,
+                       help=f"ZSharp percentile for Z-scores and masks (default {d.percentile})")
+    knobs.add_argument("--seed", type=int, default=d.seed, help=f"seed of every random choice (default {d.seed})")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default="results", help="folder for the result files (default: results)")
+    run.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+_HELP = {
+    "hessian": "top eigenvalues, trace, spectral density, per-layer curvature",
+    "landscape": "1-D and 2-D loss-landscape slices",
+    "zscores": "per-layer gradient Z-score distributions",
+    "masks": "ZSharp mask statistics per batch and layer",
+    "alignment": "ascent directions vs. top Hessian eigenvectors",
+    "sharpness": "worst-case and average-case sharpness",
+}
+
+
+def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
+    return AnalysisOptions(samples=None if args.samples == 0 else args.samples, batch_size=args.batch_size,
+                           seed=args.seed, top_k=args.top_k, trace_samples=args.trace_samples,
+                           density_iter=args.density_iter, density_runs=args.density_runs, steps_1d=args.steps_1d,
+                           grid_2d=args.grid_2d, span=args.span, rho=args.rho,
+                           percentile=args.percentile).validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import load_dataset
+    from ..train.loop import resolve_device
+    from .summary import print_summary
+
+    options = options_from_args(args)
+    what = [a for a in ANALYSES if getattr(args, a)] or list(ANALYSES)
+    paths = [Path(p) for p in args.checkpoints]
+    for path in paths:  # fail before the slow part
+        if not path.is_file():
+            raise UserInputError(f"checkpoint {str(path)!r} does not exist" if not path.exists()
+                                 else f"checkpoint {str(path)!r} is not a file")
+    names = [run_name(p) for p in paths]
+    if len(set(names)) < len(names):  # two last.pt in folders of the same name: fall back to full paths
+        names = [re.sub(r"[^A-Za-z0-9_.+-]", "_", str(p.with_suffix(""))).strip("_") for p in paths]
+    data = load_dataset(args.data, root=args.data_root, train=args.split == "train")
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    written: list[Path] = []
+    for path, name in progress(list(zip(paths, names)), enabled=not args.quiet, desc="checkpoints"):
+        written += analyze_checkpoint(path, data, what, args.out, name=name, options=options, device=device,
+                                      show_progress=not args.quiet)
+    print(f"wrote {len(written)} result files to {args.out} in {time.perf_counter() - start:.1f} s "
+          f"({', '.join(what)}; {data.name}, settings: {_short(asdict(options))})", file=sys.stderr)
+    print_summary(args.out)
+    return 0
+
+
+def _short(settings: dict[str, Any]) -> str:
+    keys = ("samples", "top_k", "rho", "percentile", "seed")
+    return ", ".join(f"{k}={settings[k]}" for k in keys)

@@ -1,0 +1,177 @@
+"""``sharpscope demo``: the whole pipeline on the bundled digits data, in a few minutes on a CPU.
+
+1. Train the digits MLP (64-64-64-10) with SGD, SAM and ZSharp from the same initialisation, with the
+   same data order, learning rate, epochs and batch size (SAM and ZSharp with rho = 0.05, ZSharp with
+   percentile 0.95), saving checkpoints and ZSharp's mask log in ``--work``.
+2. Analyse the three checkpoints on the training set (:func:`~sharpscope.commands.analyze_checkpoint`):
+   top eigenvalues, trace, spectral density, per-layer curvature, 1-D and 2-D landscapes, Z-score
+   distributions, mask statistics, alignment of the ascent directions, sharpness.
+3. Draw every figure into ``--out`` (:func:`~sharpscope.commands.draw_figures`) and write
+   ``summary.md``: test accuracy, lambda_max, trace +- s.e., worst-case and average sharpness.
+
+Nothing is downloaded. ``--quick`` shrinks every budget (for the test suite); its numbers are not
+meant to be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .._io import atomic_write_text
+from ..errors import UserInputError
+from .analyze import AnalysisOptions
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "sam", "zsharp")
+_RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "masks.csv", "config.json")
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """Training and analysis budgets of the demo."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    log_mask_every: int
+    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
+
+
+FULL = DemoBudget(epochs=30, batch_size=64, lr=0.05, log_mask_every=10,
+                  analysis=AnalysisOptions(samples=None, batch_size=256, top_k=5, max_iter=300, trace_samples=90,
+                                           density_iter=90, density_runs=3, steps_1d=61, grid_2d=31, span=1.0,
+                                           sharpness_steps=20, sharpness_samples=50))
+QUICK = DemoBudget(epochs=2, batch_size=128, lr=0.05, log_mask_every=4,
+                   analysis=AnalysisOptions(samples=256, batch_size=128, top_k=3, max_iter=60, trace_samples=12,
+                                            density_iter=16, density_runs=1, steps_1d=9, grid_2d=7, span=1.0,
+                                            sharpness_steps=3, sharpness_samples=4))
+
+
+def _train_config(optimizer: str, budget: DemoBudget, seed: int, show_progress: bool) -> Any:
+    from ..train import TrainConfig
+
+    return TrainConfig(optimizer=optimizer, base="sgd", lr=budget.lr, momentum=0.9, weight_decay=5e-4,
+                       epochs=budget.epochs, batch_size=budget.batch_size, schedule="cosine", seed=seed,
+                       device="cpu", log_mask_every=budget.log_mask_every if optimizer == "zsharp" else 0,
+                       progress=show_progress)
+
+
+def _same_run(folder: Path, config: Any) -> bool:
+    """True when ``folder`` already holds a finished demo run with exactly this configuration."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return (folder / "last.pt").is_file() and saved == json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def _train(optimizer: str, folder: Path, budget: DemoBudget, seed: int, show_progress: bool) -> Path:
+    from ..data import load_dataset
+    from ..models import build_model
+    from ..train import fit
+
+    config = _train_config(optimizer, budget, seed, show_progress)
+    if _same_run(folder, config):
+        print(f"demo: reusing the {optimizer} run in {folder} (same settings)", file=sys.stderr)
+        return folder / "last.pt"
+    for name in _RUN_FILES:  # a stale demo run with other settings: only the files fit writes
+        (folder / name).unlink(missing_ok=True)
+    train, test = load_dataset("digits", train=True), load_dataset("digits", train=False)
+    torch.manual_seed(seed)  # the same initialisation for every optimizer
+    model = build_model("mlp", train.num_classes, in_features=64)
+    fit(model, train, test, config, out=folder, metadata={"dataset": "digits", "demo": True})
+    return folder / "last.pt"
+
+
+def run_demo(out_dir: str | Path = "figures", work_dir: str | Path = "runs/demo", *, quick: bool = False,
+             style: str = "neurips", seed: int = 0, formats: tuple[str, ...] = ("pdf", "png"),
+             show_progress: bool = True) -> pd.DataFrame:
+    """Train SGD, SAM and ZSharp on digits, analyse the checkpoints, draw the figures, write ``summary.md``.
+
+    Args:
+        out_dir: folder of the figures and ``summary.md``.
+        work_dir: folder of the runs (``<work>/<optimizer>/``) and results (``<work>/results``); a run
+            already there with the same settings is reused, one with other settings is replaced.
+        quick: tiny budgets (seconds; for tests).
+        style: venue of the figures.
+        seed: initialisation, data order and analysis seed.
+        formats: figure formats.
+        show_progress: progress bars.
+
+    Returns:
+        The summary table (one row per optimizer), also written to ``<out_dir>/summary.md``.
+    """
+    from ..data import load_dataset
+    from .analyze import ANALYSES, analyze_checkpoint
+    from .figures import draw_figures
+    from .summary import markdown_table, summary_table
+
+    budget = QUICK if quick else FULL
+    work, out = Path(work_dir), Path(out_dir)
+    for path, what in ((work, "--work"), (out, "--out")):
+        if path.exists() and not path.is_dir():
+            raise UserInputError(f"{what} {str(path)!r} is a file; give a folder")
+    if work.resolve() == out.resolve():
+        raise UserInputError("--work and --out must be different folders (runs and results are not figures)")
+    start = time.perf_counter()
+    checkpoints = {}
+    for optimizer in OPTIMIZERS:
+        print(f"demo: training {optimizer} ({budget.epochs} epochs)", file=sys.stderr)
+        checkpoints[optimizer] = _train(optimizer, work / optimizer, budget, seed, show_progress)
+    trained = time.perf_counter()
+    results = work / "results"
+    for stale in results.glob("*__*.nc") if results.is_dir() else []:
+        stale.unlink()
+    train = load_dataset("digits", train=True)
+    options = AnalysisOptions(**{**budget.analysis.__dict__, "seed": seed})
+    for optimizer, path in checkpoints.items():
+        print(f"demo: analysing {optimizer}", file=sys.stderr)
+        analyze_checkpoint(path, train, ANALYSES, results, name=optimizer, options=options,
+                           show_progress=show_progress)
+    analysed = time.perf_counter()
+    written = draw_figures(results, out, style, formats=formats, show_progress=show_progress)
+    table = summary_table(results)
+    elapsed = time.perf_counter() - start
+    header = (f"# sharpscope demo{' (quick)' if quick else ''}\n\n"
+              f"Digits MLP (64-64-64-10), {budget.epochs} epochs, batch {budget.batch_size}, SGD base "
+              f"(lr {budget.lr}, momentum 0.9, cosine schedule), seed {seed}; SAM and ZSharp with rho = "
+              f"{options.rho}, ZSharp percentile {options.percentile}. Curvature and sharpness on "
+              f"{'all' if options.samples is None else options.samples} training examples; sharpness radius "
+              f"rho = {options.rho} (worst case: {options.sharpness_steps} ascent steps; average: "
+              f"{options.sharpness_samples} random directions). Wall time {elapsed:.0f} s "
+              f"(training {trained - start:.0f} s, analysis {analysed - trained:.0f} s).\n\n")
+    atomic_write_text(out / "summary.md", header + markdown_table(table))
+    print(f"demo: {len(written)} figure files and summary.md in {out} ({elapsed:.0f} s)", file=sys.stderr)
+    return table
+
+
+# --- the command ---------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="figures", help="folder for the figures and summary.md (default: figures)")
+    parser.add_argument("--work", default="runs/demo", help="folder for checkpoints and results (default: runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke test (about a minute)")
+    parser.add_argument("--style", default="neurips", help="figure style: neurips (default), icml, iclr, paper")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, analyses (0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..plot import VENUES
+    from .summary import markdown_table
+
+    if str(args.style).lower() not in VENUES:  # before minutes of training
+        raise UserInputError(f"unknown style {args.style!r}; choose one of: {', '.join(sorted(VENUES))}")
+    if args.seed < 0:
+        raise UserInputError(f"--seed must be >= 0, got {args.seed}")
+    table = run_demo(args.out, args.work, quick=args.quick, style=args.style, seed=args.seed,
+                     show_progress=not args.quiet)
+    print(markdown_table(table), end="")
+    return 0

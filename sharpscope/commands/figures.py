@@ -1,0 +1,253 @@
+"""``sharpscope figures``: every comparison figure a folder of result files allows.
+
+The files are found recursively under RESULTS_DIR and dispatched on the kind stored inside them
+(:func:`sharpscope.analysis.results.result_kind`); the run a file belongs to is the ``<run>`` of its
+name ``<run>__<analysis>.nc``. Runs are overlaid or set side by side, each in its optimizer's colour:
+
+==========================  ==========================================================================
+``spectrum``                eigenvalue densities (log density) with the top-k eigenvalues marked
+``sharpness_summary``       lambda_max, trace (+-1 s.e.), worst/average sharpness, one bar per run
+``layer_curvature``         per-layer top eigenvalue of the diagonal Hessian blocks
+``landscape_1d``            loss and accuracy along a filter-normalised random direction
+``contours``                2-D loss contours side by side with shared levels; ``surface_<run>`` in 3-D
+``zscores``                 per-layer gradient Z-score distributions against N(0, 1), threshold marked
+``mask_summary``            ZSharp's kept fraction and perturbation-norm share per layer
+``alignment``               cosine of each ascent direction with the top-k eigenspace, and its loss increase
+``training_curves``         loss and accuracy per epoch (from the checkpoints' histories, or
+                            ``metrics.jsonl`` files found or given)
+``mask_heatmap_<run>``      the kept fraction logged during ZSharp training, layer x step
+==========================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .._progress import progress
+from ..errors import UserInputError
+
+FORMATS = ("pdf", "png")
+
+
+def _load_results(files: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """``{kind: {run: loaded result}}`` for every readable result file."""
+    from ..analysis.gradients import ZScoreResult
+    from ..analysis.hessian import LAYER_KIND, DensityResult, EigenResult, TraceResult, load_layer_curvature
+    from ..analysis.landscape import Landscape
+    from ..analysis.masks import AlignmentResult
+    from ..analysis.results import read_table, result_kind
+    from ..analysis.sharpness import SharpnessResult
+    from .analyze import HISTORY_KIND, MASK_LOG_KIND, MASKS_KIND, split_result_name
+
+    loaders: dict[str, Callable[[Path], Any]] = {
+        EigenResult.KIND: EigenResult.load, TraceResult.KIND: TraceResult.load,
+        DensityResult.KIND: DensityResult.load, LAYER_KIND: load_layer_curvature,
+        "landscape": Landscape.load, "gradient_zscores": ZScoreResult.load,
+        "perturbation_alignment": AlignmentResult.load, "sharpness": SharpnessResult.load,
+        HISTORY_KIND: lambda p: read_table(p, HISTORY_KIND)[0],
+        MASK_LOG_KIND: lambda p: read_table(p, MASK_LOG_KIND)[0],
+        MASKS_KIND: lambda p: read_table(p, MASKS_KIND)[0],
+    }
+    found: dict[str, dict[str, Any]] = {}
+    for path in files:
+        try:
+            kind = result_kind(path)
+        except Exception:  # noqa: BLE001 -- any unreadable .nc is simply not one of ours
+            warnings.warn(f"skipped {path}: not a sharpscope result file", RuntimeWarning, stacklevel=3)
+            continue
+        if kind not in loaders:
+            continue
+        run, _ = split_result_name(path)
+        result = loaders[kind](path)
+        if kind == "landscape":
+            kind = f"landscape_{result.settings.get('slice')}"
+        elif kind == "sharpness":
+            kind = f"sharpness_{result.kind}"
+        found.setdefault(kind, {})[run] = result
+    return found
+
+
+def _histories(results_dir: Path, metrics: Sequence[str | Path], found: dict[str, dict[str, Any]]
+               ) -> dict[str, pd.DataFrame]:
+    """Per-run epoch histories: the stored ones, then ``metrics.jsonl`` files given or found."""
+    from ..plot import read_history
+
+    histories = dict(found.get("training_history", {}))
+    paths = [Path(m) for m in metrics] + sorted(results_dir.rglob("metrics.jsonl"))
+    for path in paths:
+        history = read_history(path)
+        folder = path if path.is_dir() else path.parent
+        histories.setdefault(folder.name or str(path), history)
+    return histories
+
+
+def draw_figures(results_dir: str | Path, out_dir: str | Path = "figures", style: str = "neurips", *,
+                 formats: Sequence[str] = FORMATS, metrics: Sequence[str | Path] = (), column: str = "single",
+                 show_progress: bool = True) -> list[Path]:
+    """Draw every figure the result files under ``results_dir`` allow into ``out_dir``; return the paths.
+
+    Args:
+        results_dir: folder written by ``sharpscope analyze`` (searched recursively).
+        out_dir: where the figures go (created); each figure is written in every format of ``formats``.
+        style: venue of :func:`sharpscope.plot.style` (``neurips``, ``icml``, ``iclr``, ``paper``).
+        metrics: extra ``metrics.jsonl`` files (or run folders) for the training curves.
+        column: ``single`` or ``double`` column width.
+
+    Raises:
+        UserInputError: unknown style, missing folder, or nothing to draw.
+    """
+    import matplotlib.pyplot as plt
+
+    from ..plot import VENUES, save_figure
+    from ..plot import style as plot_style
+    from .summary import result_files, summary_table
+
+    if str(style).lower() not in VENUES:
+        raise UserInputError(f"unknown style {style!r}; choose one of: {', '.join(sorted(VENUES))}")
+    results_dir = Path(results_dir)
+    files = result_files(results_dir)
+    found = _load_results(files)
+    histories = _histories(results_dir, metrics, found)
+    jobs = _jobs(found, histories, results_dir, summary_table)
+    if not jobs:
+        raise UserInputError(f"nothing to draw in {str(results_dir)!r}: no sharpscope result files "
+                             f"(run `sharpscope analyze CKPT --out {results_dir}` first)")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the figures")
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with plot_style(style, column):
+        for stem, draw in progress(jobs, enabled=show_progress, desc="figures"):
+            fig = draw()
+            try:
+                written += save_figure(fig, out / stem, formats=formats)
+            finally:
+                plt.close(fig)
+    return written
+
+
+def _ordered(runs: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fixed order: the usual baselines first (SGD, SAM, ...), then ZSharp, then the rest."""
+    from ..plot.style import optimizer_key
+
+    rank = {k: i for i, k in enumerate(("sgd", "adam", "adamw", "sam", "asam", "fsam", "zsharp"))}
+    return dict(sorted(runs.items(), key=lambda kv: (rank.get(optimizer_key(kv[0]), len(rank)), kv[0])))
+
+
+def _jobs(found: dict[str, dict[str, Any]], histories: dict[str, pd.DataFrame], results_dir: Path,
+          summary_table: Callable[[Path], pd.DataFrame]) -> list[tuple[str, Callable[[], Any]]]:
+    """(file stem, function drawing the figure) for every figure the results allow."""
+    from .. import plot
+
+    jobs: list[tuple[str, Callable[[], Any]]] = []
+    get = {kind: _ordered(runs) for kind, runs in found.items()}
+
+    def fig_of(obj: Any) -> Any:
+        return getattr(obj, "figure", obj)
+
+    if "hessian_density" in get:
+        dens = get["hessian_density"]
+        eig = {r: e for r, e in get.get("hessian_eigenvalues", {}).items() if r in dens}
+        jobs.append(("spectrum", lambda: fig_of(plot.plot_density(dens, eigenvalues=eig or None))))
+    table = summary_table(results_dir)
+    quantities = [q for q in ("lambda_max", "trace", "sharpness_worst", "sharpness_average") if q in table]
+    if quantities:
+        table = table.set_index("run").loc[list(_ordered(dict.fromkeys(table["run"])))].reset_index()
+        jobs.append(("sharpness_summary", lambda: plot.plot_sharpness_summary(table, quantities)))
+    if "layer_curvature" in get:
+        jobs.append(("layer_curvature", lambda: fig_of(plot.plot_layer_curvature(get["layer_curvature"]))))
+    if "landscape_1d" in get:
+        jobs.append(("landscape_1d", lambda: plot.plot_landscape_1d_panels(get["landscape_1d"])))
+    if "landscape_2d" in get:
+        jobs.append(("contours", lambda: plot.plot_contours(get["landscape_2d"])))
+        for run, result in get["landscape_2d"].items():
+            jobs.append((f"surface_{run}", lambda result=result: fig_of(plot.plot_surface(result, log=True))))
+    if "gradient_zscores" in get:
+        jobs.append(("zscores", lambda: plot.plot_zscore_distributions(get["gradient_zscores"])))
+    if "mask_statistics" in get:
+        masks = {run: df.rename(columns={"batch": "step"}) for run, df in get["mask_statistics"].items()}
+        jobs.append(("mask_summary", lambda: plot.plot_mask_summary(masks, percentile=_percentile(found))))
+    if "perturbation_alignment" in get:
+        jobs.append(("alignment", lambda: _alignment_figure(get["perturbation_alignment"])))
+    if histories:
+        jobs.append(("training_curves", lambda: plot.plot_training_curves(_ordered(histories))))
+    for run, log in get.get("mask_log", {}).items():
+        jobs.append((f"mask_heatmap_{run}", lambda log=log: fig_of(plot.plot_mask_heatmap(log))))
+    return jobs
+
+
+def _percentile(found: dict[str, dict[str, Any]]) -> float | None:
+    values = {round(float(z.percentile), 12) for z in found.get("gradient_zscores", {}).values()}
+    return values.pop() if len(values) == 1 else None
+
+
+_METHOD_LABEL = {"sam": "SAM", "zsharp": "ZSharp", "zsharp_global": "ZSharp (global norm)", "asam": "ASAM",
+                 "random": "random"}
+
+
+def _alignment_figure(results: dict[str, Any]) -> Any:
+    """Two panels, ascent methods as rows and one bar per checkpoint: the cosine with the top-k
+    eigenspace and the loss increase at the common radius rho."""
+    from ..plot import new_figure, plot_alignment
+
+    frames = []
+    for run, result in results.items():
+        df = result.to_dataframe()
+        df["method"] = df["method"].map(lambda m: _METHOD_LABEL.get(m, m))
+        df["optimizer"] = run
+        frames.append(df)
+    table = pd.concat(frames, ignore_index=True)
+    k = int(next(iter(results.values())).settings.get("k", 0))
+    rho = next(iter(results.values())).settings.get("rho")
+    n_rows = table["method"].nunique()
+    fig, axes = new_figure(aspect=0.18 + 0.075 * n_rows * max(table["optimizer"].nunique(), 1) / 1.6, ncols=2,
+                           sharey=True)
+    plot_alignment(table, "cos_subspace", category="method", ax=axes[0],
+                   xlabel=rf"$\|V_{{{k}}}^\top e\| / \|e\|$ (top-{k} eigenspace)")
+    plot_alignment(table, "loss_increase", category="method", ax=axes[1],
+                   xlabel=rf"$L(w + e) - L(w)$, $\|e\| = {rho:g}$")
+    axes[1].set_ylabel("")
+    axes[0].set_ylabel("Ascent direction")
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if handles:
+        fig.legend(handles, labels, loc="outside upper center", ncols=min(len(handles), 6))
+    return fig
+
+
+# --- the command ---------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", metavar="RESULTS_DIR", help="folder of result files (sharpscope analyze --out)")
+    parser.add_argument("--out", default="figures", help="folder for the figures (default: figures)")
+    parser.add_argument("--style", default="neurips", help="venue: neurips (default), icml, iclr, paper")
+    parser.add_argument("--column", choices=["single", "double"], default="single",
+                        help="figure width: one column (default) or the whole text width")
+    parser.add_argument("--formats", default="pdf,png", help="comma-separated: pdf, png, svg, eps (default pdf,png)")
+    parser.add_argument("--metrics", nargs="*", default=[], metavar="PATH",
+                        help="metrics.jsonl files or run folders for the training curves")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .summary import markdown_table, summary_table
+
+    formats = [f.strip() for f in str(args.formats).split(",") if f.strip()]
+    start = time.perf_counter()
+    written = draw_figures(args.results, args.out, args.style, formats=formats, metrics=args.metrics,
+                           column=args.column, show_progress=not args.quiet)
+    stems = sorted({p.stem for p in written})
+    print(f"wrote {len(written)} files ({len(stems)} figures: {', '.join(stems)}) to {args.out} in "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(markdown_table(summary_table(args.results)), end="")
+    return 0

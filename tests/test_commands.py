@@ -1,0 +1,181 @@
+"""``sharpscope analyze``, ``figures`` and ``demo`` end to end, through ``sharpscope.cli.main``.
+
+The checkpoints are tiny digits MLPs (64-8-10, 610 parameters) trained here, so the numbers in the
+result files can be checked against the exact Hessian (``torch.func.hessian`` + ``numpy.linalg.eigh``)
+on the same seeded sample, rebuilt by hand in the test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sharpscope.analysis.results import read_table, result_kind
+from sharpscope.cli import main
+from sharpscope.data import load_dataset
+from sharpscope.models import build_model
+from sharpscope.train import fit, load_checkpoint
+
+SAMPLES = 200
+FAST = ["--samples", str(SAMPLES), "--batch-size", "100", "--top-k", "2", "--trace-samples", "12",
+        "--density-iter", "12", "--density-runs", "1", "--steps-1d", "5", "--grid-2d", "5", "--quiet"]
+ANALYSES = ("eigenvalues", "trace", "density", "layer_curvature", "landscape_1d", "landscape_2d", "zscores",
+            "masks", "alignment", "sharpness_worst", "sharpness_average", "history")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """SGD and ZSharp runs of a 64-8-10 MLP on digits, one epoch each, same seed."""
+    root = tmp_path_factory.mktemp("runs")
+    train, test = load_dataset("digits", train=True), load_dataset("digits", train=False)
+    paths = {}
+    for optimizer in ("sgd", "zsharp"):
+        torch.manual_seed(0)
+        model = build_model("mlp", 10, in_features=64, hidden=(8,))
+        fit(model, train, test, optimizer=optimizer, epochs=1, batch_size=128, lr=0.1, device="cpu",
+            log_mask_every=3, progress=False, out=root / optimizer)
+        paths[optimizer] = root / optimizer / "last.pt"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def results(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    code = main(["analyze", *map(str, checkpoints.values()), "--data", "digits", *FAST, "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def _exact_spectrum(path: Path) -> np.ndarray:
+    """Eigenvalues of the exact Hessian of the mean cross-entropy on the analysed sample."""
+    model = load_checkpoint(path).model
+    data = load_dataset("digits", train=True)
+    # the sample the command documents: a seeded (seed 0) random subset, in index order
+    idx = torch.sort(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:SAMPLES]).values
+    x, y = data.subset(idx).tensors()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(flat, [int(np.prod(s)) for s in shapes])
+        params = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}
+        return F.cross_entropy(torch.func.functional_call(model.double(), params, (x.double(),)), y)
+
+    return np.linalg.eigvalsh(torch.func.hessian(loss)(flat0).numpy())
+
+
+def test_analyze_writes_one_file_per_analysis_and_checkpoint(results, checkpoints, capsys):
+    """Every analysis of every checkpoint is a readable result file named <run>__<analysis>.nc, plus the
+    ZSharp run's training mask log; the summary table printed at the end names both runs."""
+    files = {p.name for p in results.glob("*.nc")}
+    expected = {f"{run}__{a}.nc" for run in checkpoints for a in ANALYSES} | {"zsharp__mask_log.nc"}
+    assert files == expected
+    assert result_kind(results / "zsharp__landscape_2d.nc") == "landscape"
+
+
+def test_analyze_numbers_match_the_exact_hessian(results, checkpoints):
+    """lambda_max in the file is the top eigenvalue of the exact Hessian (eigh) on the same sample;
+    the Hutch++ trace lies within 5 standard errors of the exact trace."""
+    from sharpscope.analysis.hessian import EigenResult, TraceResult
+
+    for run, path in checkpoints.items():
+        exact = _exact_spectrum(path)
+        eig = EigenResult.load(results / f"{run}__eigenvalues.nc")
+        np.testing.assert_allclose(eig.eigenvalues[:2], exact[::-1][:2], rtol=2e-3)
+        trace = TraceResult.load(results / f"{run}__trace.nc")
+        assert abs(trace.estimate - exact.sum()) <= 5 * trace.stderr + 1e-6 * abs(exact.sum())
+
+
+def test_history_and_summary_come_from_the_checkpoint(results, checkpoints):
+    """The stored history is the checkpoint's; the summary's test accuracy is its last epoch's, in %."""
+    from sharpscope.commands import summary_table
+
+    table = summary_table(results).set_index("run")
+    for run, path in checkpoints.items():
+        history, meta = read_table(results / f"{run}__history.nc", "training_history")
+        ckpt = load_checkpoint(path)
+        assert meta["optimizer"]["name"] == run
+        np.testing.assert_allclose(history["test_acc"], [h["test_acc"] for h in ckpt.history])
+        assert table.loc[run, "test_acc"] == pytest.approx(100 * ckpt.history[-1]["test_acc"])
+    assert list(table.index) == ["sgd", "zsharp"]
+
+
+def test_figures_end_to_end(results, tmp_path, capsys):
+    """Every comparison figure is drawn at the NeurIPS text width (5.5 in at 300 dpi), and the summary
+    table is printed."""
+    out = tmp_path / "figs"
+    assert main(["figures", str(results), "--out", str(out), "--formats", "png", "--quiet"]) == 0
+    stems = {p.stem for p in out.glob("*.png")}
+    assert stems == {"spectrum", "sharpness_summary", "layer_curvature", "landscape_1d", "contours", "surface_sgd",
+                     "surface_zsharp", "zscores", "mask_summary", "alignment", "training_curves",
+                     "mask_heatmap_zsharp"}
+    for png in out.glob("*.png"):
+        with Image.open(png) as im:
+            assert im.size[0] == round(5.5 * 300 if not png.stem.startswith("surface") else 2.75 * 300)
+    printed = capsys.readouterr().out
+    assert "| sgd |" in printed and "| zsharp |" in printed
+
+
+def test_figures_style_sets_the_width(results, tmp_path):
+    """--style icml draws one ICML column (3.25 in)."""
+    out = tmp_path / "icml"
+    assert main(["figures", str(results), "--out", str(out), "--style", "icml", "--formats", "png",
+                 "--quiet"]) == 0
+    with Image.open(out / "spectrum.png") as im:
+        assert im.size[0] == round(3.25 * 300)
+
+
+def test_training_curves_from_metrics_jsonl_alone(checkpoints, tmp_path):
+    """A folder holding only run folders with metrics.jsonl still gives the training curves."""
+    out = tmp_path / "figs"
+    root = checkpoints["sgd"].parent.parent
+    assert main(["figures", str(root), "--out", str(out), "--formats", "png", "--quiet"]) == 0
+    assert {p.stem for p in out.glob("*.png")} == {"training_curves"}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["analyze", "missing.pt", "--data", "digits"], "does not exist"),
+    (["analyze", "{ckpt}", "--data", "mnist"], "unknown dataset"),
+    (["analyze", "{ckpt}", "--samples", "-3"], "samples must be"),
+    (["analyze", "{notckpt}"], "junk.pt"),
+    (["figures", "{empty}"], "nothing to draw"),
+    (["figures", "{empty}/nope"], "does not exist"),
+    (["figures", "{empty}", "--style", "nature"], "unknown style"),
+    (["demo", "--style", "nature"], "unknown style"),
+])
+def test_bad_inputs_exit_2_with_one_line(argv, needle, checkpoints, tmp_path, capsys):
+    """User mistakes give exit code 2 and a single error line naming the problem (no traceback)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no results here")
+    notckpt = tmp_path / "junk.pt"
+    notckpt.write_bytes(b"not a checkpoint")
+    argv = [a.format(ckpt=checkpoints["sgd"], empty=empty, notckpt=notckpt) for a in argv]
+    assert main([*argv, "--quiet"] if argv[0] != "analyze" else [*argv, "--quiet", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and err[0].startswith(f"sharpscope {argv[0]}: error:")
+
+
+def test_demo_quick(tmp_path, capsys):
+    """demo --quick trains the three optimizers, writes every figure and summary.md, whose accuracies
+    are the checkpoints' last test accuracies."""
+    out, work = tmp_path / "figures", tmp_path / "work"
+    assert main(["demo", "--quick", "--out", str(out), "--work", str(work), "--quiet"]) == 0
+    assert {p.stem for p in out.glob("*.png")} >= {"spectrum", "contours", "zscores", "mask_summary", "alignment",
+                                                   "training_curves", "sharpness_summary", "landscape_1d"}
+    assert {p.suffix for p in out.iterdir()} == {".png", ".pdf", ".md"}
+    summary = (out / "summary.md").read_text()
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "run" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["sgd", "sam", "zsharp"]
+    for row in rows:
+        run = row.split("|")[1].strip()
+        acc = 100 * load_checkpoint(work / run / "last.pt").history[-1]["test_acc"]
+        assert row.split("|")[4].strip() == f"{acc:.1f}"
+    assert pd.read_csv(work / "zsharp" / "masks.csv").shape[0] > 0
