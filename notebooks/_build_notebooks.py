@@ -81,6 +81,7 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import torch
 import torch.nn.functional as F
 
 import sharpscope as ss
@@ -103,6 +104,7 @@ print(f"{train.name}: {len(train)} images of shape {train.image_shape}, {train.n
 
 runs = {}
 for name in OPTIMIZERS:
+    torch.manual_seed(SEED)  # the initial weights: the same for every optimizer
     model = ss.build_model(MODEL, num_classes=train.num_classes, **MODEL_KWARGS)
     runs[name] = ss.fit(model, train, test, optimizer=name, epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR,
                         rho=RHO, percentile=PERCENTILE, seed=SEED, device="cpu", out=OUT / name,
@@ -202,6 +204,7 @@ sorted(str(p.relative_to(OUT)) for p in OUT.rglob("*") if p.is_file())
 TRAIN_IF_NEEDED = '''
 train = ss.load_dataset(DATASET, root=DATA_ROOT, train=True)
 if CHECKPOINT is None:
+    torch.manual_seed(SEED)
     model = ss.build_model(MODEL, num_classes=train.num_classes, **MODEL_KWARGS)
     ss.fit(model, train, ss.load_dataset(DATASET, root=DATA_ROOT, train=False), optimizer="zsharp",
            epochs=EPOCHS, batch_size=64, lr=0.05, seed=SEED, device="cpu", out=OUT / "zsharp",
@@ -233,7 +236,7 @@ DATA_ROOT = None
 MODEL = "cnn"               # used only when CHECKPOINT is None
 MODEL_KWARGS = {"width": 8}
 EPOCHS = 3
-ANALYSIS_EXAMPLES = 512     # training examples the Hessian is averaged over
+ANALYSIS_EXAMPLES = 256     # training examples the Hessian is averaged over
 BATCH_SIZE = 256
 TOP_K = 4
 TRACE_BUDGETS = [12, 24, 48]  # Hessian-vector products per trace estimate
@@ -251,6 +254,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 import torch.nn.functional as F
 
 import sharpscope as ss
@@ -304,10 +308,10 @@ print(f"PyHessian Hutchinson: {tr_ph.estimate:.4g} after {tr_ph.n_hvp} HVPs")
 with ss.style("neurips"):
     fig, ax = ssplot.new_figure()
     for i, (method, group) in enumerate(traces.groupby("method", sort=False)):
-        ax.errorbar(group["n_hvp"] * (1 + 0.03 * i), group["estimate"], yerr=group["stderr"], marker="o",
+        ax.errorbar(group["n_hvp"] + 0.6 * i, group["estimate"], yerr=group["stderr"], marker="o",
                     capsize=3, label=method)
     ax.axhline(tr_ph.estimate, color="0.5", linestyle=":", label="PyHessian")
-    ax.set(xscale="log", xlabel="Hessian-vector products", ylabel="tr(H) estimate (± 1 s.e.)")
+    ax.set(xticks=TRACE_BUDGETS, xlabel="Hessian-vector products", ylabel="tr(H) estimate (± 1 s.e.)")
     ax.legend()
     ss.save_figure(fig, OUT / "trace_error_bars")
 traces
@@ -318,20 +322,17 @@ traces
 Stochastic Lanczos quadrature smooths the Ritz values of a few Lanczos runs into a density. Read it
 on its log axis: the bulk near zero holds almost all eigenvalues, the few outliers on the right are
 the sharp directions (the triangles are the top eigenvalues from step 1; they should sit on the right
-edge). PyHessian's SLQ on the same model should show the same bulk and edge.
+edge). PyHessian's SLQ on the same model, overlaid, should show the same bulk and edge.
 """),
     code('''
 dens = ss.hessian_density(model, loss_fn, data, n_iter=DENSITY_ITER, n_runs=DENSITY_RUNS, seed=SEED,
                           progress=PROGRESS)
 dens_ph = ss.hessian_density(model, loss_fn, data, n_iter=DENSITY_ITER, n_runs=DENSITY_RUNS, seed=SEED,
                              backend="pyhessian", progress=PROGRESS)
-with ss.style("neurips", "double"):
-    fig, axes = ssplot.new_figure(ncols=2, aspect=0.35, sharey=True)
-    ssplot.plot_density(dens, eigenvalues=eig, label="sharpscope", ax=axes[0])
-    ssplot.plot_density(dens_ph, eigenvalues=eig_ph, label="PyHessian", ax=axes[1])
-    axes[0].set_title("sharpscope (SLQ)")
-    axes[1].set_title("PyHessian (SLQ)")
-    ss.save_figure(fig, OUT / "density")
+with ss.style("neurips"):
+    ax = ssplot.plot_density({"sharpscope": dens, "PyHessian": dens_ph},
+                             eigenvalues={"sharpscope": eig, "PyHessian": eig_ph})
+    ss.save_figure(ax.figure, OUT / "density")
 print("largest Ritz value:", max(n.max() for n in dens.nodes), "vs top eigenvalue", eig.eigenvalues[0])
 '''),
     md("""
@@ -399,6 +400,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 import torch.nn.functional as F
 
 import sharpscope as ss
@@ -410,6 +412,7 @@ train = ss.load_dataset(DATASET, root=DATA_ROOT, train=True)
 if not CHECKPOINTS:
     test = ss.load_dataset(DATASET, root=DATA_ROOT, train=False)
     for name in ("sam", "zsharp"):
+        torch.manual_seed(SEED)  # the same initial weights for both optimizers
         net = ss.build_model(MODEL, num_classes=train.num_classes, **MODEL_KWARGS)
         ss.fit(net, train, test, optimizer=name, epochs=EPOCHS, batch_size=64, lr=0.05, seed=SEED,
                device="cpu", out=OUT / name, progress=PROGRESS)
@@ -494,13 +497,13 @@ low path means they found the same connected valley.
 names = list(models)
 if len(names) >= 2:
     a, b = names[0], names[1]
-    path = ss.interpolate(models[a], models[b], loss_fn, data, alphas=np.linspace(-0.25, 1.25, STEPS_1D),
-                          progress=PROGRESS)
+    alphas = np.arange(-4, 21) / 16  # -0.25 .. 1.25, with 0 and 1 on the grid
+    path = ss.interpolate(models[a], models[b], loss_fn, data, alphas=alphas, progress=PROGRESS)
     with ss.style("neurips"):
         ax = ssplot.plot_interpolation(path, endpoints=(a, b))
         ss.save_figure(ax.figure, OUT / "interpolation")
-    alphas = path.coords["alpha"]
-    print(f"barrier on [0, 1]: {path.loss[(alphas >= 0) & (alphas <= 1)].max() - max(path.loss[alphas == 0][0], path.loss[alphas == 1][0]):.4f}")
+    inside = path.loss[(alphas >= 0) & (alphas <= 1)]
+    print(f"loss barrier between the end points: {inside.max() - max(inside[0], inside[-1]):.4f}")
 '''),
     md("""
 ## 5. Sharpness numbers
@@ -561,7 +564,7 @@ PROGRESS = False
 import tempfile
 from pathlib import Path
 
-import pandas as pd
+import torch
 import torch.nn.functional as F
 
 import sharpscope as ss
@@ -635,21 +638,20 @@ align = ss.perturbation_alignment(model, loss_fn, data, k=TOP_K, rho=RHO, percen
                                   progress=PROGRESS)
 table = align.to_dataframe().set_index("method")
 per_layer = align.layer_dataframe()
-per_layer = per_layer[per_layer["eigenvector"] == 1]
-with ss.style("neurips", "double"):
-    fig, (ax_cos, ax_share) = ssplot.new_figure(ncols=2, aspect=0.45)
-    ssplot.plot_alignment(per_layer.rename(columns={"method": "optimizer"}), values="cos_subspace", ax=ax_cos,
-                          xlabel="cosine with the top-k eigenspace")
-    ssplot.plot_alignment(per_layer.rename(columns={"method": "optimizer"}), values="norm_share", ax=ax_share,
-                          xlabel="share of ||e||^2")
-    ss.save_figure(fig, OUT / "alignment")
+per_layer = per_layer[(per_layer["eigenvector"] == 1) & per_layer["method"].isin(["sam", "zsharp", "random"])]
+with ss.style("neurips"):
+    ax = ssplot.plot_alignment(per_layer.rename(columns={"method": "optimizer"}), values="cos_subspace",
+                               xlabel="cosine with the top-k eigenspace")
+    ss.save_figure(ax.figure, OUT / "alignment")
+display(per_layer.pivot(index="layer", columns="method", values="norm_share").loc[per_layer["layer"].unique()])
 table
 '''),
     md("""
-**Reading the figure:** per layer, the left panel is how much of each method's perturbation in that
-layer lies in the top-`k` eigenspace; the right panel is how the perturbation norm is spread over the
-layers. SAM follows the gradient's spread; ZSharp's per-tensor normalisation spreads it evenly over the
-filtered tensors.
+**Reading the figure and tables:** per layer, the bars are how much of each method's perturbation in
+that layer lies in the top-`k` eigenspace (the layer's part of it). The first table is each layer's share
+`||e_l||^2 / ||e||^2` of the perturbation: SAM follows the gradient's spread, ZSharp's per-tensor
+normalisation spreads it evenly over the filtered tensors (biases and BatchNorm get little). The last
+table is the whole-model comparison described above.
 """),
 ]
 
@@ -690,6 +692,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 import torch.nn.functional as F
 
 import sharpscope as ss
@@ -700,6 +703,7 @@ from sharpscope import plot as ssplot
 if not CHECKPOINTS:
     demo_train, demo_test = ss.load_dataset("digits"), ss.load_dataset("digits", train=False)
     for name in DEMO_OPTIMIZERS:
+        torch.manual_seed(SEED)  # the same initial weights for every optimizer
         net = ss.build_model("mlp", num_classes=10, hidden=[32, 32])
         ss.fit(net, demo_train, demo_test, optimizer=name, epochs=DEMO_EPOCHS, batch_size=64, lr=0.05, seed=SEED,
                device="cpu", out=OUT / "runs" / name, progress=PROGRESS)
@@ -760,17 +764,17 @@ comparison
     md("""
 ## 3. Spectra and 1-D slices side by side
 
-Left: the Hessian eigenvalue densities overlaid (triangles: the top eigenvalues). Right: the loss along
+First the Hessian eigenvalue densities overlaid (triangles: the top eigenvalues), then the loss along
 one random filter-normalised direction per model, drawn with the same seed.
 """),
     code('''
 slices = {label: ss.landscape_1d(ck.model, loss_fn, data, steps=STEPS_1D, seed=SEED, progress=PROGRESS)
           for label, ck in checkpoints.items()}
-with ss.style("neurips", "double"):
-    fig, (ax_density, ax_slice) = ssplot.new_figure(ncols=2, aspect=0.4)
-    ssplot.plot_density(density, eigenvalues=eigen, ax=ax_density)
-    ssplot.plot_landscape_1d(slices, ax=ax_slice)
-    ss.save_figure(fig, OUT / "spectra_and_slices")
+with ss.style("neurips"):
+    ax = ssplot.plot_density(density, eigenvalues=eigen)
+    ss.save_figure(ax.figure, OUT / "densities")
+    ax = ssplot.plot_landscape_1d(slices)
+    ss.save_figure(ax.figure, OUT / "slices_1d")
 '''),
     md("""
 ## 4. Curvature per layer

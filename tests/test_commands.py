@@ -172,10 +172,10 @@ def test_demo_quick(tmp_path, capsys):
                                                    "training_curves", "sharpness_summary", "landscape_1d"}
     assert {p.suffix for p in out.iterdir()} == {".png", ".pdf", ".md"}
     summary = (out / "summary.md").read_text()
-    rows = [line for line in summary.splitlines() if line.startswith("| ") and "run" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["sgd", "sam", "zsharp"]
+    header, _, *rows = [line.split("|")[1:-1] for line in summary.splitlines() if line.startswith("|")]
+    column = [h.strip() for h in header].index("test acc. (%)")
+    assert [r[0].strip() for r in rows] == ["sgd", "sam", "zsharp"]
     for row in rows:
-        run = row.split("|")[1].strip()
-        acc = 100 * load_checkpoint(work / run / "last.pt").history[-1]["test_acc"]
-        assert row.split("|")[4].strip() == f"{acc:.1f}"
+        acc = 100 * load_checkpoint(work / row[0].strip() / "last.pt").history[-1]["test_acc"]
+        assert row[column].strip() == f"{acc:.1f}"
     assert pd.read_csv(work / "zsharp" / "masks.csv").shape[0] > 0

@@ -342,3 +342,56 @@ def test_bad_inputs_raise_user_errors(landscapes, tmp_path):
     with pytest.raises(UserInputError, match="kind"):
         plot_zscore_distributions(pd.DataFrame({"layer": ["a"] * 5, "z": np.arange(5.0)}), kind="violin")
     plt.close("all")
+
+
+def test_zscore_distributions_from_a_zscore_result(runs):
+    """A ZScoreResult is drawn as its stored histogram: on one full-data batch the steps equal a numpy
+    histogram (density) of layer_zscores of the gradient computed here by hand, and the dotted lines sit
+    at ZSharp's own threshold zscore_mask(g, 0.95).threshold."""
+    from sharpscope.analysis.gradients import gradient_zscores
+
+    model = runs["zsharp"][0]
+    x, y = _batch(_data()[0])
+    result = gradient_zscores(model, F.cross_entropy, (x, y), bins=40, z_range=(-4.0, 4.0), progress=False)
+    layer = result.layers[0]
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    g = dict(model.named_parameters())[layer].grad.detach().double()
+    model.zero_grad()
+    z = layer_zscores(g).reshape(-1).numpy()
+    counts, edges = np.histogram(z, bins=np.linspace(-4.0, 4.0, 41))
+    expected = counts / (z.size * np.diff(edges))
+    fig = plot_zscore_distributions(result, layers=[layer])
+    ax = fig.axes[0]
+    steps = [p for p in ax.patches if hasattr(p, "get_data")]
+    np.testing.assert_allclose(steps[0].get_data().values, expected, rtol=1e-12)
+    tau = float(zscore_mask(g, 0.95).threshold)
+    vlines = sorted(line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == ":")
+    assert vlines == pytest.approx([-tau, tau], rel=1e-6)
+    plt.close(fig)
+
+
+def test_sharpness_summary_bars_are_the_table():
+    """One panel per quantity; bar heights are the table's values, error bars its *_stderr column, each
+    bar in its optimizer's fixed colour; absent quantities are skipped."""
+    from matplotlib.colors import to_hex
+
+    from sharpscope.plot import plot_sharpness_summary
+
+    table = pd.DataFrame({"run": ["sgd", "sam", "zsharp"], "lambda_max": [1.4, 0.7, 0.6],
+                          "trace": [10.0, 5.5, 5.0], "trace_stderr": [0.1, 0.05, 0.04]})
+    fig = plot_sharpness_summary(table)
+    assert len(fig.axes) == 2
+    from matplotlib.container import BarContainer
+
+    for ax, column in zip(fig.axes, ("lambda_max", "trace")):
+        bars = next(c for c in ax.containers if isinstance(c, BarContainer))
+        np.testing.assert_allclose([b.get_height() for b in bars], table[column])
+        assert [to_hex(b.get_facecolor()) for b in bars] == [OPTIMIZER_COLORS[n].lower() for n in table["run"]]
+    errors = next(c for c in fig.axes[1].containers if isinstance(c, BarContainer)).errorbar
+    assert errors is not None
+    segments = errors.lines[2][0].get_segments()
+    np.testing.assert_allclose([s[1, 1] - s[0, 1] for s in segments], 2 * table["trace_stderr"])
+    with pytest.raises(UserInputError, match="none of the columns"):
+        plot_sharpness_summary(table[["run"]])
+    plt.close(fig)

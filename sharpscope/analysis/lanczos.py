@@ -196,23 +196,31 @@ def lanczos_quadrature(matvec: Matvec, v0: torch.Tensor, n_iter: int) -> Lanczos
     ``s_{0,i}^2`` (squared first components of its eigenvectors), exact for polynomials of degree
     ``< 2 n_iter``. Stops early, with an exact rule, if the Krylov space becomes invariant.
     """
-    dim = v0.numel()
     if n_iter < 1:
         raise ValueError(f"n_iter must be at least 1, got {n_iter}")
-    steps = min(n_iter, dim)
+    V, T, beta = krylov_basis(matvec, v0, n_iter)
+    # Symmetric tridiagonal in exact arithmetic; the full projection is used (it is what was computed).
+    theta, S = np.linalg.eigh(T)
+    res = beta * np.abs(S[-1, :])
+    return LanczosQuadrature(nodes=theta, weights=S[0, :] ** 2, residuals=res, n_matvec=V.shape[0])
+
+
+def krylov_basis(matvec: Matvec, v0: torch.Tensor, steps: int) -> tuple[torch.Tensor, np.ndarray, float]:
+    """An orthonormal Krylov basis ``V`` (rows) of up to ``steps`` vectors from ``v0`` and ``T = V H V^T``.
+
+    One product per basis vector; ``T`` holds the computed projections ``v_i^T H v_j``, so ``tr(T)`` is
+    exactly ``sum_i v_i^T H v_i``. Stops early if the space becomes invariant. Also returns the norm of
+    the last residual ``beta``.
+    """
+    dim = v0.numel()
+    steps = min(steps, dim)
     basis = _Basis(dim, steps, v0)
     basis.append(v0 / torch.linalg.vector_norm(v0))
-    n_mv = 0
-    beta = 0.0
     while True:
         w, beta = basis.expand(matvec)
-        n_mv += 1
         scale = float(np.max(np.abs(np.diag(basis.T[: basis.n, : basis.n])))) + np.finfo(float).tiny
         if basis.n >= steps or beta <= 1e-10 * scale:
             break
         basis.append(w / beta)
     n = basis.n
-    # Symmetric tridiagonal in exact arithmetic; the full projection is used (it is what was computed).
-    theta, S = np.linalg.eigh(basis.T[:n, :n])
-    res = beta * np.abs(S[-1, :])
-    return LanczosQuadrature(nodes=theta, weights=S[0, :] ** 2, residuals=res, n_matvec=n_mv)
+    return basis.V[:n], basis.T[:n, :n].copy(), beta

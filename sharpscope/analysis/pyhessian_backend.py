@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,7 +64,9 @@ def pyhessian_session(model: nn.Module, loss_fn: LossFn, data: Any, seed: int = 
 
     old_eig = getattr(torch, "eig", _MISSING)
     with preserved_model_state(model, train=False), torch.random.fork_rng(
-            devices=[device] if device.type == "cuda" else []):
+            devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+        # PyHessian calls backward(create_graph=True); the .grad cycle it warns about is cleared below.
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
         torch.manual_seed(seed)
         model.zero_grad(set_to_none=True)
         ph.hessian_vector_product = counted_hvp

@@ -123,6 +123,7 @@ def run_demo(out_dir: str | Path = "figures", work_dir: str | Path = "runs/demo"
         raise UserInputError("--work and --out must be different folders (runs and results are not figures)")
     start = time.perf_counter()
     checkpoints = {}
+    reused = all(_same_run(work / o, _train_config(o, budget, seed, show_progress)) for o in OPTIMIZERS)
     for optimizer in OPTIMIZERS:
         print(f"demo: training {optimizer} ({budget.epochs} epochs)", file=sys.stderr)
         checkpoints[optimizer] = _train(optimizer, work / optimizer, budget, seed, show_progress)
@@ -147,7 +148,8 @@ def run_demo(out_dir: str | Path = "figures", work_dir: str | Path = "runs/demo"
               f"{'all' if options.samples is None else options.samples} training examples; sharpness radius "
               f"rho = {options.rho} (worst case: {options.sharpness_steps} ascent steps; average: "
               f"{options.sharpness_samples} random directions). Wall time {elapsed:.0f} s "
-              f"(training {trained - start:.0f} s, analysis {analysed - trained:.0f} s).\n\n")
+              f"(training {trained - start:.0f} s{' (runs reused from ' + str(work) + ')' if reused else ''}, "
+              f"analysis {analysed - trained:.0f} s).\n\n")
     atomic_write_text(out / "summary.md", header + markdown_table(table))
     print(f"demo: {len(written)} figure files and summary.md in {out} ({elapsed:.0f} s)", file=sys.stderr)
     return table

@@ -147,6 +147,7 @@ def _jobs(found: dict[str, dict[str, Any]], histories: dict[str, pd.DataFrame], 
           summary_table: Callable[[Path], pd.DataFrame]) -> list[tuple[str, Callable[[], Any]]]:
     """(file stem, function drawing the figure) for every figure the results allow."""
     from .. import plot
+    from ..plot.style import optimizer_key
 
     jobs: list[tuple[str, Callable[[], Any]]] = []
     get = {kind: _ordered(runs) for kind, runs in found.items()}
@@ -170,19 +171,32 @@ def _jobs(found: dict[str, dict[str, Any]], histories: dict[str, pd.DataFrame], 
     if "landscape_2d" in get:
         jobs.append(("contours", lambda: plot.plot_contours(get["landscape_2d"])))
         for run, result in get["landscape_2d"].items():
-            jobs.append((f"surface_{run}", lambda result=result: fig_of(plot.plot_surface(result, log=True))))
+            jobs.append((f"surface_{run}", lambda run=run, result=result: _surface(run, result)))
     if "gradient_zscores" in get:
         jobs.append(("zscores", lambda: plot.plot_zscore_distributions(get["gradient_zscores"])))
     if "mask_statistics" in get:
-        masks = {run: df.rename(columns={"batch": "step"}) for run, df in get["mask_statistics"].items()}
+        # One checkpoint: the shares of several runs side by side would be confused with SAM's reference bar.
+        runs = get["mask_statistics"]
+        run = next((r for r in runs if optimizer_key(r) == "zsharp"), next(iter(runs)))
+        masks = runs[run].rename(columns={"batch": "step"})  # per-batch shares, then averaged
         jobs.append(("mask_summary", lambda: plot.plot_mask_summary(masks, percentile=_percentile(found))))
     if "perturbation_alignment" in get:
         jobs.append(("alignment", lambda: _alignment_figure(get["perturbation_alignment"])))
     if histories:
         jobs.append(("training_curves", lambda: plot.plot_training_curves(_ordered(histories))))
     for run, log in get.get("mask_log", {}).items():
-        jobs.append((f"mask_heatmap_{run}", lambda log=log: fig_of(plot.plot_mask_heatmap(log))))
+        # the kept fraction is 1 - p by construction; the threshold shows how heavy the tails are
+        jobs.append((f"mask_heatmap_{run}", lambda log=log: fig_of(plot.plot_mask_heatmap(log, "threshold"))))
     return jobs
+
+
+def _surface(run: str, result: Any) -> Any:
+    """The 3-D loss surface of one run (log loss), titled with the run."""
+    from ..plot import optimizer_label, plot_surface
+
+    ax = plot_surface(result, log=True)
+    ax.set_title(optimizer_label(run), pad=0)
+    return ax.figure
 
 
 def _percentile(found: dict[str, dict[str, Any]]) -> float | None:
@@ -209,20 +223,23 @@ def _alignment_figure(results: dict[str, Any]) -> Any:
     k = int(next(iter(results.values())).settings.get("k", 0))
     rho = next(iter(results.values())).settings.get("rho")
     n_rows = table["method"].nunique()
-    fig, axes = new_figure(aspect=0.18 + 0.075 * n_rows * max(table["optimizer"].nunique(), 1) / 1.6, ncols=2,
-                           sharey=True)
+    n_runs = max(table["optimizer"].nunique(), 1)
+    fig, axes = new_figure(aspect=min(0.15 + 0.02 * n_rows * (n_runs + 1), 1.0), ncols=2, sharey=True)
     plot_alignment(table, "cos_subspace", category="method", ax=axes[0],
                    xlabel=rf"$\|V_{{{k}}}^\top e\| / \|e\|$ (top-{k} eigenspace)")
     plot_alignment(table, "loss_increase", category="method", ax=axes[1],
                    xlabel=rf"$L(w + e) - L(w)$, $\|e\| = {rho:g}$")
     axes[1].set_ylabel("")
+    axes[1].ticklabel_format(axis="x", style="sci", scilimits=(-2, 3), useMathText=True)
     axes[0].set_ylabel("Ascent direction")
     handles, labels = axes[0].get_legend_handles_labels()
     for ax in axes:
         if ax.get_legend() is not None:
             ax.get_legend().remove()
     if handles:
-        fig.legend(handles, labels, loc="outside upper center", ncols=min(len(handles), 6))
+        # the bars are models, the rows ascent rules: say which is which
+        fig.legend(handles, labels, loc="outside upper center", ncols=min(len(handles) + 1, 7),
+                   title="Model trained with:", alignment="left")
     return fig
 
 

@@ -96,13 +96,15 @@ def _cell(value: Any, column: str) -> str:
     if isinstance(value, float):
         if column == "test_acc":
             return f"{value:.1f}"
-        return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+        return f"{value:#.3g}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.2e}"
     return str(value)
 
 
 def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-flavoured markdown table; ``trace`` and ``sharpness (avg.)`` shown as ``value ± s.e.``."""
     table = table.copy()
+    if "optimizer" in table and (table["optimizer"].astype(str) == table["run"].astype(str)).all():
+        table = table.drop(columns="optimizer")  # runs named after their optimizer (the demo)
     for value, err in (("trace", "trace_stderr"), ("sharpness_average", "sharpness_average_stderr")):
         if value in table and err in table:
             table[value] = [f"{_cell(v, value)} ± {_cell(e, err)}" if isinstance(v, float) and not math.isnan(v)

@@ -252,7 +252,7 @@ def plot_surface(landscape: Any, metric: str = "loss", *, log: bool = False, cma
         axis.pane.set_edgecolor("0.85")
         axis._axinfo["grid"]["linewidth"] = 0.3
         axis._axinfo["grid"]["color"] = (0.85, 0.85, 0.85, 1)
-    ax.set_box_aspect(None, zoom=0.88)
+    ax.set_box_aspect(None, zoom=0.8)
     return ax
 
 

@@ -215,8 +215,9 @@ def _zscore_grid(df, names, series, edges, grid_x, percentile, log, fig) -> Figu
             color = _series_color(s, i)
             ax.stairs(hist, own, color=color, linewidth=0.9, fill=False, label=optimizer_label(s) if s else None)
             if tau is not None:
-                kept = np.where((own[:-1] >= tau) | (own[1:] <= -tau), hist, 0.0)
-                ax.stairs(kept, own, color=color, alpha=0.25, fill=True, linewidth=0)
+                if len(series) == 1:  # overlaid runs: shading would stack into mud; the +-tau lines say it
+                    kept = np.where((own[:-1] >= tau) | (own[1:] <= -tau), hist, 0.0)
+                    ax.stairs(kept, own, color=color, alpha=0.25, fill=True, linewidth=0)
                 for sign in (-1, 1):
                     ax.axvline(sign * tau, color=color, linewidth=0.7, linestyle=":")
         ax.plot(grid_x, _normal_pdf(grid_x), **_NORMAL_STYLE)
@@ -244,10 +245,11 @@ def _zscore_legend(fig: Figure, series: list, percentile: float | None) -> None:
     if percentile is not None:
         handles.append(Line2D([], [], color="0.3", linestyle=":", linewidth=0.7,
                               label=rf"$\pm\tau$, $\tau = Q_{{{percentile:g}}}(|z|)$"))
-        handles.append(Patch(color=_series_color(series[0], 0) if len(series) == 1 else "0.3", alpha=0.25,
-                             linewidth=0, label="kept by the filter"))
+        if len(series) == 1:
+            handles.append(Patch(color=_series_color(series[0], 0), alpha=0.25, linewidth=0,
+                                 label="kept by the filter"))
     ncols = len(handles) if figure_width() >= 4 else 2
-    fig.legend(handles=handles, loc="outside upper center", ncols=min(ncols, 4))
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(ncols, 5))
 
 
 def _zscore_ridge(df, names, series, edges, grid_x, percentile, fig) -> Figure:
@@ -282,9 +284,10 @@ def _zscore_ridge(df, names, series, edges, grid_x, percentile, fig) -> Figure:
                             linewidth=0)
             ax.plot(mid, base + hist * scale, color=color, linewidth=0.9, zorder=3 * row + 1)
             if tau is not None:
-                kept = np.abs(mid) > tau
-                ax.fill_between(mid, base, base + np.where(kept, hist, 0) * scale, color=color, alpha=0.3,
-                                zorder=3 * row + 1, linewidth=0, step="mid")
+                if len(series) == 1:
+                    kept = np.abs(mid) > tau
+                    ax.fill_between(mid, base, base + np.where(kept, hist, 0) * scale, color=color, alpha=0.3,
+                                    zorder=3 * row + 1, linewidth=0, step="mid")
                 for sign in (-1, 1):
                     ax.plot([sign * tau] * 2, [base, base + 0.9 * step], color=color, linestyle=":",
                             linewidth=0.8, zorder=3 * row + 2)
