@@ -37,6 +37,7 @@ from .optim import ASAM, SAM, FriendlySAM, ZSharp, frozen_running_stats
 from .train import Checkpoint, TrainConfig, fit, load_checkpoint
 
 _LAZY_PLOT = ("style", "save_figure")
+_LAZY_COMMANDS = ("analyze_checkpoint", "draw_figures", "run_demo", "summary_table")
 
 
 def __getattr__(name: str) -> Any:
@@ -44,6 +45,10 @@ def __getattr__(name: str) -> Any:
         from . import plot
 
         return getattr(plot, name)
+    if name in _LAZY_COMMANDS:
+        from . import commands
+
+        return getattr(commands, name)
     raise AttributeError(f"module 'sharpscope' has no attribute {name!r}")
 
 
@@ -67,7 +72,11 @@ __all__ = [
     "ZSharp",
     "ZScoreResult",
     "__version__",
+    "analyze_checkpoint",
     "build_model",
+    "draw_figures",
+    "run_demo",
+    "summary_table",
     "eigen_directions",
     "fit",
     "frozen_running_stats",
