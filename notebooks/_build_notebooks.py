@@ -709,15 +709,21 @@ if not CHECKPOINTS:
                device="cpu", out=OUT / "runs" / name, progress=PROGRESS)
         CHECKPOINTS.append(OUT / "runs" / name / "last.pt")
 
-loaded = [ss.load_checkpoint(path, map_location=DEVICE) for path in CHECKPOINTS]
+loaded = [ss.load_checkpoint(path) for path in CHECKPOINTS]
+for ck in loaded:
+    ck.model.to(DEVICE)
 labels = list(LABELS) if LABELS is not None else [ck.optimizer_config.get("name", Path(ck.path).stem)
                                                    for ck in loaded]
-if len(set(labels)) < len(labels):  # two runs of the same optimizer: add the folder name
-    labels = [f"{label} ({Path(ck.path).parent.name})" for label, ck in zip(labels, loaded)]
+if len(set(labels)) < len(labels):  # the same optimizer twice: add the folder and file names
+    labels = [f"{label} ({Path(ck.path).parent.name}/{Path(ck.path).stem})" for label, ck in zip(labels, loaded)]
+if len(set(labels)) < len(labels):
+    labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
 checkpoints = dict(zip(labels, loaded))
 
-trained_on = {ck.raw.get("data", {}).get("train", "") for ck in loaded}
-dataset = DATASET or trained_on.pop().split("/")[0]
+trained_on = {ck.raw.get("data", {}).get("train", "").split("/")[0] for ck in loaded}
+if DATASET is None and (len(trained_on) != 1 or "" in trained_on):
+    raise ValueError(f"the checkpoints were trained on {sorted(trained_on)}; set DATASET to the data to compare them on")
+dataset = DATASET or trained_on.pop()
 train = ss.load_dataset(dataset, root=DATA_ROOT, train=True)
 data = train.subset(range(min(ANALYSIS_EXAMPLES, len(train)))).loader(batch_size=BATCH_SIZE, device=DEVICE)
 loss_fn = F.cross_entropy

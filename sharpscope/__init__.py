@@ -8,6 +8,7 @@ import matplotlib.
 from typing import Any
 
 from ._version import __version__
+from .analysis.curvature import HessianOperator
 from .analysis.directions import (
     Direction,
     TrajectoryDirections,
@@ -66,6 +67,7 @@ __all__ = [
     "TrajectoryDirections",
     "EigenResult",
     "FriendlySAM",
+    "HessianOperator",
     "Landscape",
     "SharpnessResult",
     "TraceResult",
