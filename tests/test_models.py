@@ -156,3 +156,18 @@ def test_bad_input_is_one_line_user_error(call, match):
     with pytest.raises(UserInputError, match=match) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+def test_build_model_seed_is_reproducible_and_leaves_global_rng_alone():
+    """Checks against a second build with the same seed and the global RNG state before the call."""
+    import torch
+
+    from sharpscope.models import build_model
+
+    state = torch.random.get_rng_state()
+    a = build_model("cnn", 10, seed=7)
+    assert torch.equal(state, torch.random.get_rng_state())
+    b = build_model("cnn", 10, seed=7)
+    c = build_model("cnn", 10, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))

@@ -395,3 +395,20 @@ def test_sharpness_summary_bars_are_the_table():
     with pytest.raises(UserInputError, match="none of the columns"):
         plot_sharpness_summary(table[["run"]])
     plt.close(fig)
+
+
+def test_style_keeps_interactive_mode_switched_on_inside_it():
+    """Checks against matplotlib's own flag: Jupyter turns interactive mode on at the first draw
+    inside ``style()``; leaving the block must not turn it off again (later figures would vanish)."""
+    import matplotlib as mpl
+
+    from sharpscope.plot import style
+
+    before = mpl.rcParams["interactive"]
+    try:
+        mpl.rcParams["interactive"] = False
+        with style("neurips"):
+            mpl.rcParams["interactive"] = True
+        assert mpl.rcParams["interactive"] is True
+    finally:
+        mpl.rcParams["interactive"] = before

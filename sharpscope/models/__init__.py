@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import UserInputError
@@ -61,7 +62,7 @@ def canonical_model_name(name: str) -> str:
     return _BY_KEY[_key(name)]
 
 
-def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+def build_model(name: str, num_classes: int, seed: int | None = None, **kwargs: Any) -> nn.Module:
     """Build a freshly initialised model.
 
     Args:
@@ -69,6 +70,8 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
             ``vgg16_bn`` (GAP + one linear head), ``vit`` (the ZSharp paper's CIFAR ViT),
             ``wrn28_10`` (WideResNet-28-10), ``mlp`` and ``cnn`` (small models for 8x8 digits).
         num_classes: size of the output layer (>= 1).
+        seed: seed of the initial weights (drawn from a forked RNG, so the global one is untouched);
+            ``None`` draws them from torch's global generator, as ``nn.Module`` constructors do.
         **kwargs: passed to the model class, e.g. ``in_channels=1``, ``image_size=64`` (ViT),
             ``in_features=64`` / ``hidden=(64, 64)`` (MLP), ``width=16``.
 
@@ -81,7 +84,12 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise UserInputError(f"num_classes must be a positive integer, got {num_classes!r}")
     try:
-        model = _BUILDERS[canonical](num_classes, **kwargs)
+        if seed is None:
+            model = _BUILDERS[canonical](num_classes, **kwargs)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed))
+                model = _BUILDERS[canonical](num_classes, **kwargs)
     except TypeError as exc:
         raise UserInputError(f"bad keyword arguments for model {canonical!r}: {exc}") from None
     except ValueError as exc:

@@ -113,7 +113,9 @@ def plot_density(density: Any, *, eigenvalues: Any = None, top_k: int | None = N
     # Markers sit in a strip above the curves: x in data units, y in axes fraction.
     strip = transforms.blended_transform_factory(ax.transData, ax.transAxes)
     shown = 0
+    backends = set()
     for i, (name, obj) in enumerate(marks.items()):
+        backends.add(str(getattr(obj, "settings", {}).get("backend", "sharpscope")))
         values = _eigen_array(obj, f"eigenvalues[{name!r}]" if name else "eigenvalues")
         if top_k is not None:
             values = values[:top_k]
@@ -123,7 +125,7 @@ def plot_density(density: Any, *, eigenvalues: Any = None, top_k: int | None = N
         shown = max(shown, values.size)
     if marks:
         ax.plot([], [], linestyle="none", marker="v", color="0.3", markersize=3.5,
-                label=f"top-{shown} eigenvalues (Lanczos)")
+                label=f"top-{shown} eigenvalues ({'PyHessian' if backends == {'pyhessian'} else 'Lanczos'})")
     ax.set_xlabel(r"Eigenvalue $\lambda$")
     ax.set_ylabel("Spectral density")
     handles = ax.get_legend_handles_labels()[0]

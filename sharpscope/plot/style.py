@@ -196,7 +196,13 @@ def style(venue: str = "neurips", column: str = "single") -> Iterator[dict[str, 
         raise UserInputError(f"unknown column {column!r}; choose 'single' or 'double'")
     params = _rc(venue_key, column)
     with mpl.rc_context(params):
-        yield params
+        try:
+            yield params
+        finally:
+            # Jupyter's inline backend turns interactive mode on at the first draw; rc_context would
+            # switch it back off on exit and stop later figures from showing, so keep its value.
+            interactive = mpl.rcParams["interactive"]
+    mpl.rcParams["interactive"] = interactive
 
 
 def figure_width() -> float:

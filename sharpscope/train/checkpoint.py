@@ -241,6 +241,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu", mod
                 from None
     if model is not None:
         load_state_into(model, weights, f"checkpoint {str(path)!r}")
+        if isinstance(map_location, (str, torch.device)):
+            model.to(torch.device(map_location))
         model.eval()
     elif raw:
         raise UserInputError(f"{str(path)!r} was saved from a user model (no model spec): pass model= to "
