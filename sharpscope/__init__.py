@@ -30,7 +30,15 @@ from .analysis.hessian import (
     save_layer_curvature,
 )
 from .analysis.landscape import Landscape, interpolate, landscape_1d, landscape_2d
-from .analysis.masks import AlignmentResult, load_mask_log, mask_statistics, perturbation_alignment
+from .analysis.masks import (
+    AlignmentResult,
+    load_mask_log,
+    load_mask_statistics,
+    mask_statistics,
+    perturbation_alignment,
+    save_mask_statistics,
+    zsharp_masks,
+)
 from .analysis.sharpness import SharpnessResult, sharpness
 from .data import DATASET_NAMES, TensorData, load_dataset
 from .models import MODEL_NAMES, build_model
@@ -95,8 +103,10 @@ __all__ = [
     "load_dataset",
     "load_layer_curvature",
     "load_mask_log",
+    "load_mask_statistics",
     "load_zscores",
     "save_layer_curvature",
+    "save_mask_statistics",
     "mask_statistics",
     "perturbation_alignment",
     "random_directions",
@@ -104,4 +114,5 @@ __all__ = [
     "sharpness",
     "style",
     "trajectory_directions",
+    "zsharp_masks",
 ]
