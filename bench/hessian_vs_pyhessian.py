@@ -47,6 +47,11 @@ def _timed(fn, device, repeats: int = 1):
     return out, best
 
 
+@torch.no_grad()
+def _eval_loss(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(loss_fn(model(x), y))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ResNet-8 on 32 images, fewer trace seeds")
@@ -57,6 +62,8 @@ def main() -> None:
     parser.add_argument("--trace-seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--train-steps", type=int, default=60,
+                        help="full-batch SGD steps before the analysis (default 60; 0: at initialisation)")
     args = parser.parse_args()
     if args.quick:
         args.depth, args.images, args.trace_budget, args.trace_seeds = 8, 32, 12, 2
@@ -65,16 +72,29 @@ def main() -> None:
     model = CifarResNet(args.depth, 10).to(device)
     x = torch.randn(args.images, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.images,), device=device)
-    with torch.no_grad():  # realistic BatchNorm statistics, then analyse in eval mode
-        model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    # Analyse a model that has been trained a little (a freshly initialised network's Hessian is
+    # not what users measure): full-batch SGD on the images, then exact BatchNorm statistics.
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(args.train_steps):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average: one pass gives the exact batch statistics
         model(x)
     model.eval()
+    model.zero_grad(set_to_none=True)
     data = (x, y) if args.batch is None else [(x[i:i + args.batch], y[i:i + args.batch])
                                               for i in range(0, args.images, args.batch)]
-    loss_fn = nn.CrossEntropyLoss()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model ResNet-{args.depth} ({n_params} parameters), {args.images} images, device {device}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, {args.train_steps} training steps, "
+          f"loss {_eval_loss(model, loss_fn, x, y):.4f}")
     warnings.simplefilter("ignore", RuntimeWarning)
     quiet = {"progress": False}
 
