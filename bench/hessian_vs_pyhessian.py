@@ -121,9 +121,10 @@ def main() -> None:
 
     rows = []
     for k in (1, 5):
-        ph, t_ph = _timed(lambda k=k: hessian_eigenvalues(model, loss_fn, data, k=k, tol=1e-3, seed=args.seed,
-                                                           backend="pyhessian", **quiet), device,
-                          repeats=3 if k == 1 else 1)
+        # PyHessian's own time (its set-up and power iteration), not the residual check our adapter adds.
+        ph_runs = [hessian_eigenvalues(model, loss_fn, data, k=k, tol=1e-3, seed=args.seed, backend="pyhessian",
+                                       **quiet) for _ in range(3 if k == 1 else 1)]
+        ph, t_ph = ph_runs[0], min(r.settings["seconds"] for r in ph_runs)
         ours, t_ours = _timed(lambda k=k: hessian_eigenvalues(model, loss_fn, data, k=k, tol=1e-3, seed=args.seed,
                                                                eigenvectors=False, **quiet), device,
                               repeats=3 if k == 1 else 1)
