@@ -169,7 +169,9 @@ def _read(path: Path, map_location: Any) -> Any:
         if "Weights only load failed" in text:
             raise UserInputError(f"{str(path)!r} holds Python objects that safe loading (weights_only=True) refuses, "
                                  f"e.g. a pickled model; save model.state_dict() instead") from None
-        reason = text.splitlines()[0] if text else type(exc).__name__
+        first_line = text.splitlines()[0] if text else ""
+        # Some loader errors are bare numbers or keys ("105"); name the exception type then.
+        reason = first_line if len(first_line) > 12 else f"{type(exc).__name__}: {first_line}".rstrip(": ")
         raise UserInputError(f"{str(path)!r} is not a readable checkpoint (truncated, corrupted or not a "
                              f"torch file): {reason[:200]}") from None
 
