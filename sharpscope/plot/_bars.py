@@ -17,11 +17,17 @@ from .style import figure_width, new_figure, optimizer_label, series_colors
 
 
 def short_layer_name(name: str) -> str:
-    """``"module.layer1.0.conv1.weight"`` -> ``"layer1.0.conv1"``: drop wrappers and ``.weight``."""
+    """``"module.layer1.0.conv1.weight"`` -> ``"layer1.0.conv1"``: drop wrappers and ``.weight``.
+
+    A bias keeps its layer's short name with a suffix (``"layer1.0.conv1 (bias)"``), so weight and
+    bias rows of one layer read alike.
+    """
     name = str(name)
     for prefix in ("module.", "_orig_mod.", "model."):
         if name.startswith(prefix):
             name = name[len(prefix):]
+    if name.endswith(".bias") and any(ch.isalpha() for ch in name[: -len(".bias")]):
+        return f"{name[: -len('.bias')]} (bias)"
     short = name[: -len(".weight")] if name.endswith(".weight") else name
     # "0.weight" of an nn.Sequential says more than a bare "0"
     return short if any(ch.isalpha() for ch in short) else name
