@@ -145,6 +145,8 @@ def test_training_curves_from_metrics_jsonl_alone(checkpoints, tmp_path):
     (["analyze", "{ckpt}", "--data", "mnist"], "unknown dataset"),
     (["analyze", "{ckpt}", "--samples", "-3"], "samples must be"),
     (["analyze", "{notckpt}"], "junk.pt"),
+    (["analyze", "{ckpt}", "--interpolate"], "--interpolate needs at least 2 checkpoints"),
+    (["analyze", "{ckpt}", "{ckpt}", "--interpolate", "--interp-points", "2"], "interp_points must be"),
     (["figures", "{empty}"], "nothing to draw"),
     (["figures", "{empty}/nope"], "does not exist"),
     (["figures", "{empty}", "--style", "nature"], "unknown style"),
@@ -163,13 +165,82 @@ def test_bad_inputs_exit_2_with_one_line(argv, needle, checkpoints, tmp_path, ca
     assert len(err) == 1 and needle in err[0] and err[0].startswith(f"sharpscope {argv[0]}: error:")
 
 
+def _sample() -> tuple[torch.Tensor, torch.Tensor]:
+    """The analysed sample as the command documents it: a seeded (seed 0) subset, in index order."""
+    data = load_dataset("digits", train=True)
+    idx = torch.sort(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:SAMPLES]).values
+    return data.subset(idx).tensors()
+
+
+def test_analyze_interpolate_matches_hand_mixed_weights(checkpoints, tmp_path):
+    """--interpolate alone writes only <a>--<b>__interpolation.nc; each point's loss and accuracy equal
+    those of a model whose weights are mixed by hand, (1 - alpha) w_a + alpha w_b, evaluated with
+    torch.func.functional_call on the same sample; figures then draws the interpolation figure."""
+    from sharpscope.analysis.landscape import Landscape
+
+    out = tmp_path / "res"
+    a, b = checkpoints["sgd"], checkpoints["zsharp"]
+    assert main(["analyze", str(a), str(b), "--interpolate", "--interp-points", "7", *FAST, "--out", str(out)]) == 0
+    assert {p.name for p in out.glob("*.nc")} == {"sgd--zsharp__interpolation.nc"}
+    line = Landscape.load(out / "sgd--zsharp__interpolation.nc")
+    assert line.settings["model_a"]["optimizer"] == "sgd" and line.settings["model_b"]["optimizer"] == "zsharp"
+    alphas = line.coords["alpha"]
+    np.testing.assert_allclose(alphas, np.linspace(-0.25, 1.25, 7))
+    x, y = _sample()
+    model, wa, wb = load_checkpoint(a).model, load_checkpoint(a).state_dict, load_checkpoint(b).state_dict
+    for i, alpha in enumerate(alphas):
+        mixed = {k: (1 - alpha) * wa[k].double() + alpha * wb[k].double() for k in wa}
+        logits = torch.func.functional_call(model.double(), mixed, (x.double(),))
+        assert line.loss[i] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+        assert line.accuracy[i] == pytest.approx((logits.argmax(1) == y).double().mean().item(), abs=1e-6)
+    figs = tmp_path / "figs"
+    assert main(["figures", str(out), "--out", str(figs), "--formats", "png", "--quiet"]) == 0
+    assert {p.stem for p in figs.glob("*.png")} == {"interpolation"}
+
+
+def test_curvature_trajectory_over_epochs(tmp_path):
+    """Two runs saved every epoch (3 epochs), analysed with --hessian only: each checkpoint's result
+    stores its epoch, lambda_max per epoch equals the top eigenvalue of the exact Hessian (eigh) of that
+    epoch's weights, last.pt does not repeat epoch 3, and figures draws curvature_trajectory."""
+    from sharpscope.analysis.hessian import EigenResult
+    from sharpscope.commands.figures import _load_results, curvature_trajectory_table
+    from sharpscope.commands.summary import result_files
+
+    train, test = load_dataset("digits", train=True), load_dataset("digits", train=False)
+    paths = []
+    for optimizer in ("sgd", "zsharp"):
+        torch.manual_seed(0)
+        model = build_model("mlp", 10, in_features=64, hidden=(8,))
+        fit(model, train, test, optimizer=optimizer, epochs=3, batch_size=128, lr=0.1, device="cpu", save_every=1,
+            progress=False, out=tmp_path / optimizer)
+        paths += sorted((tmp_path / optimizer).glob("epoch_*.pt")) + [tmp_path / optimizer / "last.pt"]
+    out = tmp_path / "res"
+    assert main(["analyze", *map(str, paths), "--hessian", *FAST, "--density-iter", "6", "--out", str(out)]) == 0
+    eig = [EigenResult.load(p) for p in out.glob("*__eigenvalues.nc")]
+    assert sorted(e.settings["checkpoint"]["epoch"] for e in eig) == [1, 1, 2, 2, 3, 3, 3, 3]
+    table = curvature_trajectory_table(_load_results(result_files(out)))
+    assert table[["optimizer", "epoch"]].values.tolist() == [["sgd", 1], ["sgd", 2], ["sgd", 3],
+                                                              ["zsharp", 1], ["zsharp", 2], ["zsharp", 3]]
+    for row in table.itertuples():
+        exact = _exact_spectrum(tmp_path / row.optimizer / f"epoch_{row.epoch:04d}.pt")
+        assert row.lambda_max == pytest.approx(exact[-1], rel=2e-3)
+        assert row.trace_stderr > 0
+    figs = tmp_path / "figs"
+    assert main(["figures", str(out), "--out", str(figs), "--formats", "png", "--quiet"]) == 0
+    assert (figs / "curvature_trajectory.png").is_file()
+
+
 def test_demo_quick(tmp_path, capsys):
-    """demo --quick trains the three optimizers, writes every figure and summary.md, whose accuracies
-    are the checkpoints' last test accuracies."""
+    """demo --quick trains the three optimizers, writes every figure (the SGD/SAM -> ZSharp interpolation
+    included) and summary.md, whose rows are the three runs only and whose accuracies are the
+    checkpoints' last test accuracies."""
     out, work = tmp_path / "figures", tmp_path / "work"
     assert main(["demo", "--quick", "--out", str(out), "--work", str(work), "--quiet"]) == 0
     assert {p.stem for p in out.glob("*.png")} >= {"spectrum", "contours", "zscores", "mask_summary", "alignment",
-                                                   "training_curves", "sharpness_summary", "landscape_1d"}
+                                                   "training_curves", "sharpness_summary", "landscape_1d",
+                                                   "interpolation"}
+    assert {p.name for p in (work / "results").glob("*__interpolation.nc")} == {"sgd--zsharp__interpolation.nc",
+                                                                                "sam--zsharp__interpolation.nc"}
     assert {p.suffix for p in out.iterdir()} == {".png", ".pdf", ".md"}
     summary = (out / "summary.md").read_text()
     header, _, *rows = [line.split("|")[1:-1] for line in summary.splitlines() if line.startswith("|")]

@@ -16,7 +16,15 @@ the files are ``<out>/<run>__<analysis>.nc``:
 
 Every checkpoint written by ``sharpscope train`` also gives ``history`` (its per-epoch metrics) and,
 for a ZSharp run with a ``masks.csv`` next to it, ``mask_log`` (the mask statistics logged in training).
-The analyses run on a fixed, seeded sample of ``--samples`` examples of the chosen split, in batches.
+The Hessian results also record which checkpoint they come from (``settings["checkpoint"]``: run folder,
+epoch, step, optimizer), so ``sharpscope figures`` can follow the curvature of one run over training
+(``sharpscope train --save-every K`` keeps the ``epoch_XXXX.pt`` to analyse).
+
+``--interpolate`` (two or more checkpoints of the same architecture) evaluates loss and accuracy along
+the straight line between each consecutive pair, ``(1 - alpha) w_a + alpha w_b`` for ``--interp-points``
+values of alpha in [-0.25, 1.25] (Goodfellow et al., ICLR 2015), in eval mode, into
+``<out>/<a>--<b>__interpolation.nc``. Given alone it runs only the interpolations; with analysis flags,
+both. The analyses run on a fixed, seeded sample of ``--samples`` examples of the chosen split, in batches.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -44,6 +53,8 @@ ANALYSES: tuple[str, ...] = ("hessian", "landscape", "zscores", "masks", "alignm
 HISTORY_KIND = "training_history"
 MASK_LOG_KIND = "mask_log"
 MASKS_KIND = "mask_statistics"
+#: The coefficient range of ``--interpolate``: both end points plus a quarter of extrapolation each side.
+INTERPOLATION_RANGE: tuple[float, float] = (-0.25, 1.25)
 _GENERIC_STEMS = ("last", "best", "model", "checkpoint")
 
 
@@ -63,6 +74,7 @@ class AnalysisOptions:
         rho: radius of the ascent (alignment) and of the sharpness ball.
         percentile: ZSharp's percentile for the Z-score threshold and the mask.
         sharpness_steps, sharpness_samples: ascent steps (worst case) and random draws (average).
+        interp_points: values of alpha of an interpolation, evenly spaced on :data:`INTERPOLATION_RANGE`.
     """
 
     samples: int | None = 1024
@@ -81,6 +93,7 @@ class AnalysisOptions:
     percentile: float = 0.95
     sharpness_steps: int = 20
     sharpness_samples: int = 20
+    interp_points: int = 31
 
     def validate(self) -> AnalysisOptions:
         """Raise :class:`UserInputError` naming the first bad setting."""
@@ -97,6 +110,7 @@ class AnalysisOptions:
         positive_int("trace_samples", 4)
         positive_int("steps_1d", 3)
         positive_int("grid_2d", 3)
+        positive_int("interp_points", 3)
         positive_int("seed", 0)
         if not (0 < self.tol < 1):
             raise UserInputError(f"tol must be in (0, 1), got {self.tol}")
@@ -157,6 +171,13 @@ def _load(checkpoint: Any, device: torch.device) -> Any:
         raise UserInputError(f"{ckpt.path}: no model could be rebuilt from the checkpoint")
     ckpt.model.to(device).eval()
     return ckpt
+
+
+def checkpoint_identity(ckpt: Any, run: str) -> dict[str, Any]:
+    """Where a result comes from: run name, checkpoint file, its run folder, epoch, step and optimizer."""
+    path = Path(ckpt.path)
+    return {"run": run, "path": str(path), "run_dir": str(path.resolve().parent), "epoch": int(ckpt.epoch),
+            "step": int(ckpt.step), "optimizer": (ckpt.optimizer_config or {}).get("name")}
 
 
 def _history_frame(ckpt: Any) -> pd.DataFrame | None:
@@ -231,15 +252,19 @@ def analyze_checkpoint(checkpoint: Any, data: Any, what: Sequence[str] = ANALYSE
                                        {"run": run, "source": str(log_file)}))
 
     eigen = None
+    source = checkpoint_identity(ckpt, run)
     for analysis in what:
         if analysis == "hessian":
             eigen = hessian_eigenvalues(model, loss_fn, batches, k=o.top_k, tol=o.tol, max_iter=o.max_iter,
                                         seed=o.seed, **common)
+            eigen.settings["checkpoint"] = source  # figures follow one run over its epochs with it
             written.append(eigen.save(result_path(out, run, "eigenvalues"), eigenvectors=False))
             trace = hessian_trace(model, loss_fn, batches, n_samples=o.trace_samples, seed=o.seed, **common)
+            trace.settings["checkpoint"] = source
             written.append(trace.save(result_path(out, run, "trace")))
             density = hessian_density(model, loss_fn, batches, n_iter=o.density_iter, n_runs=o.density_runs,
                                       seed=o.seed, **common)
+            density.settings["checkpoint"] = source
             written.append(density.save(result_path(out, run, "density")))
             layers = layer_curvature(model, loss_fn, batches, tol=o.tol, max_iter=o.max_iter, seed=o.seed, **common)
             written.append(save_layer_curvature(layers, result_path(out, run, "layer_curvature")))
@@ -276,6 +301,42 @@ def analyze_checkpoint(checkpoint: Any, data: Any, what: Sequence[str] = ANALYSE
     return written
 
 
+def interpolation_path(out_dir: str | Path, run_a: str, run_b: str) -> Path:
+    return result_path(out_dir, f"{run_a}--{run_b}", "interpolation")
+
+
+def interpolate_checkpoints(checkpoint_a: Any, checkpoint_b: Any, data: Any, out_dir: str | Path = "results", *,
+                            names: tuple[str, str] | None = None, options: AnalysisOptions | None = None,
+                            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+                            device: str | torch.device = "cpu", show_progress: bool = True) -> Path:
+    """Loss and accuracy along ``(1 - alpha) w_a + alpha w_b``, written to ``<out>/<a>--<b>__interpolation.nc``.
+
+    ``options.interp_points`` values of alpha evenly spaced on :data:`INTERPOLATION_RANGE`, evaluated in
+    eval mode (``bn="eval"``) on the same seeded sample as the other analyses. The settings of the
+    stored :class:`~sharpscope.analysis.landscape.Landscape` name both end points (``model_a``,
+    ``model_b``: run, checkpoint, epoch, optimizer), so the figure can label them.
+    """
+    from ..analysis.landscape import interpolate
+
+    options = (options or AnalysisOptions()).validate()
+    device = torch.device(device)
+    a, b = _load(checkpoint_a, device), _load(checkpoint_b, device)
+    run_a, run_b = names or (run_name(a.path), run_name(b.path))
+    if run_a == run_b:
+        raise UserInputError(f"the two end points of an interpolation need different names, both are {run_a!r}")
+    batches = sample_batches(data, options.samples, options.batch_size, options.seed)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    alphas = np.linspace(*INTERPOLATION_RANGE, options.interp_points)
+    line = interpolate(a.model, b.model, loss_fn, batches, alphas=alphas, bn="eval", progress=show_progress)
+    line.settings["model_a"] = checkpoint_identity(a, run_a)
+    line.settings["model_b"] = checkpoint_identity(b, run_b)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the results")
+    out.mkdir(parents=True, exist_ok=True)
+    return line.save(interpolation_path(out, run_a, run_b))
+
+
 # --- the command ---------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..data import DATASET_NAMES
@@ -292,6 +353,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_argument_group("analyses (default: all)")
     for analysis in ANALYSES:
         which.add_argument(f"--{analysis}", action="store_true", help=_HELP[analysis])
+    which.add_argument("--interpolate", action="store_true",
+                       help="loss/accuracy on the line between consecutive checkpoints (needs 2+; "
+                            "alone: only this)")
     knobs = parser.add_argument_group("settings")
     knobs.add_argument("--top-k", type=int, default=d.top_k, help=f"top eigenvalues (default {d.top_k})")
     knobs.add_argument("--trace-samples", type=int, default=d.trace_samples,
@@ -304,6 +368,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     knobs.add_argument("--grid-2d", type=int, default=d.grid_2d, help=f"points per side of the 2-D slice ({d.grid_2d})")
     knobs.add_argument("--span", type=float, default=d.span, help=f"slice coordinates in [-span, span] ({d.span})")
     knobs.add_argument("--rho", type=float, default=d.rho, help=f"ascent / sharpness radius (default {d.rho})")
+    knobs.add_argument("--interp-points", type=int, default=d.interp_points,
+                       help=f"values of alpha in [-0.25, 1.25] for --interpolate (default {d.interp_points})")
     knobs.add_argument("--percentile", type=float, default=d.percentile,
                        help=f"ZSharp percentile for Z-scores and masks (default {d.percentile})")
     knobs.add_argument("--seed", type=int, default=d.seed, help=f"seed of every random choice (default {d.seed})")
@@ -328,7 +394,7 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
                            seed=args.seed, top_k=args.top_k, trace_samples=args.trace_samples,
                            density_iter=args.density_iter, density_runs=args.density_runs, steps_1d=args.steps_1d,
                            grid_2d=args.grid_2d, span=args.span, rho=args.rho,
-                           percentile=args.percentile).validate()
+                           percentile=args.percentile, interp_points=args.interp_points).validate()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -337,8 +403,11 @@ def run(args: argparse.Namespace) -> int:
     from .summary import print_summary
 
     options = options_from_args(args)
-    what = [a for a in ANALYSES if getattr(args, a)] or list(ANALYSES)
+    what = [a for a in ANALYSES if getattr(args, a)] or ([] if args.interpolate else list(ANALYSES))
     paths = [Path(p) for p in args.checkpoints]
+    if args.interpolate and len(paths) < 2:
+        raise UserInputError(f"--interpolate needs at least 2 checkpoints (it follows the line between "
+                             f"consecutive ones), got {len(paths)}")
     for path in paths:  # fail before the slow part
         if not path.is_file():
             raise UserInputError(f"checkpoint {str(path)!r} does not exist" if not path.exists()
@@ -350,11 +419,18 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     start = time.perf_counter()
     written: list[Path] = []
-    for path, name in progress(list(zip(paths, names)), enabled=not args.quiet, desc="checkpoints"):
-        written += analyze_checkpoint(path, data, what, args.out, name=name, options=options, device=device,
-                                      show_progress=not args.quiet)
+    if what:
+        for path, name in progress(list(zip(paths, names)), enabled=not args.quiet, desc="checkpoints"):
+            written += analyze_checkpoint(path, data, what, args.out, name=name, options=options, device=device,
+                                          show_progress=not args.quiet)
+    if args.interpolate:
+        for i in range(len(paths) - 1):
+            written.append(interpolate_checkpoints(paths[i], paths[i + 1], data, args.out,
+                                                   names=(names[i], names[i + 1]), options=options,
+                                                   device=device, show_progress=not args.quiet))
+    done = what + (["interpolate"] if args.interpolate else [])
     print(f"wrote {len(written)} result files to {args.out} in {time.perf_counter() - start:.1f} s "
-          f"({', '.join(what)}; {data.name}, settings: {_short(asdict(options))})", file=sys.stderr)
+          f"({', '.join(done)}; {data.name}, settings: {_short(asdict(options))})", file=sys.stderr)
     print_summary(args.out)
     return 0
 

@@ -5,7 +5,9 @@
    percentile 0.95), saving checkpoints and ZSharp's mask log in ``--work``.
 2. Analyse the three checkpoints on the training set (:func:`~sharpscope.commands.analyze_checkpoint`):
    top eigenvalues, trace, spectral density, per-layer curvature, 1-D and 2-D landscapes, Z-score
-   distributions, mask statistics, alignment of the ascent directions, sharpness.
+   distributions, mask statistics, alignment of the ascent directions, sharpness; and the loss and
+   accuracy on the straight lines SGD -> ZSharp and SAM -> ZSharp (alpha in [-0.25, 1.25],
+   :func:`~sharpscope.commands.analyze.interpolate_checkpoints`).
 3. Draw every figure into ``--out`` (:func:`~sharpscope.commands.draw_figures`) and write
    ``summary.md``: test accuracy, lambda_max, trace +- s.e., worst-case and average sharpness.
 
@@ -31,6 +33,8 @@ from ..errors import UserInputError
 from .analyze import AnalysisOptions
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "sam", "zsharp")
+#: The end points of the demo's interpolations: each baseline's solution to ZSharp's.
+INTERPOLATIONS: tuple[tuple[str, str], ...] = (("sgd", "zsharp"), ("sam", "zsharp"))
 _RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "masks.csv", "config.json")
 
 
@@ -48,11 +52,11 @@ class DemoBudget:
 FULL = DemoBudget(epochs=30, batch_size=64, lr=0.05, log_mask_every=10,
                   analysis=AnalysisOptions(samples=None, batch_size=256, top_k=5, max_iter=300, trace_samples=90,
                                            density_iter=90, density_runs=3, steps_1d=61, grid_2d=31, span=1.0,
-                                           sharpness_steps=20, sharpness_samples=50))
+                                           sharpness_steps=20, sharpness_samples=50, interp_points=31))
 QUICK = DemoBudget(epochs=2, batch_size=128, lr=0.05, log_mask_every=4,
                    analysis=AnalysisOptions(samples=256, batch_size=128, top_k=3, max_iter=60, trace_samples=12,
                                             density_iter=16, density_runs=1, steps_1d=9, grid_2d=7, span=1.0,
-                                            sharpness_steps=3, sharpness_samples=4))
+                                            sharpness_steps=3, sharpness_samples=4, interp_points=7))
 
 
 def _train_config(optimizer: str, budget: DemoBudget, seed: int, show_progress: bool) -> Any:
@@ -110,7 +114,7 @@ def run_demo(out_dir: str | Path = "figures", work_dir: str | Path = "runs/demo"
         The summary table (one row per optimizer), also written to ``<out_dir>/summary.md``.
     """
     from ..data import load_dataset
-    from .analyze import ANALYSES, analyze_checkpoint
+    from .analyze import ANALYSES, analyze_checkpoint, interpolate_checkpoints
     from .figures import draw_figures
     from .summary import markdown_table, summary_table
 
@@ -137,6 +141,10 @@ def run_demo(out_dir: str | Path = "figures", work_dir: str | Path = "runs/demo"
         print(f"demo: analysing {optimizer}", file=sys.stderr)
         analyze_checkpoint(path, train, ANALYSES, results, name=optimizer, options=options,
                            show_progress=show_progress)
+    for a, b in INTERPOLATIONS:
+        print(f"demo: interpolating {a} -> {b}", file=sys.stderr)
+        interpolate_checkpoints(checkpoints[a], checkpoints[b], train, results, names=(a, b), options=options,
+                                show_progress=show_progress)
     analysed = time.perf_counter()
     written = draw_figures(results, out, style, formats=formats, show_progress=show_progress)
     table = summary_table(results)

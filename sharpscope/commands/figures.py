@@ -16,6 +16,12 @@ name ``<run>__<analysis>.nc``. Runs are overlaid or set side by side, each in it
 ``training_curves``         loss and accuracy per epoch (from the checkpoints' histories, or
                             ``metrics.jsonl`` files found or given)
 ``mask_heatmap_<run>``      the kept fraction logged during ZSharp training, layer x step
+``interpolation``           loss and accuracy on the line between two models (``<a>--<b>__interpolation.nc``),
+                            one row per pair, the end points named by their optimizers
+``curvature_trajectory``    lambda_max and trace (+-1 s.e.) against the epoch, one line per run, when the
+                            Hessian of two or more epochs of the same run was analysed
+                            (``sharpscope train --save-every K``, then ``analyze --hessian`` on its
+                            ``epoch_XXXX.pt``)
 ==========================  ==========================================================================
 """
 
@@ -29,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .._progress import progress
@@ -187,7 +194,107 @@ def _jobs(found: dict[str, dict[str, Any]], histories: dict[str, pd.DataFrame], 
     for run, log in get.get("mask_log", {}).items():
         # the kept fraction is 1 - p by construction; the threshold shows how heavy the tails are
         jobs.append((f"mask_heatmap_{run}", lambda log=log: fig_of(plot.plot_mask_heatmap(log, "threshold"))))
+    if "landscape_interpolation" in found:
+        pairs = _ordered_pairs(found["landscape_interpolation"])
+        jobs.append(("interpolation", lambda: _interpolation_figure(pairs)))
+    trajectory = curvature_trajectory_table(found)
+    if not trajectory.empty:
+        jobs.append(("curvature_trajectory", lambda: plot.plot_curvature_trajectories(trajectory)))
     return jobs
+
+
+def _endpoint_labels(line: Any) -> tuple[str, str]:
+    """Display names of an interpolation's two models: their optimizers, or runs where those agree."""
+    from ..plot import optimizer_label
+
+    ends = [line.settings.get(k) or {} for k in ("model_a", "model_b")]
+    labels = [optimizer_label(e.get("optimizer") or e.get("run") or k) for e, k in zip(ends, "AB")]
+    if labels[0] == labels[1]:  # two checkpoints of one optimizer: say which
+        labels = [f"{lab} ({e['run']}, ep. {e['epoch']})" if "run" in e and "epoch" in e else lab
+                  for lab, e in zip(labels, ends)]
+        if labels[0] == labels[1]:
+            labels = [f"{lab} [{k}]" for lab, k in zip(labels, "AB")]
+    return labels[0], labels[1]
+
+
+def _ordered_pairs(pairs: dict[str, Any]) -> dict[str, Any]:
+    """Interpolations ordered by their first end point (SGD, SAM, ... as elsewhere), then by name."""
+    from ..plot.style import optimizer_key
+
+    rank = {k: i for i, k in enumerate(("sgd", "adam", "adamw", "sam", "asam", "fsam", "zsharp"))}
+
+    def key(item: tuple[str, Any]) -> tuple[int, str]:
+        a = item[1].settings.get("model_a") or {}
+        return rank.get(optimizer_key(a.get("optimizer") or a.get("run") or ""), len(rank)), item[0]
+
+    return dict(sorted(pairs.items(), key=key))
+
+
+def _interpolation_figure(pairs: dict[str, Any]) -> Any:
+    """One row per pair of models, loss and accuracy side by side against alpha, end points named on top."""
+    import numpy as np
+
+    from ..plot import new_figure, plot_interpolation
+
+    n = len(pairs)
+    fig, axes = new_figure(aspect=0.36 * n + 0.06, nrows=n, ncols=2, sharex=True, squeeze=False)
+    for row, line in zip(axes, pairs.values()):
+        ends = _endpoint_labels(line)
+        for ax, metric in zip(row, ("loss", "accuracy")):
+            plot_interpolation(line, metric, endpoints=ends, ax=ax, legend=False)
+        _min_span(row[1], _MIN_ACCURACY_SPAN, top=100.0)
+    for ax in np.ravel(axes[:-1]):
+        ax.set_xlabel("")
+    return fig
+
+
+#: Accuracy axes span at least this many points: one example in a thousand must not look like a cliff.
+_MIN_ACCURACY_SPAN = 2.0
+
+
+def _min_span(ax: Any, span: float, top: float) -> None:
+    """Widen the y range of ``ax`` to ``span`` around its centre, not past ``top`` (plus a margin)."""
+    lo, hi = ax.get_ylim()
+    if hi - lo >= span:
+        return
+    margin = 0.05 * span
+    hi = min((lo + hi + span) / 2, top + margin)
+    ax.set_ylim(hi - span, hi)
+
+
+def curvature_trajectory_table(found: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """lambda_max and trace +- s.e. per epoch of every run with two or more analysed epochs.
+
+    Columns ``optimizer`` (the series label: the optimizer, or the run folder's name when two runs
+    share one), ``run_dir``, ``epoch``, ``lambda_max``, ``trace``, ``trace_stderr``. The epoch and the
+    run folder come from the checkpoint, as stored by ``sharpscope analyze``; ``last.pt``/``best.pt``
+    repeating an ``epoch_XXXX.pt`` count once. Empty when no run has two epochs.
+    """
+    from ..plot.style import optimizer_key
+
+    traces = found.get("hessian_trace", {})
+    rows = []
+    for run, eig in found.get("hessian_eigenvalues", {}).items():
+        source = eig.settings.get("checkpoint") or {}
+        trace = traces.get(run)
+        if not {"run_dir", "epoch", "path"} <= source.keys() or trace is None:
+            continue
+        if (trace.settings.get("checkpoint") or {}).get("path") != source["path"]:
+            continue  # the two files of this run name come from different checkpoints
+        rows.append({"optimizer": source.get("optimizer") or Path(source["run_dir"]).name,
+                     "run_dir": source["run_dir"], "epoch": int(source["epoch"]),
+                     "lambda_max": float(eig.eigenvalues[0]), "trace": float(trace.estimate),
+                     "trace_stderr": float(trace.stderr)})
+    columns = ["optimizer", "run_dir", "epoch", "lambda_max", "trace", "trace_stderr"]
+    table = pd.DataFrame(rows, columns=columns).drop_duplicates(["run_dir", "epoch"])
+    epochs = table.groupby("run_dir")["epoch"].nunique()
+    table = table[table["run_dir"].isin(epochs[epochs >= 2].index)].copy()
+    if table.groupby("optimizer")["run_dir"].nunique().gt(1).any():
+        table["optimizer"] = table["run_dir"].map(lambda d: Path(d).name)
+    rank = {k: i for i, k in enumerate(("sgd", "adam", "adamw", "sam", "asam", "fsam", "zsharp"))}
+    table["_rank"] = table["optimizer"].map(lambda o: rank.get(optimizer_key(o), len(rank)))
+    table = table.sort_values(["_rank", "optimizer", "epoch"]).drop(columns="_rank")
+    return table.reset_index(drop=True)
 
 
 def _surface(run: str, result: Any) -> Any:
@@ -211,6 +318,8 @@ _METHOD_LABEL = {"sam": "SAM", "zsharp": "ZSharp", "zsharp_global": "ZSharp (glo
 def _alignment_figure(results: dict[str, Any]) -> Any:
     """Two panels, ascent methods as rows and one bar per checkpoint: the cosine with the top-k
     eigenspace and the loss increase at the common radius rho."""
+    from matplotlib.ticker import MaxNLocator
+
     from ..plot import new_figure, plot_alignment
 
     frames = []
@@ -226,12 +335,19 @@ def _alignment_figure(results: dict[str, Any]) -> Any:
     n_runs = max(table["optimizer"].nunique(), 1)
     fig, axes = new_figure(aspect=min(0.15 + 0.02 * n_rows * (n_runs + 1), 1.0), ncols=2, sharey=True)
     plot_alignment(table, "cos_subspace", category="method", ax=axes[0],
-                   xlabel=rf"$\|V_{{{k}}}^\top e\| / \|e\|$ (top-{k} eigenspace)")
-    plot_alignment(table, "loss_increase", category="method", ax=axes[1],
-                   xlabel=rf"$L(w + e) - L(w)$, $\|e\| = {rho:g}$")
+                   xlabel=rf"$\|V_{{{k}}}^\top e\| / \|e\|$" + f"\n(top-{k} eigenspace)")
+    # Put a power of ten in the label, not as an offset text that collides with it.
+    peak = float(np.nanmax(np.abs(table["loss_increase"]))) if len(table) else 0.0
+    exponent = int(np.floor(np.log10(peak))) if peak > 0 and np.isfinite(peak) else 0
+    exponent = exponent if exponent < -1 or exponent > 2 else 0
+    table["loss_increase_scaled"] = table["loss_increase"] / 10.0**exponent
+    unit = rf" $[\times 10^{{{exponent}}}]$" if exponent else ""
+    plot_alignment(table, "loss_increase_scaled", category="method", ax=axes[1],
+                   xlabel="$L(w + e) - L(w)$" + unit + "\n" + rf"($\|e\| = {rho:g}$)")
     axes[1].set_ylabel("")
-    axes[1].ticklabel_format(axis="x", style="sci", scilimits=(-2, 3), useMathText=True)
     axes[0].set_ylabel("Ascent direction")
+    for ax in axes:  # few ticks: the panels are narrow in a one-column figure
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
     handles, labels = axes[0].get_legend_handles_labels()
     for ax in axes:
         if ax.get_legend() is not None:

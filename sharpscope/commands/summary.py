@@ -54,6 +54,8 @@ def summary_table(results_dir: str | Path) -> pd.DataFrame:
     rows: dict[str, dict[str, Any]] = {}
     for path in result_files(results_dir):
         run, analysis = split_result_name(path)
+        if analysis == "interpolation":  # between two runs: a figure, not a row
+            continue
         row = rows.setdefault(run, {"run": run})
         try:
             if analysis == "history":
