@@ -7,10 +7,8 @@ drawn in percent.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,22 +30,12 @@ _SPLIT_STYLE = {"train": "--", "test": "-"}
 
 def read_history(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a ``metrics.jsonl`` file (or a run folder holding one) into a DataFrame, one row per line."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if not path.is_file():
-        raise UserInputError(f"history file not found: {path} (expected a metrics.jsonl or a run folder)")
-    records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise UserInputError(f"{path}:{lineno} is not valid JSON ({exc.msg})") from exc
-    if not records:
+    from ..train.metrics import read_metrics
+
+    records = read_metrics(path)
+    if records.empty:
         raise UserInputError(f"{path} holds no epochs: nothing to draw")
-    return pd.DataFrame.from_records(records)
+    return records
 
 
 def _history_frame(obj: Any, arg: str) -> pd.DataFrame:

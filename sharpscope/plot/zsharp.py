@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,17 +56,10 @@ _VALUE_LABEL = {
 
 
 def read_mask_log(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a ZSharp mask log (``masks.csv``, or a run folder holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "masks.csv"
-    if not path.is_file():
-        raise UserInputError(f"mask log not found: {path} (expected masks.csv or a run folder)")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
-        raise UserInputError(f"{path} is not a readable mask log ({exc.__class__.__name__})") from exc
-    return df
+    """Read a ZSharp mask log (``masks.csv``, or a run folder holding one); see ``load_mask_log``."""
+    from ..analysis.masks import load_mask_log
+
+    return load_mask_log(path)
 
 
 def _mask_frame(obj: Any, arg: str) -> pd.DataFrame:

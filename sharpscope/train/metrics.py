@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from .._io import atomic_write_text
+from ..errors import UserInputError
 
 METRICS_FILE = "metrics.jsonl"
 MASKS_FILE = "masks.csv"
@@ -40,8 +41,24 @@ def write_metrics(path: str | Path, history: list[dict[str, Any]]) -> None:
 
 
 def read_metrics(path: str | Path) -> pd.DataFrame:
-    """``metrics.jsonl`` as a DataFrame, one row per epoch."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """``metrics.jsonl`` (or a run folder holding one) as a DataFrame, one row per epoch.
+
+    Raises:
+        UserInputError: the file is missing or a line is not JSON (the message names the line).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise UserInputError(f"history file not found: {path} (expected a metrics.jsonl or a run folder)")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"{path}:{lineno} is not valid JSON ({exc.msg})") from None
     return pd.DataFrame(rows, columns=list(EPOCH_KEYS) if not rows else None)
 
 
