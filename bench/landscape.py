@@ -23,18 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def build(name: str) -> nn.Module:
-    try:
-        from sharpscope.models import build_model
-
-        return build_model(name, 10)
-    except ImportError:  # the model zoo is not there yet: a small CIFAR CNN of similar cost
-        return nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+from sharpscope.models import build_model
 
 
 def forward_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
@@ -63,7 +52,7 @@ def main() -> None:
     from sharpscope.analysis.landscape import landscape_2d
 
     torch.manual_seed(0)
-    model = build(args.model)
+    model = build_model(args.model, 10)
     x = torch.randn(args.n, 3, 32, 32)
     y = torch.randint(0, 10, (args.n,))
     points = args.grid**2

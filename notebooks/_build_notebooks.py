@@ -40,6 +40,17 @@ def notebook(cells: list[nbformat.NotebookNode]) -> nbformat.NotebookNode:
     return nb
 
 
+def imports(*extra: str) -> nbformat.NotebookNode:
+    """A notebook's own import cell (each notebook stays standalone): the common imports plus the
+    ``extra`` ones it uses, of ``"time"``, ``"numpy"``, ``"pandas"``."""
+    optional = {"time": "import time", "numpy": "import numpy as np", "pandas": "import pandas as pd"}
+    pick = {key: [line] if key in extra else [] for key, line in optional.items()}
+    lines = ["%matplotlib inline", "import tempfile", *pick["time"], "from pathlib import Path", "",
+             *pick["numpy"], *pick["pandas"], "import torch", "import torch.nn.functional as F", "",
+             "import sharpscope as ss", "from sharpscope import plot as ssplot"]
+    return code("\n".join(lines))
+
+
 # Shared snippet: where the notebook writes (never into the repository).
 OUT_SETUP = '''
 OUT = Path(OUT_DIR) if OUT_DIR is not None else Path(tempfile.mkdtemp(prefix="sharpscope_"))
@@ -75,18 +86,7 @@ TOP_K = 3                   # number of top Hessian eigenvalues
 OUT_DIR = None              # None: a fresh temporary folder
 PROGRESS = False            # progress bars (tqdm)
 ''', parameters=True),
-    code('''
-%matplotlib inline
-import tempfile
-from pathlib import Path
-
-import pandas as pd
-import torch
-import torch.nn.functional as F
-
-import sharpscope as ss
-from sharpscope import plot as ssplot
-'''),
+    imports("pandas"),
     code(OUT_SETUP),
     md("""
 ## 1. Data and training
@@ -246,20 +246,7 @@ SEED = 0
 OUT_DIR = None
 PROGRESS = False
 ''', parameters=True),
-    code('''
-%matplotlib inline
-import tempfile
-import time
-from pathlib import Path
-
-import numpy as np
-import pandas as pd
-import torch
-import torch.nn.functional as F
-
-import sharpscope as ss
-from sharpscope import plot as ssplot
-'''),
+    imports("time", "numpy", "pandas"),
     code(OUT_SETUP),
     code(TRAIN_IF_NEEDED),
     md("""
@@ -393,19 +380,7 @@ SEED = 0
 OUT_DIR = None
 PROGRESS = False
 ''', parameters=True),
-    code('''
-%matplotlib inline
-import tempfile
-from pathlib import Path
-
-import numpy as np
-import pandas as pd
-import torch
-import torch.nn.functional as F
-
-import sharpscope as ss
-from sharpscope import plot as ssplot
-'''),
+    imports("numpy", "pandas"),
     code(OUT_SETUP),
     code('''
 train = ss.load_dataset(DATASET, root=DATA_ROOT, train=True)
@@ -559,17 +534,7 @@ SEED = 0
 OUT_DIR = None
 PROGRESS = False
 ''', parameters=True),
-    code('''
-%matplotlib inline
-import tempfile
-from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-
-import sharpscope as ss
-from sharpscope import plot as ssplot
-'''),
+    imports(),
     code(OUT_SETUP),
     code(TRAIN_IF_NEEDED),
     md("""
@@ -685,19 +650,7 @@ DEMO_EPOCHS = 4
 OUT_DIR = None
 PROGRESS = False
 ''', parameters=True),
-    code('''
-%matplotlib inline
-import tempfile
-from pathlib import Path
-
-import numpy as np
-import pandas as pd
-import torch
-import torch.nn.functional as F
-
-import sharpscope as ss
-from sharpscope import plot as ssplot
-'''),
+    imports("numpy", "pandas"),
     code(OUT_SETUP),
     code('''
 if not CHECKPOINTS:

@@ -79,9 +79,15 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def curvature(runs):
+def batch():
+    """The whole synthetic training split as one flattened ``(x, y)`` batch."""
+    return _batch(_data()[0])
+
+
+@pytest.fixture(scope="module")
+def curvature(runs, batch):
     """Real SLQ densities, top eigenvalues, traces and per-layer curvature of both models."""
-    x, y = _batch(_data()[0])
+    x, y = batch
     res = {}
     for name, (model, _) in runs.items():
         res[name] = {
@@ -94,8 +100,8 @@ def curvature(runs):
 
 
 @pytest.fixture(scope="module")
-def landscapes(runs):
-    x, y = _batch(_data()[0])
+def landscapes(runs, batch):
+    x, y = batch
     out = {}
     for name, (model, _) in runs.items():
         out[name] = {
@@ -108,10 +114,10 @@ def landscapes(runs):
 
 
 @pytest.fixture(scope="module")
-def zscores(runs):
+def zscores(runs, batch):
     """Per-layer Z-scores of the ZSharp model's gradient, with the filter's own threshold."""
     model = runs["zsharp"][0]
-    x, y = _batch(_data()[0])
+    x, y = batch
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     parts = []
@@ -344,14 +350,14 @@ def test_bad_inputs_raise_user_errors(landscapes, tmp_path):
     plt.close("all")
 
 
-def test_zscore_distributions_from_a_zscore_result(runs):
+def test_zscore_distributions_from_a_zscore_result(runs, batch):
     """A ZScoreResult is drawn as its stored histogram: on one full-data batch the steps equal a numpy
     histogram (density) of layer_zscores of the gradient computed here by hand, and the dotted lines sit
     at ZSharp's own threshold zscore_mask(g, 0.95).threshold."""
     from sharpscope.analysis.gradients import gradient_zscores
 
     model = runs["zsharp"][0]
-    x, y = _batch(_data()[0])
+    x, y = batch
     result = gradient_zscores(model, F.cross_entropy, (x, y), bins=40, z_range=(-4.0, 4.0), progress=False)
     layer = result.layers[0]
     model.zero_grad()

@@ -8,13 +8,15 @@ Convention (DESIGN.md): ``data`` is one ``(inputs, targets)`` batch or any itera
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+#: ``loss_fn(outputs, targets)`` returning a mean-reduced scalar loss.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _is_single_batch(data: Any) -> bool:

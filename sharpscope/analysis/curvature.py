@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,16 +47,16 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 from .batching import (
+    LossFn,
     as_batches,
     batch_weights,
     checked_loss,
     model_device,
     preserved_model_state,
+    require_finite,
     to_device,
     trainable_named_parameters,
 )
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 HVP_METHODS = ("auto", "func", "cached", "autograd")
 
@@ -74,6 +74,14 @@ def _eval_flags(model: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+def _add_weighted(total: list[torch.Tensor] | None, terms: Sequence[torch.Tensor],
+                  weight: float) -> list[torch.Tensor]:
+    """``total + weight * terms`` tensor by tensor (``weight * terms`` when ``total`` is None)."""
+    if total is None:
+        return [weight * t for t in terms]
+    return [s + weight * t for s, t in zip(total, terms)]
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -226,7 +234,7 @@ class HessianOperator:
                 loss = self._loss(tuple(ps), x, y)
                 gs = torch.autograd.grad(loss, ps, allow_unused=True)
                 gs = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, ps)]
-                total = [weight * g for g in gs] if total is None else [t + weight * g for t, g in zip(total, gs)]
+                total = _add_weighted(total, gs, weight)
         assert total is not None
         return torch.cat([t.reshape(-1) for t in total])
 
@@ -251,10 +259,6 @@ class HessianOperator:
         loss = checked_loss(self.loss_fn(functional_call(self.model, tensors, (x,)), y))
         return loss
 
-    def _check_finite_loss(self, loss: torch.Tensor) -> None:
-        if not bool(torch.isfinite(loss.detach())):
-            raise FloatingPointError(f"the loss is not finite ({loss.item()}); check the model, data and loss_fn")
-
     def _hvp_func(self, vs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         total: list[torch.Tensor] | None = None
         for (x, y), weight in self._weighted_batches():
@@ -264,8 +268,8 @@ class HessianOperator:
 
             g_fn = grad(grad_and_loss, has_aux=True)
             _, hv, loss = jvp(g_fn, (self._params,), (vs,), has_aux=True)
-            self._check_finite_loss(loss)
-            total = [weight * h for h in hv] if total is None else [t + weight * h for t, h in zip(total, hv)]
+            require_finite(loss.item(), "the loss")
+            total = _add_weighted(total, hv, weight)
         assert total is not None
         return total
 
@@ -274,7 +278,7 @@ class HessianOperator:
         for (x, y), weight in self._weighted_batches():
             ps, gs = self._gradient_graph(x, y)
             hv = self._backward(ps, gs, vs, retain=False)
-            total = [weight * h for h in hv] if total is None else [t + weight * h for t, h in zip(total, hv)]
+            total = _add_weighted(total, hv, weight)
         assert total is not None
         return total
 
@@ -284,7 +288,7 @@ class HessianOperator:
         total: list[torch.Tensor] | None = None
         for (ps, gs), weight in zip(self._graph, self.weights):
             hv = self._backward(ps, gs, vs, retain=True)
-            total = [weight * h for h in hv] if total is None else [t + weight * h for t, h in zip(total, hv)]
+            total = _add_weighted(total, hv, weight)
         assert total is not None
         return total
 
@@ -292,7 +296,7 @@ class HessianOperator:
         ps = tuple(p.detach().requires_grad_(True) for p in self._params)
         with torch.enable_grad():
             loss = self._loss(ps, x, y)
-            self._check_finite_loss(loss)
+            require_finite(loss.item(), "the loss")
             gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
         return ps, gs
 

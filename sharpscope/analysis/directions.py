@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import UserInputError
+from .results import tensor_bytes
 
 NORMALIZATIONS = ("filter", "layer", "model", "none")
 IGNORES = ("biasbn", "none")
@@ -92,10 +93,9 @@ class Direction(Mapping[str, torch.Tensor]):
         """A short SHA-256 of names, shapes and values: identifies the direction in result files."""
         digest = hashlib.sha256()
         for name, t in self._tensors.items():
-            flat = t.detach().cpu().contiguous().reshape(-1)
             digest.update(name.encode())
             digest.update(str(tuple(t.shape)).encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+            digest.update(tensor_bytes(t))
         return digest.hexdigest()[:16]
 
 
@@ -205,8 +205,8 @@ def eigen_directions(model: nn.Module, loss_fn: Any, data: Any, n: int = 2, norm
     out = []
     for k in range(int(n)):
         vec = eig.eigenvector_tensors(k)
-        flat = torch.cat([t.reshape(-1) for t in vec.values()])
-        sign = 1.0 if float(flat[flat.abs().argmax()]) >= 0 else -1.0
+        flat = eig.eigenvectors[:, k]
+        sign = 1.0 if float(flat[np.abs(flat).argmax()]) >= 0 else -1.0
         tensors = {name: (sign * vec[name]).to(p.device, p.dtype) if name in vec else torch.zeros_like(p)
                    for name, p in params.items()}
         d = normalize_direction(Direction(tensors), model, normalization, ignore)

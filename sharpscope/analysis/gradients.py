@@ -31,8 +31,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,9 +43,10 @@ from torch import nn
 
 from .._progress import progress as _progress
 from ..errors import UserInputError
-from ..optim.zscore import is_filtered, layer_zscores, zscore_mask
+from ..optim.zscore import check_percentile, is_filtered, layer_zscores, zscore_mask
 from .batching import (
     Batch,
+    LossFn,
     as_batches,
     batch_weights,
     checked_loss,
@@ -56,25 +56,10 @@ from .batching import (
     to_device,
     trainable_named_parameters,
 )
-from .results import model_fingerprint, read_dataset, write_dataset
+from .results import DatasetResult, model_fingerprint
 
 KIND = "gradient_zscores"
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 INCLUDE = ("filtered", "all")
-
-
-# --- input checks shared with masks.py --------------------------------------------------------------
-def check_percentile(percentile: Any) -> float:
-    """Return ``percentile`` as a float in the open interval (0, 1), or raise ``UserInputError``."""
-    try:
-        value = float(percentile)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not 0.0 < value < 1.0:
-        raise UserInputError(
-            f"percentile must be in the open interval (0, 1), e.g. 0.95 (keep the top 5 %); got {percentile!r}"
-        )
-    return value
 
 
 def select_parameters(model: nn.Module, include: str = "filtered",
@@ -208,7 +193,7 @@ def _central_from_power_sums(s: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, 
 
 
 # --- the result ----------------------------------------------------------------------------------------
-class ZScoreResult:
+class ZScoreResult(DatasetResult):
     """Per-layer distributions of gradient Z-scores, per batch and pooled.
 
     Attributes:
@@ -220,9 +205,7 @@ class ZScoreResult:
         settings: percentile, tails, ``full_data``, batch sizes, model fingerprint.
     """
 
-    def __init__(self, dataset: xr.Dataset, settings: dict[str, Any]) -> None:
-        self.dataset = dataset
-        self.settings = dict(settings)
+    KIND = KIND
 
     # --- access --------------------------------------------------------------------------------
     @property
@@ -327,17 +310,6 @@ class ZScoreResult:
         })
         frame["density"] = frame["count"].to_numpy() / (np.repeat(total, len(left)) * np.tile(width, counts.shape[0]))
         return frame
-
-    # --- files -----------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the result (netCDF with the settings as JSON), atomically."""
-        return write_dataset(self.dataset, path, KIND, self.settings)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ZScoreResult:
-        """Read a file written by :meth:`save` (refuses other result kinds with a clear message)."""
-        ds, settings = read_dataset(path, KIND)
-        return cls(ds, settings)
 
     def __repr__(self) -> str:
         return (f"ZScoreResult(layers={len(self.layers)}, batches={self.n_batches}, "

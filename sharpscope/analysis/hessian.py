@@ -35,6 +35,7 @@ import xarray as xr
 from torch import nn
 
 from .._progress import progress as progress_bar
+from .batching import as_batches
 from .curvature import HessianOperator, LossFn
 from .lanczos import _error_bounds, krylov_basis, lanczos_quadrature, thick_restart_lanczos
 from .results import model_fingerprint, read_dataset, read_table, write_dataset, write_table
@@ -606,8 +607,9 @@ def layer_curvature(model: nn.Module, loss_fn: LossFn, data: Any, tol: float = 1
     start = time.perf_counter()
     rows = []
     fingerprint = model_fingerprint(model)
+    batches = as_batches(data)  # materialised once, not once per layer
     for i, (name, p) in enumerate(progress_bar(named, enabled=progress, desc="layers", total=len(named))):
-        with HessianOperator(model, loss_fn, data, params=[p], dtype=dtype, hvp=hvp) as op:
+        with HessianOperator(model, loss_fn, batches, params=[p], dtype=dtype, hvp=hvp) as op:
             eig = thick_restart_lanczos(op.matvec, _gaussian(op.dim, _generator(seed + i), op), k=1, tol=tol,
                                         max_matvec=max_iter, seed=seed)
             if op.dim <= n_trace_samples:

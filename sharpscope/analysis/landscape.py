@@ -56,7 +56,7 @@ from .directions import (
     random_directions,
     trajectory_directions,
 )
-from .results import model_fingerprint, read_dataset, write_dataset
+from .results import DatasetResult, model_fingerprint, tensor_bytes
 
 __all__ = [
     "Direction", "Landscape", "TrajectoryDirections", "eigen_directions", "interpolate", "interpolation_direction",
@@ -68,7 +68,7 @@ BN_POLICIES = ("eval", "recalibrate")
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class Landscape:
+class Landscape(DatasetResult):
     """Loss, accuracy (and user metrics) over a grid of coordinates, with the settings that made it.
 
     Attributes:
@@ -78,9 +78,7 @@ class Landscape:
             and fingerprint, model fingerprint, direction norms).
     """
 
-    def __init__(self, dataset: xr.Dataset, settings: Mapping[str, Any]) -> None:
-        self.dataset = dataset
-        self.settings = dict(settings)
+    KIND = KIND
 
     # --- access -----------------------------------------------------------------------------
     @property
@@ -127,15 +125,11 @@ class Landscape:
         df["done"] = df["done"].astype(bool)
         return df[list(self.dims) + self.metrics + ["done"]]
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write a self-describing netCDF file (atomically)."""
-        return write_dataset(self.dataset, path, KIND, self.settings)
-
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Landscape:
-        ds, settings = read_dataset(path, KIND)
-        ds["done"] = ds["done"].astype(np.int8)
-        return cls(ds, settings)
+        result = super().load(path)
+        result.dataset["done"] = result.dataset["done"].astype(np.int8)
+        return result
 
 
 # --- argument checks ------------------------------------------------------------------------
@@ -179,9 +173,8 @@ def _data_fingerprint(batches: Sequence[Batch]) -> str:
     digest = hashlib.sha256()
     for x, y in batches:
         for t in (x, y):
-            flat = t.detach().cpu().contiguous().reshape(-1)
             digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+            digest.update(tensor_bytes(t))
     return digest.hexdigest()[:16]
 
 
@@ -228,16 +221,18 @@ class _Evaluator:
             self._recalibrate()
         total = torch.zeros(2 + len(self.metrics), dtype=torch.float64, device=self.device)
         for x, y in self.batches:
-            out = self.model(x)
-            w = len(x) / self.n
-            total[0] += checked_loss(self.loss_fn(out, y)).double() * w
-            if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
-                total[1] += (out.argmax(dim=1) == y).double().sum() / self.n
-            else:
-                total[1] = math.nan
-            for k, fn in enumerate(self.metrics.values()):
-                total[2 + k] += checked_loss(torch.as_tensor(fn(out, y)), "metric").double() * w
+            self.add(total, self.model(x), y, len(x) / self.n)
         return total
+
+    def add(self, total: torch.Tensor, out: torch.Tensor, y: torch.Tensor, w: float) -> None:
+        """Add one batch's loss, accuracy and metrics, ``w`` = its share of the samples, to ``total``."""
+        total[0] += checked_loss(self.loss_fn(out, y)).double() * w
+        if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
+            total[1] += (out.argmax(dim=1) == y).double().sum() / self.n
+        else:
+            total[1] = math.nan
+        for k, fn in enumerate(self.metrics.values()):
+            total[2 + k] += checked_loss(torch.as_tensor(fn(out, y)), "metric").double() * w
 
 
 @contextlib.contextmanager
@@ -308,13 +303,7 @@ class _VmapEvaluator:
             outs = torch.func.vmap(forward, in_dims=(0, None))(stacked, x)
             w = len(x) / ev.n
             for p, out in enumerate(outs):
-                total[p, 0] += checked_loss(ev.loss_fn(out, y)).double() * w
-                if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
-                    total[p, 1] += (out.argmax(dim=1) == y).double().sum() / ev.n
-                else:
-                    total[p, 1] = math.nan
-                for k, fn in enumerate(ev.metrics.values()):
-                    total[p, 2 + k] += checked_loss(torch.as_tensor(fn(out, y)), "metric").double() * w
+                ev.add(total[p], out, y, w)
         return total
 
 

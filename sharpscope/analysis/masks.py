@@ -43,10 +43,11 @@ from torch.func import functional_call
 from .._progress import progress as _progress
 from ..errors import UserInputError
 from ..optim import ASAM, SAM, ZSharp
-from ..optim.zscore import is_filtered, zscore_masks
+from ..optim.zscore import check_percentile, is_filtered, zscore_masks
 from ..optim.zsharp import MASK_STATS_COLUMNS
 from .batching import (
     Batch,
+    LossFn,
     as_batches,
     batch_weights,
     checked_loss,
@@ -55,10 +56,9 @@ from .batching import (
     to_device,
     trainable_named_parameters,
 )
-from .gradients import check_percentile, iter_gradients
-from .results import model_fingerprint, read_dataset, read_table, write_dataset, write_table
+from .gradients import iter_gradients
+from .results import DatasetResult, model_fingerprint, read_table, write_table
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PERTURB_NORMS = ("tensor", "global")
 METHODS = ("sam", "zsharp", "zsharp_global", "asam", "random")
 ALIGNMENT_KIND = "perturbation_alignment"
@@ -106,10 +106,12 @@ def _norm(tensors: Sequence[torch.Tensor]) -> float:
 
 def _filtered_with_grad(named: Sequence[tuple[str, nn.Parameter]], grads: Sequence[torch.Tensor | None]
                         ) -> tuple[list[str], list[torch.Tensor], list[int]]:
-    """Names and gradients of the tensors with a gradient, and the indices of the filtered ones."""
+    """Names and gradients of the tensors with a gradient, and the indices of the filtered ones (raise if none)."""
     names = [n for (n, _), g in zip(named, grads) if g is not None]
     present = [g for g in grads if g is not None]
     filtered = [i for i, g in enumerate(present) if is_filtered(g)]
+    if not filtered:
+        raise UserInputError("no gradient reaches any parameter tensor with ndim > 1: nothing is filtered")
     return names, present, filtered
 
 
@@ -130,8 +132,6 @@ def zsharp_masks(model: nn.Module, loss_fn: LossFn, data: Any, percentile: float
     with preserved_model_state(model, train=False):
         grads = next(iter_gradients(model, loss_fn, batches, named, True, False))
     names, present, filtered = _filtered_with_grad(named, grads)
-    if not filtered:
-        raise UserInputError("no gradient reaches any parameter tensor with ndim > 1: nothing is filtered")
     filters = zscore_masks([present[i] for i in filtered], percentile, threshold_scope)
     return {names[i]: f.mask for i, f in zip(filtered, filters)}
 
@@ -222,8 +222,6 @@ def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: fl
     with preserved_model_state(model, train=False):
         for b, grads in enumerate(iter_gradients(model, loss_fn, batches, named, False, progress, "masks")):
             names, present, filtered = _filtered_with_grad(named, grads)
-            if not filtered:
-                raise UserInputError("no gradient reaches any parameter tensor with ndim > 1: nothing is filtered")
             frame, batch_masks = _batch_rows(names, present, filtered, rho, percentile, threshold_scope)
             frame.insert(0, "batch", b)
             frames.append(frame)
@@ -349,7 +347,7 @@ def _check_log_matches(frame: pd.DataFrame, model: nn.Module, path: Path) -> Non
 
 
 # --- alignment of the ascent directions with the top Hessian eigenvectors ----------------------------
-class AlignmentResult:
+class AlignmentResult(DatasetResult):
     """Ascent directions of several methods against the top-k Hessian eigenvectors.
 
     Attributes:
@@ -362,9 +360,7 @@ class AlignmentResult:
         settings: rho, k, percentile, seed, loss at ``w``, data and model identity.
     """
 
-    def __init__(self, dataset: xr.Dataset, settings: dict[str, Any]) -> None:
-        self.dataset = dataset
-        self.settings = dict(settings)
+    KIND = ALIGNMENT_KIND
 
     @property
     def methods(self) -> list[str]:
@@ -402,16 +398,6 @@ class AlignmentResult:
             "norm_share": np.repeat(ds["norm_share"].values.reshape(-1), k),
             "eigvec_share": np.tile(ds["eigvec_share"].values.reshape(-1), n_m),
         })
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the result (netCDF with the settings as JSON), atomically."""
-        return write_dataset(self.dataset, path, ALIGNMENT_KIND, self.settings)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> AlignmentResult:
-        """Read a file written by :meth:`save`."""
-        ds, settings = read_dataset(path, ALIGNMENT_KIND)
-        return cls(ds, settings)
 
     def __repr__(self) -> str:
         return f"AlignmentResult(methods={self.methods}, k={self.dataset.sizes['rank']}, rho={self.settings['rho']})"

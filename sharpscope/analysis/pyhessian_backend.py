@@ -29,9 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batching import as_batches, model_device, preserved_model_state
+from .batching import Batch, as_batches, model_device, preserved_model_state
 from .curvature import HessianOperator, LossFn
-from .results import model_fingerprint
 
 _MISSING = object()
 
@@ -94,11 +93,13 @@ def pyhessian_session(model: nn.Module, loss_fn: LossFn, data: Any, seed: int = 
             model.zero_grad(set_to_none=True)  # drop its create_graph gradients before the restore
 
 
-def _settings(model: nn.Module, data: Any, seed: int, seconds: float) -> dict[str, Any]:
-    batches = as_batches(data)
-    return {"seed": int(seed), "backend": "pyhessian", "model_fingerprint": model_fingerprint(model),
-            "n_examples": int(sum(len(x) for x, _ in batches)), "n_batches": len(batches),
-            "device": str(model_device(model)), "seconds": seconds}
+def _settings(model: nn.Module, batches: list[Batch], seed: int, seconds: float) -> dict[str, Any]:
+    from .hessian import _base_settings
+
+    settings = _base_settings(model, seed, "pyhessian", None)
+    settings.update({"n_examples": int(sum(len(x) for x, _ in batches)), "n_batches": len(batches),
+                     "device": str(model_device(model)), "seconds": seconds})
+    return settings
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -112,24 +113,25 @@ def pyhessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int =
     ``converged`` is PyHessian's own rule (relative change between iterations below ``tol`` before
     ``max_iter`` products per eigenvalue); ``residuals`` are measured with our operator afterwards.
     """
-    from .hessian import EigenResult
+    from .hessian import EigenResult, _relative
 
     start = time.perf_counter()
-    with pyhessian_session(model, loss_fn, data, seed) as (h, counter):
+    batches = as_batches(data)
+    with pyhessian_session(model, loss_fn, batches, seed) as (h, counter):
         values, vectors = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
         n_hvp = counter.n_hvp
         vecs = torch.stack([_flat(v) for v in vectors], dim=1)
     seconds = time.perf_counter() - start
     values = np.asarray(values, dtype=np.float64)
-    with HessianOperator(model, loss_fn, data) as op:
+    with HessianOperator(model, loss_fn, batches) as op:
         vecs = vecs.to(device=op.device, dtype=op.dtype)
         res = np.array([float(torch.linalg.vector_norm(op.matvec(vecs[:, i]) - values[i] * vecs[:, i]))
                         for i in range(k)])
         names, shapes, n_check = list(op.param_names), [tuple(s) for s in op.shapes], op.n_hvp
-    settings = _settings(model, data, seed, seconds)
+    settings = _settings(model, batches, seed, seconds)
     settings.update({"k": k, "which": "LA", "tol": tol, "max_iter": max_iter, "n_hvp_check": n_check})
     return EigenResult(eigenvalues=values, eigenvectors=vecs.cpu().numpy(),
-                       residuals=res / np.maximum(np.abs(values), np.finfo(float).tiny), error_bounds=res,
+                       residuals=_relative(res, values), error_bounds=res,
                        n_hvp=n_hvp, converged=n_hvp < k * max_iter, settings=settings,
                        param_names=names, shapes=shapes)
 
@@ -144,11 +146,12 @@ def pyhessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, max_iter: int 
     from .hessian import TraceResult
 
     start = time.perf_counter()
-    with pyhessian_session(model, loss_fn, data, seed) as (h, counter):
+    batches = as_batches(data)
+    with pyhessian_session(model, loss_fn, batches, seed) as (h, counter):
         samples = np.asarray(h.trace(maxIter=max_iter, tol=tol), dtype=np.float64)
         n_hvp = counter.n_hvp
     stderr = float(np.std(samples, ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else float("inf")
-    settings = _settings(model, data, seed, time.perf_counter() - start)
+    settings = _settings(model, batches, seed, time.perf_counter() - start)
     settings.update({"n_samples": max_iter, "tol": tol, "method": "hutchinson"})
     return TraceResult(estimate=float(samples.mean()), stderr=stderr, n_hvp=n_hvp, method="hutchinson",
                        samples=samples, settings=settings)
@@ -164,13 +167,14 @@ def pyhessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int 
     from .hessian import DensityResult, _density_grid, smoothed_density
 
     start = time.perf_counter()
-    with pyhessian_session(model, loss_fn, data, seed) as (h, counter):
+    batches = as_batches(data)
+    with pyhessian_session(model, loss_fn, batches, seed) as (h, counter):
         eigen_runs, weight_runs = h.density(iter=n_iter, n_v=n_runs)
         n_hvp = counter.n_hvp
     nodes = [np.asarray(e, dtype=np.float64) for e in eigen_runs]
     weights = [np.asarray(w, dtype=np.float64) for w in weight_runs]
     values, sigma = _density_grid(nodes, sigma, grid)
-    settings = _settings(model, data, seed, time.perf_counter() - start)
+    settings = _settings(model, batches, seed, time.perf_counter() - start)
     settings.update({"n_iter": n_iter, "n_runs": n_runs})
     return DensityResult(nodes=nodes, weights=weights, residuals=[np.full(len(n), np.inf) for n in nodes],
                          grid=values, density=smoothed_density(nodes, weights, values, sigma), sigma=sigma,

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -101,12 +101,44 @@ def read_table(path: str | os.PathLike[str], kind: str | None = None) -> tuple[p
     return df, meta
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor's values (on the CPU, contiguous), for fingerprints."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A short SHA-256 of all parameters and buffers (names, shapes, values): the model's identity."""
     digest = hashlib.sha256()
     for name, tensor in list(model.state_dict().items()):
         digest.update(name.encode())
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(str(tuple(t.shape)).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(str((tensor.numel(),)).encode())  # the flat shape: keeps existing fingerprints
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()[:16]
+
+
+_R = TypeVar("_R", bound="DatasetResult")
+
+
+class DatasetResult:
+    """Base of a result that is one ``xarray.Dataset`` plus its settings, saved under ``KIND``.
+
+    Subclasses set ``KIND`` and add their own accessors; the file holds the dataset with the
+    settings as its metadata (:func:`write_dataset`).
+    """
+
+    KIND: ClassVar[str]
+
+    def __init__(self, dataset: xr.Dataset, settings: dict[str, Any]) -> None:
+        self.dataset = dataset
+        self.settings = dict(settings)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result (netCDF with the settings as JSON), atomically."""
+        return write_dataset(self.dataset, path, self.KIND, self.settings)
+
+    @classmethod
+    def load(cls: type[_R], path: str | os.PathLike[str]) -> _R:
+        """Read a file written by :meth:`save` (refuses other result kinds with a clear message)."""
+        ds, settings = read_dataset(path, cls.KIND)
+        return cls(ds, settings)

@@ -160,6 +160,19 @@ def sample_batches(data: Any, samples: int | None, batch_size: int, seed: int) -
     return list(subset.batches(batch_size, shuffle=False, augment=False))
 
 
+def _device_batches(data: Any, options: AnalysisOptions, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.to(device), y.to(device)) for x, y in
+            sample_batches(data, options.samples, options.batch_size, options.seed)]
+
+
+def _result_folder(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the results")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _load(checkpoint: Any, device: torch.device) -> Any:
     from ..train.checkpoint import Checkpoint, load_checkpoint
 
@@ -225,13 +238,9 @@ def analyze_checkpoint(checkpoint: Any, data: Any, what: Sequence[str] = ANALYSE
     device = torch.device(device)
     ckpt = _load(checkpoint, device)
     run = name or run_name(ckpt.path)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the results")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _result_folder(out_dir)
     model = ckpt.model
-    batches = sample_batches(data, options.samples, options.batch_size, options.seed)
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    batches = _device_batches(data, options, device)
     o = options
     written: list[Path] = []
     common = {"progress": show_progress}
@@ -324,17 +333,12 @@ def interpolate_checkpoints(checkpoint_a: Any, checkpoint_b: Any, data: Any, out
     run_a, run_b = names or (run_name(a.path), run_name(b.path))
     if run_a == run_b:
         raise UserInputError(f"the two end points of an interpolation need different names, both are {run_a!r}")
-    batches = sample_batches(data, options.samples, options.batch_size, options.seed)
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    batches = _device_batches(data, options, device)
     alphas = np.linspace(*INTERPOLATION_RANGE, options.interp_points)
     line = interpolate(a.model, b.model, loss_fn, batches, alphas=alphas, bn="eval", progress=show_progress)
     line.settings["model_a"] = checkpoint_identity(a, run_a)
     line.settings["model_b"] = checkpoint_identity(b, run_b)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the results")
-    out.mkdir(parents=True, exist_ok=True)
-    return line.save(interpolation_path(out, run_a, run_b))
+    return line.save(interpolation_path(_result_folder(out_dir), run_a, run_b))
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -418,16 +422,20 @@ def run(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, root=args.data_root, train=args.split == "train")
     device = resolve_device(args.device)
     start = time.perf_counter()
+    batches = _device_batches(data, options, device)  # the same seeded sample for every checkpoint
     written: list[Path] = []
     if what:
         for path, name in progress(list(zip(paths, names)), enabled=not args.quiet, desc="checkpoints"):
-            written += analyze_checkpoint(path, data, what, args.out, name=name, options=options, device=device,
+            written += analyze_checkpoint(path, batches, what, args.out, name=name, options=options, device=device,
                                           show_progress=not args.quiet)
     if args.interpolate:
+        previous = _load(paths[0], device)  # each checkpoint is read once along the chain
         for i in range(len(paths) - 1):
-            written.append(interpolate_checkpoints(paths[i], paths[i + 1], data, args.out,
+            current = _load(paths[i + 1], device)
+            written.append(interpolate_checkpoints(previous, current, batches, args.out,
                                                    names=(names[i], names[i + 1]), options=options,
                                                    device=device, show_progress=not args.quiet))
+            previous = current
     done = what + (["interpolate"] if args.interpolate else [])
     print(f"wrote {len(written)} result files to {args.out} in {time.perf_counter() - start:.1f} s "
           f"({', '.join(done)}; {data.name}, settings: {_short(asdict(options))})", file=sys.stderr)

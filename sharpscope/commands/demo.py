@@ -114,7 +114,7 @@ def run_demo(out_dir: str | Path = "figures", work_dir: str | Path = "runs/demo"
         The summary table (one row per optimizer), also written to ``<out_dir>/summary.md``.
     """
     from ..data import load_dataset
-    from .analyze import ANALYSES, analyze_checkpoint, interpolate_checkpoints
+    from .analyze import ANALYSES, analyze_checkpoint, interpolate_checkpoints, sample_batches
     from .figures import draw_figures
     from .summary import markdown_table, summary_table
 
@@ -135,8 +135,8 @@ def run_demo(out_dir: str | Path = "figures", work_dir: str | Path = "runs/demo"
     results = work / "results"
     for stale in results.glob("*__*.nc") if results.is_dir() else []:
         stale.unlink()
-    train = load_dataset("digits", train=True)
     options = AnalysisOptions(**{**budget.analysis.__dict__, "seed": seed})
+    train = sample_batches(load_dataset("digits", train=True), options.samples, options.batch_size, options.seed)
     for optimizer, path in checkpoints.items():
         print(f"demo: analysing {optimizer}", file=sys.stderr)
         analyze_checkpoint(path, train, ANALYSES, results, name=optimizer, options=options,

@@ -123,7 +123,7 @@ def draw_figures(results_dir: str | Path, out_dir: str | Path = "figures", style
     files = result_files(results_dir)
     found = _load_results(files)
     histories = _histories(results_dir, metrics, found)
-    jobs = _jobs(found, histories, results_dir, summary_table)
+    jobs = _jobs(found, histories, summary_table(results_dir))
     if not jobs:
         raise UserInputError(f"nothing to draw in {str(results_dir)!r}: no sharpscope result files "
                              f"(run `sharpscope analyze CKPT --out {results_dir}` first)")
@@ -150,8 +150,8 @@ def _ordered(runs: dict[str, Any]) -> dict[str, Any]:
     return dict(sorted(runs.items(), key=lambda kv: (rank.get(optimizer_key(kv[0]), len(rank)), kv[0])))
 
 
-def _jobs(found: dict[str, dict[str, Any]], histories: dict[str, pd.DataFrame], results_dir: Path,
-          summary_table: Callable[[Path], pd.DataFrame]) -> list[tuple[str, Callable[[], Any]]]:
+def _jobs(found: dict[str, dict[str, Any]], histories: dict[str, pd.DataFrame], table: pd.DataFrame
+          ) -> list[tuple[str, Callable[[], Any]]]:
     """(file stem, function drawing the figure) for every figure the results allow."""
     from .. import plot
     from ..plot.style import optimizer_key
@@ -166,7 +166,6 @@ def _jobs(found: dict[str, dict[str, Any]], histories: dict[str, pd.DataFrame], 
         dens = get["hessian_density"]
         eig = {r: e for r, e in get.get("hessian_eigenvalues", {}).items() if r in dens}
         jobs.append(("spectrum", lambda: fig_of(plot.plot_density(dens, eigenvalues=eig or None))))
-    table = summary_table(results_dir)
     quantities = [q for q in ("lambda_max", "trace", "sharpness_worst", "sharpness_average") if q in table]
     if quantities:
         table = table.set_index("run").loc[list(_ordered(dict.fromkeys(table["run"])))].reset_index()

@@ -27,9 +27,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+
+from ..errors import UserInputError
 
 #: Added to the standard deviation, as in the official code (a constant tensor gives z = 0).
 STD_EPS = 1e-12
@@ -136,9 +139,17 @@ class ZScoreFilter:
     kept: torch.Tensor
 
 
-def _check_percentile(percentile: float) -> None:
-    if not 0.0 < percentile < 1.0:
-        raise ValueError(f"percentile must be in the open interval (0, 1), got {percentile}")
+def check_percentile(percentile: Any) -> float:
+    """Return ``percentile`` as a float in the open interval (0, 1), or raise ``UserInputError``."""
+    try:
+        value = float(percentile)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise UserInputError(
+            f"percentile must be in the open interval (0, 1), e.g. 0.95 (keep the top 5 %); got {percentile!r}"
+        )
+    return value
 
 
 def zscore_mask(g: torch.Tensor, percentile: float = 0.95) -> ZScoreFilter:
@@ -148,7 +159,7 @@ def zscore_mask(g: torch.Tensor, percentile: float = 0.95) -> ZScoreFilter:
     ``mask = |z| > threshold`` (strict). A constant gradient (all ``|z|`` tied) or a single entry
     (NaN std) keeps nothing; ZSharp then falls back to the SAM direction for that tensor.
     """
-    _check_percentile(percentile)
+    percentile = check_percentile(percentile)
     abs_z = layer_zscores(g).abs()
     threshold = selection_quantile(abs_z.reshape(-1), percentile)
     mask = abs_z > threshold
@@ -169,7 +180,7 @@ def zscore_masks(
         return [zscore_mask(g, percentile) for g in grads]
     if scope != "global":
         raise ValueError(f"scope must be 'tensor' or 'global', got {scope!r}")
-    _check_percentile(percentile)
+    percentile = check_percentile(percentile)
     if not grads:
         return []
     abs_z = [layer_zscores(g).abs() for g in grads]

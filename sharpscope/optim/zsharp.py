@@ -38,7 +38,7 @@ import torch
 
 from ..errors import UserInputError
 from .base import SharpnessAwareOptimizer, check_nonnegative
-from .zscore import is_filtered, zscore_masks
+from .zscore import check_percentile, is_filtered, zscore_mask, zscore_masks
 
 __all__ = ["ZSharp", "MASK_STATS_COLUMNS"]
 
@@ -53,15 +53,6 @@ MASK_STATS_COLUMNS = (
     "perturbation_norm",
     "fallback",
 )
-
-
-def _check_percentile(value: Any) -> None:
-    try:
-        ok = 0.0 < float(value) < 1.0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise UserInputError(f"percentile must be in the open interval (0, 1), got {value!r}")
 
 
 class ZSharp(SharpnessAwareOptimizer):
@@ -96,7 +87,7 @@ class ZSharp(SharpnessAwareOptimizer):
         **base_kwargs: Any,
     ) -> None:
         check_nonnegative("rho", rho)
-        _check_percentile(percentile)
+        check_percentile(percentile)
         if perturb_norm not in ("tensor", "global"):
             raise UserInputError(f"perturb_norm must be 'tensor' or 'global', got {perturb_norm!r}")
         if threshold_scope not in ("tensor", "global"):
@@ -113,7 +104,7 @@ class ZSharp(SharpnessAwareOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        _check_percentile(group["percentile"])
+        check_percentile(group["percentile"])
         if self.threshold_scope == "global" and group["percentile"] != self.param_groups[0]["percentile"]:
             raise UserInputError(
                 "threshold_scope='global' pools all layers under one threshold, so every param "
@@ -123,27 +114,24 @@ class ZSharp(SharpnessAwareOptimizer):
     def _perturb(self, items, grad_norm):
         filtered = [(group, name, p) for group, name, p in items if is_filtered(p)]
         if self.threshold_scope == "tensor":
-            filters = [
-                zscore_masks([p.grad], group["percentile"], "tensor")[0] for group, _, p in filtered
-            ]
+            filters = [zscore_mask(p.grad, group["percentile"]) for group, _, p in filtered]
         else:
             percentile = filtered[0][0]["percentile"] if filtered else 0.5
             filters = zscore_masks([p.grad for _, _, p in filtered], percentile, "global")
-        filter_of = {id(p): f for (_, _, p), f in zip(filtered, filters)}
 
-        # Per filtered tensor: ||g_t||, ||g_t * m_t|| and the fallback flag (all device scalars).
+        # Per filtered tensor: its filter, ||g_t||, ||g_t * m_t|| and the fallback flag (device scalars).
         info = {}
         for (_, _, p), f in zip(filtered, filters):
             g = p.grad
             kept_norm = torch.linalg.vector_norm(g * f.mask).to(grad_norm.dtype)
-            info[id(p)] = (torch.linalg.vector_norm(g).to(grad_norm.dtype), kept_norm, ~(kept_norm > 0))
+            info[id(p)] = (f, torch.linalg.vector_norm(g).to(grad_norm.dtype), kept_norm, ~(kept_norm > 0))
 
         if self.perturb_norm == "global":
             # Direction d: g*m for filtered tensors, g for fallbacks and unfiltered ones.
             squares = []
             for _, _, p in items:
                 if id(p) in info:
-                    g_norm, kept_norm, fallback = info[id(p)]
+                    _, g_norm, kept_norm, fallback = info[id(p)]
                     squares.append(torch.where(fallback, g_norm, kept_norm) ** 2)
                 else:
                     squares.append(torch.linalg.vector_norm(p.grad).to(grad_norm.dtype) ** 2)
@@ -157,8 +145,7 @@ class ZSharp(SharpnessAwareOptimizer):
                 denominator = global_denominator if self.perturb_norm == "global" else sam_denominator
                 p.add_(p.grad * (rho / denominator).to(p.dtype))
                 continue
-            f = filter_of[id(p)]
-            g_norm, kept_norm, fallback = info[id(p)]
+            f, g_norm, kept_norm, fallback = info[id(p)]
             if self.perturb_norm == "global":
                 scale = rho / global_denominator
             else:

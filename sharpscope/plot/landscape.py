@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 
 from ..errors import UserInputError
 from ._data import require_columns, to_frame
-from .style import figure_width, new_figure, optimizer_label, optimizer_marker, series_colors
+from .style import figure_axes, figure_width, new_figure, optimizer_label, optimizer_marker, series_colors
 
 __all__ = [
     "plot_contour",
@@ -190,13 +190,9 @@ def plot_contours(landscapes: Mapping[str, Any], metric: str = "loss", *, filled
     use_log = _use_log(z_all, metric, log)
     lv = _levels(z_all[np.isfinite(z_all)], levels, use_log)
     n = len(grids)
-    if fig is None:
-        width = figure_width()
-        side = (width - 0.55 - (0.65 if filled else 0.0)) / n - 0.08
-        fig, axes = new_figure(aspect=(side + 0.6) / width, ncols=n, width=width, sharex=True, sharey=True)
-    else:
-        axes = fig.subplots(1, n, sharex=True, sharey=True)
-    axes = np.atleast_1d(axes)
+    width = figure_width()
+    side = (width - 0.55 - (0.65 if filled else 0.0)) / n - 0.08
+    fig, axes = figure_axes(fig, (side + 0.6) / width, ncols=n, width=width, sharex=True, sharey=True)
     for ax, (name, obj) in zip(axes, landscapes.items()):
         plot_contour(obj, metric, filled=filled, levels=lv, log=use_log, colorbar=False, cmap=cmap, ax=ax)
         ax.set_title(optimizer_label(name))
@@ -307,11 +303,7 @@ def plot_landscape_1d_panels(landscapes: Any, metrics: Sequence[str] = ("loss", 
         metrics = (metrics,)
     if not metrics:
         raise UserInputError("metrics must name at least one metric, e.g. ('loss', 'accuracy')")
-    if fig is None:
-        fig, axes = new_figure(0.42 if len(metrics) > 1 else 0.62, ncols=len(metrics), sharex=True)
-    else:
-        axes = fig.subplots(1, len(metrics), sharex=True)
-    axes = np.atleast_1d(axes)
+    fig, axes = figure_axes(fig, 0.42 if len(metrics) > 1 else 0.62, ncols=len(metrics), sharex=True)
     for ax, metric in zip(axes, metrics):
         plot_landscape_1d(landscapes, metric, log=log_loss and metric == "loss", ax=ax, legend=False)
     if len(axes) > 1:  # one x label under all panels: long direction labels do not fit a narrow panel

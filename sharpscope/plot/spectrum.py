@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from ..errors import UserInputError
 from ._bars import grouped_barh
 from ._data import labelled_frame, ordered_unique, require_columns, require_finite, to_frame
-from .style import new_figure, optimizer_label, optimizer_marker, series_colors
+from .style import figure_axes, new_figure, optimizer_label, optimizer_marker, series_colors
 
 __all__ = ["plot_density", "plot_curvature_trajectory", "plot_curvature_trajectories", "plot_layer_curvature",
            "plot_sharpness_summary"]
@@ -200,10 +200,7 @@ def plot_curvature_trajectories(data: Any, *, x: str = "epoch", lr: float | Mapp
                                 fig: Figure | None = None) -> Figure:
     """Two panels: top eigenvalue (with 2/lr) and trace over training, with one shared legend."""
     df = _trajectory_frame(data, "data")
-    if fig is None:
-        fig, axes = new_figure(0.42, ncols=2)
-    else:
-        axes = fig.subplots(1, 2)
+    fig, axes = figure_axes(fig, 0.42, ncols=2)
     plot_curvature_trajectory(df, "lambda_max", x=x, lr=lr, ax=axes[0], legend=False)
     plot_curvature_trajectory(df, "trace", x=x, ax=axes[1], legend=False)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -263,11 +260,7 @@ def plot_sharpness_summary(table: Any, quantities: Any = ("lambda_max", "trace",
         raise UserInputError(f"table has none of the columns {list(quantities)}; it has {list(df.columns)}")
     names = [str(n) for n in df[label]]
     colors = series_colors(names)
-    if fig is None:
-        fig, axes = new_figure(0.36 if len(shown) > 2 else 0.5, ncols=len(shown))
-    else:
-        axes = fig.subplots(1, len(shown))
-    axes = np.atleast_1d(axes)
+    fig, axes = figure_axes(fig, 0.36 if len(shown) > 2 else 0.5, ncols=len(shown))
     positions = np.arange(len(names))
     for ax, q in zip(axes, shown):
         values = df[q].to_numpy(float)

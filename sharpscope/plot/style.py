@@ -24,6 +24,7 @@ from typing import Any
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.figure import Figure
 
 from .._io import atomic_output
@@ -225,6 +226,17 @@ def new_figure(aspect: float = _GOLDEN, *, nrows: int = 1, ncols: int = 1, width
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), layout="constrained",
                              subplot_kw=subplot_kw, **kwargs)
     return fig, axes
+
+
+def figure_axes(fig: Figure | None, aspect: float = _GOLDEN, *, nrows: int = 1, ncols: int = 1,
+                width: float | None = None, **kwargs: Any) -> tuple[Figure, np.ndarray]:
+    """``nrows`` x ``ncols`` panels on ``fig``, or on a :func:`new_figure` of ``aspect`` and ``width``
+    when ``fig`` is None; the Axes always come as an array."""
+    if fig is None:
+        fig, axes = new_figure(aspect, nrows=nrows, ncols=ncols, width=width, **kwargs)
+    else:
+        axes = fig.subplots(nrows, ncols, **kwargs)
+    return fig, np.atleast_1d(axes)
 
 
 _FORMATS = ("pdf", "png", "svg", "eps")

@@ -20,7 +20,7 @@ from matplotlib.lines import Line2D
 
 from ..errors import UserInputError
 from ._data import choose, labelled_frame, ordered_unique, require_columns, to_frame
-from .style import new_figure, optimizer_label, optimizer_marker, series_colors
+from .style import figure_axes, new_figure, optimizer_label, optimizer_marker, series_colors
 
 __all__ = ["read_history", "plot_training_curve", "plot_training_curves"]
 
@@ -129,11 +129,7 @@ def plot_training_curves(histories: Any, metrics: Sequence[str] = ("loss", "acc"
     if not metrics:
         raise UserInputError("metrics must name at least one of 'loss', 'acc'")
     df = _histories(histories)
-    if fig is None:
-        fig, axes = new_figure(0.42 if len(metrics) > 1 else 0.62, ncols=len(metrics))
-    else:
-        axes = fig.subplots(1, len(metrics))
-    axes = np.atleast_1d(axes)
+    fig, axes = figure_axes(fig, 0.42 if len(metrics) > 1 else 0.62, ncols=len(metrics))
     for ax, metric in zip(axes, metrics):
         plot_training_curve(df, metric, splits=splits, x=x, ax=ax, legend=False)
     optimizers = ordered_unique(df["optimizer"])

@@ -35,7 +35,7 @@ from matplotlib.patches import Patch
 from ..errors import UserInputError
 from ._bars import grouped_barh, short_layer_name
 from ._data import choose, labelled_frame, ordered_unique, require_columns, require_finite, to_frame
-from .style import OKABE_ITO, figure_width, new_figure, optimizer_color, optimizer_label
+from .style import OKABE_ITO, figure_axes, figure_width, new_figure, optimizer_color, optimizer_label
 
 __all__ = [
     "plot_zscore_distributions",
@@ -190,13 +190,10 @@ def _zscore_grid(df, names, series, edges, grid_x, percentile, log, fig) -> Figu
     width = figure_width()
     ncols = min(n, 2 if width < 4 else 4)
     nrows = int(np.ceil(n / ncols))
-    if fig is None:
-        panel_h = width / ncols * 0.72
-        fig, axes = new_figure(aspect=(nrows * panel_h + 0.45) / width, nrows=nrows, ncols=ncols,
-                               width=width, sharex=True, sharey=True, squeeze=False)
-    else:
-        axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
-    axes = np.asarray(axes).ravel()
+    panel_h = width / ncols * 0.72
+    fig, axes = figure_axes(fig, (nrows * panel_h + 0.45) / width, nrows=nrows, ncols=ncols, width=width,
+                            sharex=True, sharey=True, squeeze=False)
+    axes = axes.ravel()
     for ax, layer in zip(axes, names):
         for i, s in enumerate(series):
             part = df[(df["layer"] == layer) & ((df["optimizer"] == s) if s is not None else True)]
@@ -247,10 +244,7 @@ def _zscore_legend(fig: Figure, series: list, percentile: float | None) -> None:
 def _zscore_ridge(df, names, series, edges, grid_x, percentile, fig) -> Figure:
     n = len(names)
     width = figure_width()
-    if fig is None:
-        fig, ax = new_figure(aspect=(0.5 + 0.28 * n) / width, width=width)
-    else:
-        ax = fig.subplots()
+    fig, (ax,) = figure_axes(fig, (0.5 + 0.28 * n) / width, width=width)
     centers = 0.5 * (edges[1:] + edges[:-1])
     normal = _normal_pdf(centers)
     step = 1.0
@@ -327,26 +321,17 @@ def plot_mask_summary(stats: Any, *, percentile: float | None = None, fig: Figur
     group = ["optimizer"] if "optimizer" in df.columns else []
     df = df.assign(grad_sq=df["grad_norm"].astype(float) ** 2, pert_sq=df["perturbation_norm"].astype(float) ** 2,
                    fallback=df["fallback"].astype(float) if "fallback" in df.columns else 0.0)
-    if "step" in df.columns:  # shares per step, then averaged
-        keys = [*group, "step"]
-        df["grad_share"] = df["grad_sq"] / df.groupby(keys)["grad_sq"].transform("sum")
-        df["pert_share"] = df["pert_sq"] / df.groupby(keys)["pert_sq"].transform("sum")
-    else:
-        denom_g = df.groupby(group)["grad_sq"].transform("sum") if group else df["grad_sq"].sum()
-        denom_p = df.groupby(group)["pert_sq"].transform("sum") if group else df["pert_sq"].sum()
-        df["grad_share"] = df["grad_sq"] / denom_g
-        df["pert_share"] = df["pert_sq"] / denom_p
+    keys = [*group, "step"] if "step" in df.columns else group  # shares per step, then averaged
+    for sq, share in (("grad_sq", "grad_share"), ("pert_sq", "pert_share")):
+        df[share] = df[sq] / (df.groupby(keys)[sq].transform("sum") if keys else df[sq].sum())
     layer = _per_layer(df, ["kept_fraction", "grad_share", "pert_share", "fallback"], group)
     for col in ("kept_fraction", "grad_share", "pert_share"):
         require_finite(layer[col].to_numpy(float), f"stats[{col!r}]")
         layer[col] = layer[col] * 100.0
     layer["fell_back"] = layer["fallback"] > 0
     n_layers = layer["layer"].nunique()
-    if fig is None:
-        width = figure_width()
-        fig, axes = new_figure(aspect=(0.75 + n_layers * 0.2) / width, ncols=2, width=width, sharey=True)
-    else:
-        axes = fig.subplots(1, 2, sharey=True)
+    width = figure_width()
+    fig, axes = figure_axes(fig, (0.75 + n_layers * 0.2) / width, ncols=2, width=width, sharey=True)
     hue = "optimizer" if group else None
     grouped_barh(layer, "layer", "kept_fraction", hue=hue, ax=axes[0], xlabel="Kept fraction (%)",
                  hatch_mask=layer["fell_back"], color=optimizer_color("zsharp"))

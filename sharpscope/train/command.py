@@ -134,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
     dataset = canonical_dataset_name(dataset)
     config = _config_from(args, base_config)
     if not args.resume:
-        default_name = canonical_model_name(args.model or ("mlp" if dataset == "digits" else "resnet20"))
-        out = Path(args.out or f"runs/{dataset}-{default_name}-{config.optimizer}-s{config.seed}")
+        name = canonical_model_name(args.model or ("mlp" if dataset == "digits" else "resnet20"))
+        out = Path(args.out or f"runs/{dataset}-{name}-{config.optimizer}-s{config.seed}")
         if out.exists() and not out.is_dir():
             raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the run")
         if (out / "last.pt").exists():  # fail before reading a large dataset
@@ -149,7 +149,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserInputError(f"--model {args.model} differs from the run's model {spec['name']}; drop --model")
         model = build_model(spec["name"], spec["num_classes"], **spec["kwargs"])
     else:
-        name = canonical_model_name(args.model or ("mlp" if dataset == "digits" else "resnet20"))
         torch.manual_seed(config.seed)  # the initialisation is part of the run's seed
         model = build_model(name, train_data.num_classes, **_model_kwargs(name, train_data))
 
