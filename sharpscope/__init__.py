@@ -5,6 +5,8 @@ helpers ``style`` and ``save_figure`` are loaded on first use so that ``import s
 import matplotlib.
 """
 
+import os
+from pathlib import Path
 from typing import Any
 
 from ._version import __version__
@@ -46,6 +48,18 @@ from .optim import ASAM, SAM, FriendlySAM, ZSharp, frozen_running_stats
 from .train import Checkpoint, TrainConfig, fit, load_checkpoint
 
 _LAZY_PLOT = ("style", "save_figure")
+
+
+def load(path: str | os.PathLike[str]) -> Any:
+    """Open any sharpscope file: a result file (by the kind stored inside) or a checkpoint (``.pt``).
+
+    Returns the result object (``EigenResult``, ``Landscape``, ...) or a :class:`Checkpoint`.
+    """
+    from .analysis.results import load_result
+
+    if Path(path).suffix == ".pt":
+        return load_checkpoint(path)
+    return load_result(path)
 _LAZY_COMMANDS = ("analyze_checkpoint", "draw_figures", "run_demo", "summary_table")
 
 
@@ -99,6 +113,7 @@ __all__ = [
     "landscape_1d",
     "landscape_2d",
     "layer_curvature",
+    "load",
     "load_checkpoint",
     "load_dataset",
     "load_layer_curvature",

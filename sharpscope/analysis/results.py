@@ -1,4 +1,9 @@
-"""Self-describing result files: an xarray Dataset in netCDF with the settings as JSON attributes.
+"""The one result protocol, and self-describing result files (xarray Dataset in netCDF + JSON settings).
+
+Every analysis returns a :class:`Result`: ``.to_dataframe()`` (tidy, for seaborn), ``.save(path)``,
+``Class.load(path)``, and ``.settings`` holding the settings, seeds, model/data identity and
+``settings["provenance"]`` (versions that made it, :func:`provenance`). Each result class has a
+``KIND`` stored in its file; :func:`load_result` (``sharpscope.load``) opens any result file by it.
 
 Every analysis result stores its numbers together with the coordinates, settings, seeds and the
 identity of the model and data, so a figure can be redrawn from the file alone. No pickle: files
@@ -12,6 +17,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+import platform
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -34,6 +40,13 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (Path, torch.device, torch.dtype)):
         return str(value)
     raise TypeError(f"cannot store {type(value).__name__} in result metadata")
+
+
+def provenance() -> dict[str, str]:
+    """What made a result: sharpscope, torch and Python versions (stored in ``settings["provenance"]``)."""
+    from .._version import __version__
+
+    return {"sharpscope": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def write_dataset(ds: xr.Dataset, path: str | os.PathLike[str], kind: str, metadata: dict[str, Any]) -> Path:
@@ -71,9 +84,17 @@ def read_dataset(path: str | os.PathLike[str], kind: str | None = None) -> tuple
 
 def result_kind(path: str | os.PathLike[str]) -> str:
     """The ``kind`` tag stored in a result file (to dispatch on, e.g. when drawing figures)."""
-    ds = xr.open_dataset(path, engine="scipy")
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"result file not found: {path}")
+    try:
+        ds = xr.open_dataset(path, engine="scipy")
+    except Exception as exc:  # any failure here means "not one of our result files"
+        raise UserInputError(f"{path} is not a sharpscope result file ({exc.__class__.__name__})") from exc
     try:
         return json.loads(ds.attrs[_META_KEY])["kind"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserInputError(f"{path} is not a sharpscope result file (no sharpscope header)") from exc
     finally:
         ds.close()
 
@@ -117,10 +138,65 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+_RESULT_CLASSES: dict[str, type[Result]] = {}
+
+
+class Result:
+    """The protocol every analysis result follows.
+
+    Subclasses set ``KIND`` (the tag in the file; registering the class for :func:`load_result`) and
+    implement :meth:`to_dataframe`, :meth:`save` and :meth:`load`. ``settings`` holds everything that
+    determines the numbers, plus ``"provenance"``.
+    """
+
+    KIND: ClassVar[str]
+    settings: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("KIND")
+        if isinstance(kind, str):
+            _RESULT_CLASSES[kind] = cls
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """The numbers as a tidy DataFrame."""
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result to ``path`` (netCDF), atomically."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Result:
+        """Read a file written by :meth:`save` (refuses other kinds with a clear message)."""
+        raise NotImplementedError
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Versions that produced the result (empty for files written before sharpscope 0.2)."""
+        return dict(self.settings.get("provenance", {}))
+
+
+def result_classes() -> dict[str, type[Result]]:
+    """``KIND -> class`` of every result class imported so far."""
+    return dict(_RESULT_CLASSES)
+
+
+def load_result(path: str | os.PathLike[str]) -> Result:
+    """Open any sharpscope result file as its result class, chosen by the ``kind`` stored inside."""
+    kind = result_kind(path)
+    cls = _RESULT_CLASSES.get(kind)
+    if cls is None:
+        known = ", ".join(sorted(_RESULT_CLASSES))
+        raise UserInputError(f"{path} holds a {kind!r} result, which this version cannot read (known: {known}); "
+                             "upgrade sharpscope")
+    return cls.load(path)
+
+
 _R = TypeVar("_R", bound="DatasetResult")
 
 
-class DatasetResult:
+class DatasetResult(Result):
     """Base of a result that is one ``xarray.Dataset`` plus its settings, saved under ``KIND``.
 
     Subclasses set ``KIND`` and add their own accessors; the file holds the dataset with the

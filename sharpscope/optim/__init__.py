@@ -12,9 +12,14 @@ from .fsam import FriendlySAM
 from .sam import ASAM, SAM
 from .zsharp import MASK_STATS_COLUMNS, ZSharp
 
+#: The order in which optimizers appear in every table, legend and figure: base optimizers first,
+#: then the sharpness-aware ones, ZSharp last (the method the comparison is about).
+OPTIMIZER_ORDER: tuple[str, ...] = ("sgd", "adam", "adamw", "sam", "asam", "fsam", "zsharp")
+
 __all__ = [
     "ASAM",
     "MASK_STATS_COLUMNS",
+    "OPTIMIZER_ORDER",
     "SAM",
     "FriendlySAM",
     "SharpnessAwareOptimizer",

@@ -1,0 +1,159 @@
+"""Full-data evaluation pieces every analysis shares, written once.
+
+- :func:`full_data_loss`: the mean loss over all batches, each weighted by its share of the examples,
+  ``L(w) = sum_b (n_b / N) * loss_fn(f(x_b; w), y_b)`` (the mean over all examples when ``loss_fn``
+  is a per-example mean), optionally with the accuracy and with some parameters replaced.
+- :func:`full_data_gradient`: ``grad L(w)`` with the same weighting, without touching ``.grad``.
+- :func:`assign_parameters` / :func:`offset_parameters`: the weight setters (``w <- v``;
+  ``w <- w0 + sum_i c_i d_i``).
+- :func:`global_norm`: ``sqrt(sum_t ||t||^2)`` in float64.
+- :func:`check_finite_parameters` and :func:`check_model_accepts`: the two cheap checks every analysis
+  runs before long work (non-finite weights; a model that cannot run on the data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..errors import UserInputError
+from .batching import Batch, LossFn, batch_weights, checked_loss, model_device, to_device
+
+
+@dataclass(frozen=True)
+class LossAndAccuracy:
+    """Mean loss and accuracy (argmax of the outputs against integer targets) over all batches."""
+
+    loss: float
+    accuracy: float
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, parameters: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    return model(x) if parameters is None else functional_call(model, dict(parameters), (x,))
+
+
+def _correct(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if out.dim() >= 2 and y.dim() == out.dim() - 1 and not torch.is_floating_point(y):
+        return (out.argmax(1) == y).sum()
+    return torch.zeros((), dtype=torch.int64, device=out.device)
+
+
+@torch.no_grad()
+def full_data_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], *,
+                   parameters: Mapping[str, torch.Tensor] | None = None, with_accuracy: bool = False,
+                   context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+                   ) -> float | LossAndAccuracy:
+    """Mean of ``loss_fn`` over all ``batches`` (weighted by batch size), in the model's current mode.
+
+    Args:
+        parameters: name -> tensor replacing those parameters/buffers for the evaluation
+            (``torch.func.functional_call``; the model itself is not written to).
+        with_accuracy: also count ``argmax(outputs) == targets`` (return a :class:`LossAndAccuracy`).
+        context: a factory of a context entered around each forward pass (e.g. autocast).
+
+    The value may be non-finite; callers decide whether that is an error (an analysis at ``w``) or
+    a result (a landscape point far from ``w``). Accumulation is in float64 on the model's device,
+    with one host synchronisation at the end.
+    """
+    device = model_device(model)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    for (x, y), weight in zip(batches, batch_weights(batches)):
+        x, y = to_device((x, y), device)
+        with (context() if context is not None else contextlib.nullcontext()):
+            out = _outputs(model, x, parameters)
+            loss = checked_loss(loss_fn(out, y))
+        total += loss.double() * weight
+        if with_accuracy:
+            correct += _correct(out, y)
+        n += len(x)
+    if not with_accuracy:
+        return float(total)
+    return LossAndAccuracy(float(total), float(correct) / max(n, 1))
+
+
+def full_data_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
+                       params: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    """``(L(w), grad L(w))`` over all batches for ``params`` (zeros where a tensor gets no gradient).
+
+    Gradients come from ``torch.autograd.grad``, so ``.grad`` of every parameter is left alone.
+    """
+    device = model_device(model)
+    grads = [torch.zeros_like(p) for p in params]
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for (x, y), weight in zip(batches, batch_weights(batches)):
+        x, y = to_device((x, y), device)
+        loss = checked_loss(loss_fn(model(x), y))
+        g = torch.autograd.grad(loss * weight, list(params), allow_unused=True)
+        torch._foreach_add_(grads, [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)])
+        total += loss.detach().double() * weight
+    return float(total), grads
+
+
+@torch.no_grad()
+def assign_parameters(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    """``w <- v`` for each pair, in place."""
+    torch._foreach_copy_(list(params), list(values))
+
+
+@torch.no_grad()
+def offset_parameters(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor],
+                      directions: Sequence[Sequence[torch.Tensor]], coefficients: Sequence[float]) -> None:
+    """``w <- w0 + sum_i c_i d_i`` in place (``directions[i]`` is one tensor per parameter)."""
+    params = list(params)
+    torch._foreach_copy_(params, list(base))
+    for direction, c in zip(directions, coefficients):
+        if c != 0.0:
+            torch._foreach_add_(params, list(direction), alpha=float(c))
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """``sqrt(sum_t ||t||_2^2)`` computed in float64 (0.0 for no tensors)."""
+    if not tensors:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([t.detach().double().norm() for t in tensors])))
+
+
+def check_finite_parameters(model: nn.Module, what: str = "model") -> None:
+    """Refuse a model with NaN/inf in any parameter or floating buffer, naming the tensors."""
+    bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+           if torch.is_floating_point(t) and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise UserInputError(f"the {what} has non-finite values (NaN or inf) in {shown}; "
+                             "analyse a checkpoint from before the run diverged")
+
+
+def check_model_accepts(model: nn.Module, loss_fn: LossFn, batch: Batch, n: int = 2) -> None:
+    """Run one forward pass and the loss on the first ``n`` examples of ``batch`` before long work.
+
+    A model that cannot run on the data (wrong input size, channel count, image too small for its
+    pooling) becomes one :class:`UserInputError` naming the input shape and the model's complaint.
+    """
+    x, y = batch
+    x, y = to_device((x[:n], y[:n]), model_device(model))
+    was_training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+            checked_loss(loss_fn(out, y))
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        if isinstance(exc, UserInputError):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(
+            f"the {type(model).__name__} model cannot run on this data (inputs of shape "
+            f"{tuple(batch[0].shape[1:])} per example, targets {tuple(batch[1].shape[1:]) or 'scalar'}): "
+            f"{detail[:300]}; check --model/--data, or the input size and number of classes"
+        ) from None
+    finally:
+        for module, flag in was_training:
+            module.training = flag
