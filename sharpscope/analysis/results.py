@@ -218,3 +218,49 @@ class DatasetResult(Result):
         """Read a file written by :meth:`save` (refuses other result kinds with a clear message)."""
         ds, settings = read_dataset(path, cls.KIND)
         return cls(ds, settings)
+
+
+_T = TypeVar("_T", bound="TableResult")
+
+
+class TableResult(Result):
+    """Base of a result that is one tidy table (one row per layer, say) plus its settings.
+
+    For code written against the DataFrames these analyses returned before, the result also reads
+    like its table: ``res["layer"]``, ``len(res)``, ``res.columns``, ``res.loc[...]`` are the table's.
+    """
+
+    KIND: ClassVar[str]
+
+    def __init__(self, table: pd.DataFrame, settings: dict[str, Any]) -> None:
+        self.table = table.reset_index(drop=True)
+        self.settings = dict(settings)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """A copy of the table."""
+        return self.table.copy()
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the table (netCDF, one variable per column) with the settings, atomically."""
+        return write_table(self.table, path, self.KIND, {"settings": self.settings})
+
+    @classmethod
+    def load(cls: type[_T], path: str | os.PathLike[str]) -> _T:
+        """Read a file written by :meth:`save` (or by sharpscope 0.1's ``save_*`` table writers)."""
+        table, meta = read_table(path, cls.KIND)
+        settings = meta.get("settings", {k: v for k, v in meta.items() if k != "settings"})
+        return cls(table, settings)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.table[key]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("table", "settings"):
+            raise AttributeError(name)
+        return getattr(self.table, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.table)} rows)\n{self.table!r}"
