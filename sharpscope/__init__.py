@@ -23,6 +23,7 @@ from .analysis.gradients import ZScoreResult, gradient_zscores, load_zscores
 from .analysis.hessian import (
     DensityResult,
     EigenResult,
+    LayerCurvatureResult,
     TraceResult,
     hessian_density,
     hessian_eigenvalues,
@@ -34,6 +35,8 @@ from .analysis.hessian import (
 from .analysis.landscape import Landscape, interpolate, landscape_1d, landscape_2d
 from .analysis.masks import (
     AlignmentResult,
+    MaskStatisticsResult,
+    ZSharpMasks,
     load_mask_log,
     load_mask_statistics,
     mask_statistics,
@@ -41,6 +44,7 @@ from .analysis.masks import (
     save_mask_statistics,
     zsharp_masks,
 )
+from .analysis.results import Result, TableResult
 from .analysis.sharpness import SharpnessResult, sharpness
 from .data import DATASET_NAMES, TensorData, load_dataset
 from .models import MODEL_NAMES, build_model
@@ -79,6 +83,8 @@ __all__ = [
     "ASAM",
     "SAM",
     "AlignmentResult",
+    "MaskStatisticsResult",
+    "ZSharpMasks",
     "Checkpoint",
     "DATASET_NAMES",
     "MODEL_NAMES",
@@ -91,7 +97,10 @@ __all__ = [
     "FriendlySAM",
     "HessianOperator",
     "Landscape",
+    "LayerCurvatureResult",
+    "Result",
     "SharpnessResult",
+    "TableResult",
     "TraceResult",
     "ZSharp",
     "ZScoreResult",

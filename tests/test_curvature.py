@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sharpscope.analysis.curvature import HessianOperator
+from sharpscope.errors import UserInputError
 from tests._curvature_models import cnn_data, exact_hessian, mlp_data, tiny_cnn, tiny_mlp
 
 CE = nn.CrossEntropyLoss()
@@ -124,15 +125,19 @@ class _ItemModel(nn.Module):
 
 
 def test_fallback_to_double_backward_when_torch_func_fails() -> None:
-    """torch.func cannot transform an old-style autograd.Function: a warning, then double-backward results equal the exact Hessian."""
+    """torch.func cannot transform an old-style autograd.Function: hvp="func" warns once, when the operator
+    is built, and the double-backward products equal the exact Hessian (torch.autograd.functional)."""
     torch.manual_seed(0)
     model = _ItemModel()
     x, y = mlp_data()
-    with HessianOperator(model, CE, [(x[:20], y[:20]), (x[20:], y[20:])], hvp="func") as op:
-        with pytest.warns(RuntimeWarning, match="falling back"):
-            first = op.matvec(torch.eye(op.dim, dtype=torch.float64)[0])
-        assert op.method == "autograd"
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        op = HessianOperator(model, CE, [(x[:20], y[:20]), (x[20:], y[20:])], hvp="func")
+    with op, warnings.catch_warnings():
+        warnings.simplefilter("error")  # no further warning, no further switch
+        assert op.method == "autograd" and "setup_context" in op.fallback_reason
+        first = op.matvec(torch.eye(op.dim, dtype=torch.float64)[0])
         H = dense(op)
+        assert op.method == "autograd"
     np.testing.assert_allclose(H[0], first.numpy(), atol=1e-14)
     params = dict(model.named_parameters())
 
@@ -155,15 +160,14 @@ def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match="empty"):
         HessianOperator(model, CE, (x[:0], y[:0]))
     no_reduce = nn.CrossEntropyLoss(reduction="none")
-    for hvp in ("func", "cached", "autograd"):
-        op = HessianOperator(model, no_reduce, (x, y), hvp=hvp)
+    ones = torch.ones(model[0].weight.numel() + 8 + 24 + 3, dtype=torch.float64)
+    for hvp in ("func", "cached", "autograd"):  # "func" meets them in its trial product, at construction
         with pytest.raises(ValueError, match="scalar"):
-            op.matvec(torch.ones(op.dim, dtype=torch.float64))
+            HessianOperator(model, no_reduce, (x, y), hvp=hvp).matvec(ones)
         bad = x.clone()
         bad[0, 0] = float("nan")
-        op = HessianOperator(model, CE, (bad, y), hvp=hvp)
         with pytest.raises(FloatingPointError, match="not finite"):
-            op.matvec(torch.ones(op.dim, dtype=torch.float64))
+            HessianOperator(model, CE, (bad, y), hvp=hvp).matvec(ones)
     with pytest.raises(ValueError, match="hvp must be"):
         HessianOperator(model, CE, (x, y), hvp="magic")
     frozen = tiny_mlp().requires_grad_(False)
@@ -173,3 +177,91 @@ def test_bad_input_is_named() -> None:
         warnings.simplefilter("error")  # a good call warns about nothing
         HessianOperator(model, CE, (x, y)).matvec(torch.ones(model[0].weight.numel() + 8 + 24 + 3,
                                                              dtype=torch.float64))
+
+
+class _NoJvpTanh(torch.autograd.Function):
+    """tanh with setup_context and backward but no jvp: forward-mode AD (torch.func.jvp) is unsupported,
+    double backward works."""
+
+    @staticmethod
+    def forward(x):  # noqa: ANN001, ANN205
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
+class _Switchable(nn.Module):
+    """A linear-tanh model using _NoJvpTanh, or one that raises a RuntimeError once ``fail`` is set."""
+
+    def __init__(self, no_jvp: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3).double()
+        self.no_jvp = no_jvp
+        self.fail = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError("boom: a failure of the model itself")
+        return _NoJvpTanh.apply(self.lin(x)) if self.no_jvp else torch.tanh(self.lin(x))
+
+
+def test_auto_picks_double_backward_at_build_when_forward_mode_is_unsupported() -> None:
+    """hvp="auto" with several batches wants torch.func; a model without forward-mode AD gets "autograd"
+    chosen at construction (no warning: auto), keeps it for every product, and the products equal
+    those of the same model written with torch.tanh (whose func HVP is checked against torch.func.hessian
+    above)."""
+    x, y = mlp_data()
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]
+    torch.manual_seed(0)
+    odd = _Switchable(no_jvp=True)
+    torch.manual_seed(0)
+    plain = _Switchable(no_jvp=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op = HessianOperator(odd, CE, batches)
+        ref = HessianOperator(plain, CE, batches)
+    assert op.method == "autograd" and op.fallback_reason.startswith("NotImplementedError")
+    assert ref.method == "func" and ref.fallback_reason is None
+    assert op.n_hvp == 0  # the trial product is not counted
+    np.testing.assert_allclose(dense(op), dense(ref), rtol=0, atol=1e-13)
+    assert op.method == "autograd"
+
+
+def test_method_stays_fixed_and_later_errors_propagate() -> None:
+    """Once built with "func", a RuntimeError raised later by the model propagates unchanged: no silent
+    switch to another method half-way through a run. A model error that every method raises at
+    construction propagates too (it is not taken for "torch.func unsupported")."""
+    model = _Switchable()
+    x, y = mlp_data()
+    op = HessianOperator(model, CE, [(x[:20], y[:20]), (x[20:], y[20:])])
+    assert op.method == "func"
+    op.matvec(torch.ones(op.dim, dtype=torch.float64))
+    model.fail = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="boom"):
+            op.matvec(torch.ones(op.dim, dtype=torch.float64))
+    assert op.method == "func" and op.n_hvp == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        HessianOperator(model, CE, [(x[:20], y[:20]), (x[20:], y[20:])], hvp="func")
+    model.fail = False
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):  # 4 features for a 5-input layer
+        HessianOperator(model, CE, [(x[:20, :4], y[:20]), (x[20:, :4], y[20:])])
+
+
+def test_non_finite_weights_refused_when_the_operator_is_built() -> None:
+    """A NaN weight is refused at construction with one line naming the tensor (0.1 built the operator and
+    failed later with a FloatingPointError from inside a product)."""
+    model = tiny_mlp()
+    with torch.no_grad():
+        model[2].bias[0] = float("nan")
+    with pytest.raises(UserInputError, match=r"2\.bias") as info:
+        HessianOperator(model, CE, mlp_data())
+    assert "\n" not in str(info.value)

@@ -173,3 +173,26 @@ def test_eigen_directions_are_scaled_top_eigenvectors():
         cos = d["w"].reshape(-1).numpy() @ vec[:, -1 - k] / w_norm
         assert abs(cos) == pytest.approx(1.0, abs=1e-6)
         assert torch.count_nonzero(d["b"]) == 0
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor():
+    """Issue 11: directions normalised against NaN/inf weights would be NaN; every maker refuses
+    them up front and names the tensor (random, eigen, interpolation and trajectory directions)."""
+    bad = small_cnn()
+    with torch.no_grad():
+        bad[4].weight[1, 2] = float("inf")
+    with pytest.raises(UserInputError, match="4.weight"):
+        random_directions(bad, 1)
+    with pytest.raises(UserInputError, match="4.weight"):
+        eigen_directions(bad, nn.functional.cross_entropy, (torch.randn(2, 3, 6, 6), torch.tensor([0, 1])), n=1)
+    with pytest.raises(UserInputError, match="model_b.*4.weight"):
+        interpolation_direction(small_cnn(), bad)
+    good = [small_cnn() for _ in range(3)]
+    with pytest.raises(UserInputError, match="checkpoint 1.*4.weight"):
+        trajectory_directions([good[0], bad.state_dict(), good[2]], n=1, model=good[0])
+
+
+def test_eigen_directions_refuse_a_model_that_cannot_run_on_the_data():
+    """One cheap forward pass before the Lanczos iterations: a shape mismatch is one line."""
+    with pytest.raises(UserInputError, match="cannot run on this data"):
+        eigen_directions(small_cnn(), nn.functional.cross_entropy, (torch.randn(2, 10), torch.tensor([0, 1])), n=1)

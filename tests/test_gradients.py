@@ -229,3 +229,30 @@ def test_constant_gradient_layer_warns_instead_of_silent_nan():
         res = gradient_zscores(Const(), linear_loss, (torch.ones(2, 5), torch.zeros(2)), progress=False)
     row = res.to_dataframe().iloc[0]
     assert math.isnan(row["excess_kurtosis"]) and row["p_abs_z_gt_2"] == 0.0
+
+
+def test_non_finite_weights_and_wrong_data_are_one_line():
+    """Issue 11: NaN/inf weights are refused up front naming the tensor (they used to give a
+    FloatingPointError traceback), and a model that cannot run on the data gives one
+    UserInputError line (it used to be a RuntimeError from inside the gradient pass)."""
+    model = SmallNet().eval()
+    data = (torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,)))
+    with pytest.raises(UserInputError, match="cannot run on this data"):
+        gradient_zscores(model, nn.functional.cross_entropy, (torch.randn(4, 10), data[1]), progress=False)
+    with torch.no_grad():
+        model.bn.running_var[2] = float("inf")
+    with pytest.raises(UserInputError, match=r"non-finite.*bn\.running_var") as err:
+        gradient_zscores(model, nn.functional.cross_entropy, data, progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_incomplete_file_is_one_line(tmp_path):
+    """A Z-score file of the right kind without its histogram is refused in one line (not KeyError)."""
+    from sharpscope.analysis.results import read_dataset, write_dataset
+
+    res = gradient_zscores(Planted(), linear_loss, planted_batches(lambda r, s: r.normal(size=s), 1),
+                           progress=False)
+    ds, meta = read_dataset(res.save(tmp_path / "z.nc"), "gradient_zscores")
+    write_dataset(ds.drop_vars("counts"), tmp_path / "bad.nc", "gradient_zscores", meta)
+    with pytest.raises(UserInputError, match="lacks 'counts'"):
+        ZScoreResult.load(tmp_path / "bad.nc")

@@ -242,7 +242,7 @@ def test_partial_grid_resumes_without_recomputing(tmp_path):
     assert saved.done.sum() == 8 and not saved.complete
     calls.update(n=0, limit=10**6)
     resumed = landscape_2d(model, counting, QDATA, checkpoint_path=path, checkpoint_every=4, **kwargs)
-    assert calls["n"] == 20 - 8
+    assert calls["n"] == 1 + 20 - 8  # one loss call checks the model accepts the data, then the 12 missing points
     full = landscape_2d(model, mean_out, QDATA, **kwargs)
     np.testing.assert_array_equal(resumed.loss, full.loss)
     assert Landscape.load(path).complete
@@ -328,3 +328,62 @@ def test_grid_points_shared_over_two_gloo_processes(tmp_path):
                           progress=False)
     for r in range(2):
         np.testing.assert_allclose(np.load(tmp_path / f"rank{r}.npy"), single.loss, rtol=1e-12)
+
+
+def test_resume_with_another_loss_function_is_refused(tmp_path):
+    """Issue 11: a partial grid made with CrossEntropyLoss() must not be continued with
+    CrossEntropyLoss(label_smoothing=0.1) (repr() is the same for both, so the state must count),
+    nor with another plain function or another metric; one line names the setting that differs.
+    The same loss object type with the same settings resumes."""
+    model, data = tiny_net(), tiny_data()
+    path = tmp_path / "grid.nc"
+    kwargs = dict(steps=[-0.5, 0.0], checkpoint_path=path, progress=False)
+    landscape_1d(model, nn.CrossEntropyLoss(), data, **kwargs)
+    with pytest.raises(UserInputError, match="another loss function.*loss_fn_identity") as err:
+        landscape_1d(model, nn.CrossEntropyLoss(label_smoothing=0.1), data, **kwargs)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserInputError, match="another loss function"):
+        landscape_1d(model, F.cross_entropy, data, **kwargs)
+    with pytest.raises(UserInputError, match="metric"):
+        landscape_1d(model, nn.CrossEntropyLoss(), data, metrics={"m": lambda o, t: o.mean()}, **kwargs)
+    again = landscape_1d(model, nn.CrossEntropyLoss(), data, **kwargs)  # a new but equal loss object
+    assert again.complete
+    smooth = landscape_1d(model, nn.CrossEntropyLoss(label_smoothing=0.1), data, steps=[-0.5, 0.0], progress=False)
+    assert not np.allclose(smooth.loss, again.loss)  # the two losses really give other values
+
+
+def test_non_finite_weights_at_the_origin_are_refused_naming_the_tensor():
+    """Issue 11: NaN/inf weights at w used to give an all-NaN grid with a warning; now every slice
+    refuses them up front and names the tensor."""
+    model, data = tiny_net(), tiny_data()
+    dirs = random_directions(model, 2, seed=0)
+    with torch.no_grad():
+        model[4].weight[0, 0] = float("nan")
+    with pytest.raises(UserInputError, match="4.weight"):
+        landscape_1d(model, F.cross_entropy, data, direction=dirs[0], steps=3, progress=False)
+    with pytest.raises(UserInputError, match="4.weight"):
+        landscape_2d(model, F.cross_entropy, data, directions=dirs, x=2, y=2, progress=False)
+    with pytest.raises(UserInputError, match="non-finite"):
+        interpolate(model, tiny_net(1), F.cross_entropy, data, alphas=3, progress=False)
+    with pytest.raises(UserInputError, match="model_b.*4.weight"):
+        interpolate(tiny_net(1), model, F.cross_entropy, data, alphas=3, progress=False)
+
+
+def test_model_that_cannot_run_on_the_data_is_one_line():
+    """A CNN given flat vectors fails in one cheap forward pass before the grid, as a UserInputError
+    (it used to be a RuntimeError traceback from inside the first grid point)."""
+    data = (torch.randn(6, 10), torch.randint(0, 3, (6,)))
+    with pytest.raises(UserInputError, match="cannot run on this data"):
+        landscape_1d(tiny_net(), F.cross_entropy, data, steps=3, progress=False)
+    with pytest.raises(UserInputError, match="cannot run on this data"):
+        interpolate(tiny_net(0), tiny_net(1), F.cross_entropy, data, alphas=3, progress=False)
+
+
+def test_grid_options_are_validated_in_one_line():
+    """points_per_call, recalibration_batches and checkpoint_every go through the one validator."""
+    model, data = Quadratic(), QDATA
+    for bad in ({"points_per_call": 0}, {"points_per_call": 1.5}, {"recalibration_batches": 0},
+                {"checkpoint_every": True}, {"steps": 0}):
+        kwargs = {"steps": 3, **bad}
+        with pytest.raises(UserInputError, match=next(iter(bad))):
+            landscape_1d(model, mean_out, data, progress=False, **kwargs)

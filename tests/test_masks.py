@@ -189,7 +189,7 @@ def test_model_unchanged_and_deterministic():
     before = _snapshot(model)
     a = mask_statistics(model, CE, data, progress=False)
     b = mask_statistics(model, CE, data, progress=False)
-    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(a.to_dataframe(), b.to_dataframe())
     r1 = perturbation_alignment(model, CE, data, k=2, progress=False)
     r2 = perturbation_alignment(model, CE, data, k=2, progress=False)
     pd.testing.assert_frame_equal(r1.to_dataframe(), r2.to_dataframe())
@@ -313,7 +313,7 @@ def test_mask_statistics_save_load(tmp_path):
         table = mask_statistics(model, CE, data, per_batch=per_batch, progress=False)
         back = load_mask_statistics(save_mask_statistics(table, tmp_path / f"m{per_batch}.nc"))
         # netCDF3 stores int64 as int32 and text as characters: values must match, dtypes may not
-        pd.testing.assert_frame_equal(back, table, check_dtype=False)
+        pd.testing.assert_frame_equal(back.to_dataframe(), table.to_dataframe(), check_dtype=False)
         assert back.attrs == table.attrs
         if per_batch:
             assert back["fallback"].dtype == bool
@@ -380,3 +380,54 @@ def test_bad_input(percentile):
     flat = nn.Sequential(nn.BatchNorm1d(4))
     with pytest.raises(UserInputError, match="ndim > 1"):
         mask_statistics(flat, nn.functional.mse_loss, (torch.randn(5, 4), torch.randn(5, 4)), progress=False)
+
+
+def test_non_finite_weights_are_refused_up_front_naming_the_tensor():
+    """Issue 11: every analysis here refuses NaN/inf weights before the gradient pass and names the
+    tensor (they used to end in a FloatingPointError traceback)."""
+    model, data = make_net(), make_data(8, 8)
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("nan")
+    for run in (lambda: mask_statistics(model, CE, data, progress=False),
+                lambda: zsharp_masks(model, CE, data),
+                lambda: perturbation_alignment(model, CE, data, k=1, progress=False)):
+        with pytest.raises(UserInputError, match="fc1.weight") as err:
+            run()
+        assert "\n" not in str(err.value)
+
+
+def test_model_that_cannot_run_on_the_data_is_one_line():
+    """A conv net given flat vectors: one UserInputError line from the cheap check, not a RuntimeError."""
+    model, flat = make_net(), [(torch.randn(4, 12), torch.randint(0, 4, (4,)))]
+    for run in (lambda: mask_statistics(model, CE, flat, progress=False),
+                lambda: zsharp_masks(model, CE, flat),
+                lambda: perturbation_alignment(model, CE, flat, k=1, progress=False)):
+        with pytest.raises(UserInputError, match="cannot run on this data"):
+            run()
+
+
+@pytest.mark.parametrize("damage", ["hole", "infinite", "fraction"])
+def test_corrupted_mask_log_is_one_line(tmp_path, damage):
+    """Issue 11: a masks.csv with an emptied field, an infinite or a fractional count (e.g. a
+    damaged write) used to load silently with NaN/inf or fail with a ValueError when checked
+    against the model; now one UserInputError line names the damage."""
+    model = make_net()
+    _write_log(tmp_path / "masks.csv", model, steps=(0, 2))
+    lines = (tmp_path / "masks.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    fields = lines[-1].split(",")
+    fields[header.index("numel")] = {"hole": "", "infinite": "inf", "fraction": "2.5"}[damage]
+    lines[-1] = ",".join(fields)
+    (tmp_path / "masks.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserInputError, match="damaged") as err:
+        load_mask_log(tmp_path, model=model)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_mask_log_is_one_line(tmp_path):
+    """A log cut in the middle of its last line (a killed writer) is refused in one line."""
+    _write_log(tmp_path / "masks.csv", make_net(), steps=(0,))
+    text = (tmp_path / "masks.csv").read_text()
+    (tmp_path / "masks.csv").write_text(text[: len(text) - 25])
+    with pytest.raises(UserInputError, match="damaged|not a ZSharp mask log"):
+        load_mask_log(tmp_path / "masks.csv")

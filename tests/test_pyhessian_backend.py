@@ -78,3 +78,21 @@ def test_trace_and_density_run_on_cpu_without_torch_eig() -> None:
     assert abs(d.moments(1)[1] - np.trace(H) / len(H)) <= 4 * se
     assert abs(ours.moments(1)[1] - np.trace(H) / len(H)) <= 4 * se
     assert getattr(torch, "eig", None) is original_eig  # the replacement lived only inside the call
+
+
+def test_progress_argument_draws_a_bar_only_when_asked(capsys) -> None:
+    """progress=True shows a bar over PyHessian's products on stderr (0.1 ignored the argument);
+    progress=False writes nothing. The numbers do not depend on it (same seed, same products)."""
+    model, data = tiny_mlp(), mlp_data()
+    quiet = hessian_trace(model, CE, data, n_samples=5, tol=1e-9, backend="pyhessian", progress=False)
+    assert capsys.readouterr().err == ""
+    loud = hessian_trace(model, CE, data, n_samples=5, tol=1e-9, backend="pyhessian", progress=True)
+    err = capsys.readouterr().err
+    assert "PyHessian trace" in err and "/5 " in err  # the total: at most n_samples probes
+    np.testing.assert_array_equal(loud.samples, quiet.samples)
+    hessian_eigenvalues(model, CE, data, k=1, max_iter=3, backend="pyhessian", progress=True)
+    assert "PyHessian top-1" in capsys.readouterr().err
+    hessian_density(model, CE, data, n_iter=3, backend="pyhessian", progress=True)
+    assert "PyHessian SLQ" in capsys.readouterr().err
+    hessian_eigenvalues(model, CE, data, k=1, max_iter=3, backend="pyhessian", progress=False)
+    assert capsys.readouterr().err == ""

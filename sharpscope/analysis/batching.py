@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UserInputError
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 #: ``loss_fn(outputs, targets)`` returning a mean-reduced scalar loss.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -29,7 +31,7 @@ def _is_single_batch(data: Any) -> bool:
 
 
 def as_batches(data: Any) -> list[Batch]:
-    """Return ``data`` as a list of ``(inputs, targets)`` batches; raise ``ValueError`` if empty.
+    """Return ``data`` as a list of ``(inputs, targets)`` batches; raise :class:`UserInputError` (a ``ValueError``) if empty.
 
     A single batch is wrapped in a list; an iterable (DataLoader) is materialised once so that
     iterative algorithms see the same batches in every pass.
@@ -40,13 +42,31 @@ def as_batches(data: Any) -> list[Batch]:
         try:
             batches = [(b[0], b[1]) for b in data]
         except TypeError as exc:
-            raise ValueError(
+            raise UserInputError(
                 "data must be one (inputs, targets) batch or an iterable of such batches "
                 f"(a DataLoader); got {type(data).__name__}"
             ) from exc
     if not batches or all(len(x) == 0 for x, _ in batches):
-        raise ValueError("data is empty: give at least one non-empty (inputs, targets) batch")
+        raise UserInputError("data is empty: give at least one non-empty (inputs, targets) batch")
     return [(x, y) for x, y in batches if len(x) > 0]
+
+
+def prepared_batches(model: nn.Module, loss_fn: LossFn, data: Any) -> list[Batch]:
+    """``data`` as batches, after the two cheap checks every analysis runs before long work.
+
+    Refuses non-finite weights (naming the tensors) and a model that cannot run on the data (one
+    forward pass and the loss on two examples of the first batch), each as one :class:`UserInputError`.
+    """
+    from .evaluation import check_finite_parameters, check_model_accepts  # it imports this module
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+    batches = as_batches(data)
+    check_finite_parameters(model)
+    check_model_accepts(model, loss_fn, batches[0])
+    return batches
 
 
 def batch_weights(batches: Sequence[Batch]) -> list[float]:
@@ -72,7 +92,7 @@ def checked_loss(loss: torch.Tensor, where: str = "loss_fn") -> torch.Tensor:
     """Raise a clear error for a non-scalar loss (finite-ness is checked where it is read)."""
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(
+        raise UserInputError(
             f"{where} must return a scalar (mean-reduced) loss; got shape {shape}. "
             "Use reduction='mean'."
         )
@@ -124,5 +144,5 @@ def trainable_named_parameters(model: nn.Module,
     wanted = {id(p) for p in params}
     chosen = [(n, p) for n, p in named if id(p) in wanted]
     if not chosen:
-        raise ValueError("params selects no trainable parameter of the model")
+        raise UserInputError("params selects no trainable parameter of the model")
     return chosen

@@ -23,7 +23,15 @@ How an HVP is computed (``hvp=``):
   every HVP is then one backward pass through that graph. Cheapest per HVP, but it holds the graph of
   every batch in memory, so ``"auto"`` uses it only for a single batch.
 * ``"autograd"``: reverse-over-reverse, rebuilding the graph per HVP (the fallback when torch.func cannot
-  trace a model, e.g. one that calls ``.item()`` inside ``forward``).
+  transform a model, e.g. one using an old-style ``torch.autograd.Function`` without ``setup_context``).
+
+The method is chosen once, when the operator is built, and never changes afterwards. When
+``"func"`` is wanted (``hvp="func"``, or ``"auto"`` with several batches) a trial product on the first
+batch is computed with it; if torch.func reports the model as unsupported (a ``RuntimeError`` or
+``NotImplementedError``, e.g. a missing forward-mode derivative) and double-backward autograd computes
+the same trial product, ``"autograd"`` is used and the reason kept in ``fallback_reason`` (with a
+``RuntimeWarning`` when ``"func"`` was asked for explicitly). An error that autograd raises as well is
+the model's or the data's, and propagates.
 
 The operator works on a snapshot of the parameters and buffers taken at construction (cast to
 ``dtype`` if given, e.g. ``torch.float64`` for validation), so the model itself is never written to:
@@ -46,6 +54,8 @@ from scipy.sparse.linalg import LinearOperator
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
+from .._validate import choice
+from ..errors import UserInputError
 from .batching import (
     LossFn,
     as_batches,
@@ -57,11 +67,14 @@ from .batching import (
     to_device,
     trainable_named_parameters,
 )
+from .evaluation import check_finite_parameters
 
 HVP_METHODS = ("auto", "func", "cached", "autograd")
 
-# Errors that mean "the user's model/loss is wrong", never "torch.func cannot trace this model".
-_USER_ERRORS = (ValueError, TypeError, FloatingPointError)
+# What torch.func raises for a model it cannot transform (missing forward-mode derivative, an
+# autograd.Function without setup_context, an unsupported operator). Only these trigger the fallback,
+# and only if double-backward autograd then succeeds on the same trial product.
+_UNSUPPORTED = (RuntimeError, NotImplementedError)
 
 
 @contextlib.contextmanager
@@ -84,6 +97,19 @@ def _add_weighted(total: list[torch.Tensor] | None, terms: Sequence[torch.Tensor
     return [s + weight * t for s, t in zip(total, terms)]
 
 
+_Weighted = tuple[tuple[torch.Tensor, torch.Tensor], float]
+
+
+def _check_arguments(model: Any, loss_fn: Any, hvp: Any, dtype: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+    choice(hvp, "hvp", HVP_METHODS)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UserInputError(f"dtype must be a floating torch dtype (e.g. torch.float64) or None, got {dtype!r}")
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     if dtype is not None and t.is_floating_point():
         return t.to(dtype)
@@ -103,11 +129,15 @@ class HessianOperator:
             or ``"autograd"`` -- see the module docstring.
         progress: show a progress bar over batches inside each HVP (useful for large DataLoaders).
 
+    Raises ``UserInputError`` for non-finite weights (naming the tensors), bad arguments or empty data.
+
     Attributes:
         dim: number of scalar parameters (the side of the Hessian).
         n_hvp: number of full-data Hessian-vector products computed so far.
         param_names, shapes: the parameter tensors in the order of the flat vector.
         device, dtype: where and in which precision vectors live.
+        method: the product method in use (``"func"``, ``"cached"`` or ``"autograd"``), fixed at construction.
+        fallback_reason: why ``"func"`` could not be used (None if it was not wanted or worked).
 
     Example::
 
@@ -117,24 +147,26 @@ class HessianOperator:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, params: Iterable[torch.Tensor] | None = None,
                  dtype: torch.dtype | None = None, hvp: str = "auto", progress: bool = False) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
-        if hvp not in HVP_METHODS:
-            raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating torch dtype (e.g. torch.float64) or None, got {dtype!r}")
+        _check_arguments(model, loss_fn, hvp, dtype)
+        check_finite_parameters(model)
         self.model = model
         self.loss_fn = loss_fn
         self.progress = progress
         self.batches = as_batches(data)
         self.weights = batch_weights(self.batches)
         self.device = model_device(model)
+        self._snapshot(model, trainable_named_parameters(model, params), dtype)
+        self.n_hvp = 0
+        self._graph: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
+        self._state_cm: contextlib.AbstractContextManager[Any] | None = None
+        #: Why ``"func"`` was not usable (None when it was, or was not wanted).
+        self.fallback_reason: str | None = None
+        self.method: str = self._choose_method(hvp)
 
-        chosen = trainable_named_parameters(model, params)
+    def _snapshot(self, model: nn.Module, chosen: list[tuple[str, nn.Parameter]], dtype: torch.dtype | None) -> None:
+        """Copy the chosen parameters (cast to ``dtype``) and everything else the forward pass reads."""
         if not chosen:
-            raise ValueError("the model has no parameter with requires_grad=True: nothing to differentiate")
+            raise UserInputError("the model has no parameter with requires_grad=True: nothing to differentiate")
         chosen_ids = {id(p) for _, p in chosen}
         self.param_names: list[str] = [n for n, _ in chosen]
         self.shapes: list[torch.Size] = [p.shape for _, p in chosen]
@@ -150,10 +182,28 @@ class HessianOperator:
         # Tied parameters appear under several names; functional_call needs every alias.
         self._aliases = self._alias_map(model, chosen)
 
-        self.n_hvp = 0
-        self.method = ("cached" if len(self.batches) == 1 else "func") if hvp == "auto" else hvp
-        self._graph: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
-        self._state_cm: contextlib.AbstractContextManager[Any] | None = None
+    def _choose_method(self, hvp: str) -> str:
+        """The product method, fixed for the operator's life (see the module docstring)."""
+        wanted = ("cached" if len(self.batches) == 1 else "func") if hvp == "auto" else hvp
+        if wanted != "func":
+            return wanted
+        probe = tuple(torch.ones_like(p) for p in self._params)
+        first = [(self.batches[0], 1.0)]
+        try:
+            with _eval_flags(self.model):
+                self._hvp_func(probe, first)
+            return "func"
+        except _UNSUPPORTED as exc:
+            unsupported = exc
+        with _eval_flags(self.model):
+            self._hvp_autograd(probe, first)  # an error here is the model's own: it propagates
+        detail = (str(unsupported).strip().splitlines() or [""])[0][:200]
+        self.fallback_reason = f"{type(unsupported).__name__}: {detail}"
+        if hvp == "func":
+            warnings.warn(f"torch.func cannot compute this model's Hessian-vector product ({self.fallback_reason}); "
+                          "falling back to double-backward autograd (hvp='autograd') for every product",
+                          RuntimeWarning, stacklevel=3)
+        return "autograd"
 
     # -- context management ------------------------------------------------------------------------
     def __enter__(self) -> HessianOperator:
@@ -203,19 +253,11 @@ class HessianOperator:
         vs = tuple(self.unflatten(v))
         with _eval_flags(self.model):
             if self.method == "func":
-                try:
-                    out = self._hvp_func(vs)
-                except _USER_ERRORS:
-                    raise
-                except Exception as exc:  # torch.func could not trace this model
-                    warnings.warn(f"torch.func could not compute the HVP ({exc.__class__.__name__}: {exc}); "
-                                  "falling back to double-backward autograd", RuntimeWarning, stacklevel=2)
-                    self.method = "autograd"
-                    out = self._hvp_autograd(vs)
+                out = self._hvp_func(vs, self._weighted_batches())
             elif self.method == "cached":
                 out = self._hvp_cached(vs)
             else:
-                out = self._hvp_autograd(vs)
+                out = self._hvp_autograd(vs, self._weighted_batches())
         flat = torch.cat([t.reshape(-1) for t in out])
         if not bool(torch.isfinite(flat).all()):
             raise FloatingPointError("the Hessian-vector product is not finite (NaN/inf); check the model, "
@@ -238,7 +280,7 @@ class HessianOperator:
         assert total is not None
         return torch.cat([t.reshape(-1) for t in total])
 
-    def _weighted_batches(self) -> Iterable[tuple[tuple[torch.Tensor, torch.Tensor], float]]:
+    def _weighted_batches(self) -> Iterable[_Weighted]:
         from .._progress import progress
 
         items = zip(self.batches, self.weights)
@@ -259,9 +301,10 @@ class HessianOperator:
         loss = checked_loss(self.loss_fn(functional_call(self.model, tensors, (x,)), y))
         return loss
 
-    def _hvp_func(self, vs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    def _hvp_func(self, vs: tuple[torch.Tensor, ...], batches: Iterable[_Weighted]) -> list[torch.Tensor]:
+        """Forward-over-reverse: ``jvp(grad L_b, w, v)`` per batch, weighted."""
         total: list[torch.Tensor] | None = None
-        for (x, y), weight in self._weighted_batches():
+        for (x, y), weight in batches:
             def grad_and_loss(ps: tuple[torch.Tensor, ...], x: torch.Tensor = x, y: torch.Tensor = y) -> Any:
                 loss = self._loss(ps, x, y)
                 return loss, loss.detach()
@@ -273,9 +316,10 @@ class HessianOperator:
         assert total is not None
         return total
 
-    def _hvp_autograd(self, vs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    def _hvp_autograd(self, vs: tuple[torch.Tensor, ...], batches: Iterable[_Weighted]) -> list[torch.Tensor]:
+        """Reverse-over-reverse on a gradient graph rebuilt for each batch."""
         total: list[torch.Tensor] | None = None
-        for (x, y), weight in self._weighted_batches():
+        for (x, y), weight in batches:
             ps, gs = self._gradient_graph(x, y)
             hv = self._backward(ps, gs, vs, retain=False)
             total = _add_weighted(total, hv, weight)

@@ -24,28 +24,41 @@ weights; we do not).
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+import xarray as xr
 from torch import nn
 
+from .. import _validate
 from ..errors import UserInputError
-from .results import tensor_bytes
+from .batching import as_batches
+from .evaluation import check_finite_parameters, check_model_accepts, global_norm
+from .results import Result, provenance, read_dataset, require_variables, tensor_bytes, write_dataset
 
 NORMALIZATIONS = ("filter", "layer", "model", "none")
 IGNORES = ("biasbn", "none")
 _EPS = 1e-10
 
 
-class Direction(Mapping[str, torch.Tensor]):
+class Direction(Result, Mapping[str, torch.Tensor]):
     """A direction in weight space: an ordered mapping ``name -> tensor`` plus ``meta``.
 
     Names are those of ``model.named_parameters()`` (and of floating buffers for interpolation
     directions that include them). The tensors are detached; treat them as read-only.
+    A direction is a result like any other: ``.save(path)`` / ``Direction.load(path)`` keep names,
+    shapes, dtypes and every bit of the values; ``meta`` (how it was made, with
+    ``meta["provenance"]``) is its ``settings``.
     """
+
+    KIND = "direction"
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> None:
         if not tensors:
@@ -56,6 +69,12 @@ class Direction(Mapping[str, torch.Tensor]):
                 raise UserInputError(f"direction entry {name!r} must be a tensor, got {type(t).__name__}")
             self._tensors[str(name)] = t.detach()
         self.meta: dict[str, Any] = dict(meta or {})
+        self.meta.setdefault("provenance", provenance())
+
+    @property
+    def settings(self) -> dict[str, Any]:  # type: ignore[override]
+        """How the direction was made (the same dict as ``meta``)."""
+        return self.meta
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
@@ -79,7 +98,7 @@ class Direction(Mapping[str, torch.Tensor]):
 
     def norm(self) -> float:
         """Euclidean norm over all entries."""
-        return float(torch.sqrt(sum((t.double() ** 2).sum() for t in self._tensors.values())))
+        return global_norm(list(self._tensors.values()))
 
     def dot(self, other: Mapping[str, torch.Tensor]) -> float:
         """Inner product with another direction over the names they share."""
@@ -98,10 +117,92 @@ class Direction(Mapping[str, torch.Tensor]):
             digest.update(tensor_bytes(t))
         return digest.hexdigest()[:16]
 
+    # --- the result protocol ---------------------------------------------------------------------
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per tensor: ``name, shape, numel, dtype, norm``."""
+        return pd.DataFrame({
+            "name": list(self._tensors),
+            "shape": [str(tuple(t.shape)) for t in self._tensors.values()],
+            "numel": [t.numel() for t in self._tensors.values()],
+            "dtype": [str(t.dtype).removeprefix("torch.") for t in self._tensors.values()],
+            "norm": [global_norm([t]) for t in self._tensors.values()],
+        })
 
-def _check_choice(value: str, name: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise UserInputError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the tensors (bit for bit, on the CPU) and ``meta`` to ``path`` (netCDF), atomically."""
+        variables, specs = tensor_variables(self._tensors, "t")
+        return write_dataset(xr.Dataset(variables), path, self.KIND, {"meta": self.meta, "tensors": specs})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Direction:
+        """Read a file written by :meth:`save` (tensors on the CPU, in their saved dtypes)."""
+        ds, header = read_dataset(path, cls.KIND)
+        meta = _header_entry(header, "meta", dict, path)
+        return cls(tensors_from_variables(ds, _header_entry(header, "tensors", list, path), "t", path), meta)
+
+
+# --- lossless tensor storage in a netCDF3 file -------------------------------------------------------
+_NATIVE = {torch.float32: np.float32, torch.float64: np.float64, torch.int8: np.int8, torch.int16: np.int16,
+           torch.int32: np.int32}
+
+
+def tensor_variables(tensors: Mapping[str, torch.Tensor], prefix: str
+                     ) -> tuple[dict[str, tuple[str, np.ndarray]], list[dict[str, Any]]]:
+    """Flat dataset variables ``<prefix><i>`` holding ``tensors`` exactly, and their specs (name, shape, dtype).
+
+    float32/float64/int8/int16/int32 are stored as such (readable by any netCDF tool); ``bool`` as
+    int8 0/1; every other dtype (float16, bfloat16, int64, ...) as its raw bytes, so nothing is rounded.
+    """
+    variables: dict[str, tuple[str, np.ndarray]] = {}
+    specs: list[dict[str, Any]] = []
+    for i, (name, t) in enumerate(tensors.items()):
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        if flat.dtype in _NATIVE:
+            values, encoding = flat.numpy(), "native"
+        elif flat.dtype == torch.bool:
+            values, encoding = flat.to(torch.int8).numpy(), "bool"
+        else:
+            values, encoding = flat.view(torch.uint8).numpy().view(np.int8), "bytes"
+        variables[f"{prefix}{i}"] = (f"{prefix}{i}_n", values)
+        specs.append({"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                      "encoding": encoding})
+    return variables, specs
+
+
+def tensors_from_variables(ds: xr.Dataset, specs: Sequence[Mapping[str, Any]], prefix: str,
+                           path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors stored by :func:`tensor_variables` (one line naming the damage if the file lacks one)."""
+    out: dict[str, torch.Tensor] = {}
+    for i, spec in enumerate(specs):
+        var = f"{prefix}{i}"
+        try:
+            name, shape, encoding = str(spec["name"]), [int(n) for n in spec["shape"]], spec["encoding"]
+            dtype = getattr(torch, spec["dtype"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise UserInputError(f"{path} is damaged: the description of tensor {i} is incomplete; "
+                                 "write the file again") from None
+        if var not in ds.variables:
+            raise UserInputError(f"{path} is damaged: it lacks variable {var!r} (tensor {name!r}); "
+                                 "write the file again")
+        values = np.asarray(ds[var].values)
+        if encoding == "native":
+            t = torch.from_numpy(values.astype(_NATIVE[dtype], copy=True))
+        elif encoding == "bool":
+            t = torch.from_numpy(values != 0)
+        else:
+            t = torch.from_numpy(values.astype(np.int8, copy=True)).view(torch.uint8).view(dtype)
+        if t.numel() != math.prod(shape):
+            raise UserInputError(f"{path} is damaged: tensor {name!r} has {t.numel()} values, its shape "
+                                 f"{tuple(shape)} needs {math.prod(shape)}; write the file again")
+        out[name] = t.reshape(shape)
+    return out
+
+
+def _header_entry(header: Mapping[str, Any], key: str, kind: type, path: str | os.PathLike[str]) -> Any:
+    """``header[key]`` if it is a ``kind``; else one line saying the file is damaged."""
+    value = header.get(key) if isinstance(header, Mapping) else None
+    if not isinstance(value, kind):
+        raise UserInputError(f"{path} is damaged: its header lacks {key!r}; write the file again")
     return value
 
 
@@ -118,10 +219,11 @@ def _normalize_(d: torch.Tensor, w: torch.Tensor, normalization: str) -> None:
 def normalize_direction(direction: Mapping[str, torch.Tensor], model: nn.Module,
                         normalization: str = "filter", ignore: str = "biasbn") -> Direction:
     """Return ``direction`` normalised against ``model``'s weights (see the module docstring)."""
-    _check_choice(normalization, "normalization", NORMALIZATIONS)
-    _check_choice(ignore, "ignore", IGNORES)
+    _validate.choice(normalization, "normalization", NORMALIZATIONS)
+    _validate.choice(ignore, "ignore", IGNORES)
     params = dict(model.named_parameters())
     check_direction(direction, model)
+    check_finite_parameters(model)
     out: dict[str, torch.Tensor] = {}
     for name, t in direction.items():
         d = t.detach().clone()
@@ -160,10 +262,9 @@ def random_directions(model: nn.Module, n: int = 2, normalization: str = "filter
         ignore: ``"biasbn"`` (default) zeroes tensors with ``ndim <= 1``; ``"none"`` keeps them.
         seed: seed of the Gaussian draws.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise UserInputError(f"n must be a positive integer (number of directions); got {n!r}")
-    _check_choice(normalization, "normalization", NORMALIZATIONS)
-    _check_choice(ignore, "ignore", IGNORES)
+    n = _validate.positive_int(n, "n")
+    _validate.choice(normalization, "normalization", NORMALIZATIONS)
+    _validate.choice(ignore, "ignore", IGNORES)
     named = list(model.named_parameters())
     if not named:
         raise UserInputError("the model has no parameters to draw directions for")
@@ -195,11 +296,13 @@ def eigen_directions(model: nn.Module, loss_fn: Any, data: Any, n: int = 2, norm
     """
     from .hessian import hessian_eigenvalues
 
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise UserInputError(f"n must be a positive integer (number of directions); got {n!r}")
-    _check_choice(normalization, "normalization", NORMALIZATIONS)
-    _check_choice(ignore, "ignore", IGNORES)
-    eig = hessian_eigenvalues(model, loss_fn, data, k=int(n), tol=tol, max_iter=max_iter, seed=seed,
+    n = _validate.positive_int(n, "n")
+    _validate.choice(normalization, "normalization", NORMALIZATIONS)
+    _validate.choice(ignore, "ignore", IGNORES)
+    check_finite_parameters(model)
+    batches = as_batches(data)
+    check_model_accepts(model, loss_fn, batches[0])
+    eig = hessian_eigenvalues(model, loss_fn, batches, k=int(n), tol=tol, max_iter=max_iter, seed=seed,
                               eigenvectors=True, progress=progress, **hessian_kwargs)
     params = dict(model.named_parameters())
     out = []
@@ -257,6 +360,8 @@ def interpolation_direction(model_a: nn.Module, model_b: nn.Module, include_buff
     """
     wa = _weights(model_a, include_buffers)
     wb = _weights(model_b, include_buffers)
+    _require_finite_weights(wa, "model_a")
+    _require_finite_weights(wb, "model_b")
     if set(wa) != set(wb):
         missing = sorted(set(wa) ^ set(wb))[:3]
         raise UserInputError(f"model_a and model_b have different tensors (e.g. {missing}); "
@@ -273,7 +378,7 @@ def interpolation_direction(model_a: nn.Module, model_b: nn.Module, include_buff
 
 
 @dataclass
-class TrajectoryDirections:
+class TrajectoryDirections(Result):
     """PCA of an optimisation path (Li et al. 2018, Sec. 7).
 
     Attributes:
@@ -283,19 +388,100 @@ class TrajectoryDirections:
             the origin checkpoint is at 0. Pass the same model as ``w_origin`` to ``landscape_2d``
             with ``x``/``y`` spanning these coordinates to draw the path on its surface.
         origin: index of the checkpoint used as origin.
+        settings: ``n``, ``ignore``, ``origin``, number of checkpoints, ``provenance``.
     """
+
+    KIND = "trajectory_directions"
 
     directions: list[Direction]
     explained_variance_ratio: np.ndarray
     coordinates: np.ndarray
     origin: int
+    settings: dict[str, Any] = field(default_factory=lambda: {"provenance": provenance()})
 
-    def to_dataframe(self):
-        import pandas as pd
-
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per checkpoint: ``checkpoint, pc1 .. pcn`` (its coordinates along the directions)."""
         df = pd.DataFrame(self.coordinates, columns=[f"pc{k + 1}" for k in range(self.coordinates.shape[1])])
         df.insert(0, "checkpoint", np.arange(len(df)))
         return df
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write directions (bit for bit), variance ratios, coordinates and settings, atomically."""
+        data: dict[str, Any] = {
+            "explained_variance_ratio": ("pc", np.asarray(self.explained_variance_ratio, dtype=np.float64)),
+            "coordinates": (("checkpoint", "pc"), np.asarray(self.coordinates, dtype=np.float64)),
+        }
+        described = []
+        for k, d in enumerate(self.directions):
+            variables, specs = tensor_variables(d, f"d{k}_t")
+            data.update(variables)
+            described.append({"meta": d.meta, "tensors": specs})
+        header = {"origin": int(self.origin), "settings": self.settings, "directions": described}
+        return write_dataset(xr.Dataset(data), path, self.KIND, header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TrajectoryDirections:
+        """Read a file written by :meth:`save` (direction tensors on the CPU)."""
+        ds, header = read_dataset(path, cls.KIND)
+        require_variables(ds, ["explained_variance_ratio", "coordinates"], path, "trajectory directions")
+        directions = []
+        for k, entry in enumerate(_header_entry(header, "directions", list, path)):
+            tensors = tensors_from_variables(ds, _header_entry(entry, "tensors", list, path), f"d{k}_t", path)
+            directions.append(Direction(tensors, _header_entry(entry, "meta", dict, path)))
+        return cls(directions, np.asarray(ds["explained_variance_ratio"].values, dtype=np.float64),
+                   np.asarray(ds["coordinates"].values, dtype=np.float64),
+                   int(_header_entry(header, "origin", int, path)), _header_entry(header, "settings", dict, path))
+
+
+def _require_finite_weights(weights: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse NaN/inf weights up front, naming the tensors (as ``check_finite_parameters`` does for a model)."""
+    bad = [name for name, t in weights.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise UserInputError(f"{what} has non-finite values (NaN or inf) in {shown}; "
+                             "use a checkpoint from before the run diverged")
+
+
+def _checked_trajectory(checkpoints: Sequence[Any], n: int, origin: int, ignore: str, model: nn.Module | None
+                        ) -> tuple[list[dict[str, torch.Tensor]], list[str], list[str], int]:
+    """The checkpoints' weights, the names to keep in the directions and in the PCA, and the origin index."""
+    _validate.choice(ignore, "ignore", IGNORES)
+    n = _validate.positive_int(n, "n")
+    if len(checkpoints) < n + 1:
+        raise UserInputError(f"trajectory_directions needs at least n + 1 = {n + 1} checkpoints; "
+                             f"got {len(checkpoints)}")
+    try:
+        origin_idx = range(len(checkpoints))[origin]
+    except (IndexError, TypeError):
+        raise UserInputError(f"origin must index the {len(checkpoints)} checkpoints; got {origin}") from None
+    weights = [_weights(c, include_buffers=False) for c in checkpoints]
+    names = list(dict(model.named_parameters())) if model is not None else list(weights[0])
+    for i, w in enumerate(weights):
+        missing = [nm for nm in names if nm not in w]
+        if missing:
+            raise UserInputError(f"checkpoint {i} lacks tensor {missing[0]!r}; all checkpoints must share "
+                                 "the architecture")
+        _require_finite_weights({nm: w[nm] for nm in names}, f"checkpoint {i}")
+    kept = [nm for nm in names if not (ignore == "biasbn" and weights[0][nm].dim() <= 1)]
+    if not kept:
+        raise UserInputError("no tensor left after ignore='biasbn'")
+    return weights, names, kept, origin_idx
+
+
+def _principal_axes(rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Top ``n`` principal axes of the centred ``rows`` (signed so that the first row has negative
+    coordinates: the path moves along ``+d`` towards the origin), the coordinates, the variance ratios."""
+    centred = rows - rows.mean(dim=0, keepdim=True)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    total = float((s**2).sum())
+    if total == 0.0:
+        raise UserInputError("all checkpoints have the same weights: the trajectory has no direction")
+    comps = vh[:n]
+    coords = rows @ comps.T
+    signs = torch.where(coords[0] < 0, 1.0, -1.0).to(comps.dtype)
+    signs[coords[0] == 0] = 1.0
+    comps = comps * signs[:, None]
+    return comps, rows @ comps.T, (s[:n] ** 2 / total).numpy()
 
 
 def trajectory_directions(checkpoints: Sequence[Any], n: int = 2, origin: int = -1, ignore: str = "none",
@@ -309,7 +495,7 @@ def trajectory_directions(checkpoints: Sequence[Any], n: int = 2, origin: int = 
 
     Args:
         checkpoints: at least ``n + 1`` models, loaded checkpoints (with ``.model``) or state dicts,
-            all of the same architecture.
+            all of the same architecture (NaN/inf weights are refused, naming the tensors).
         n: number of directions.
         origin: index of the checkpoint at the origin of the slice.
         ignore: ``"biasbn"`` leaves tensors with ``ndim <= 1`` out of the PCA (zero in the directions).
@@ -317,46 +503,15 @@ def trajectory_directions(checkpoints: Sequence[Any], n: int = 2, origin: int = 
             buffers would otherwise count); by default a model's parameters, or a state dict's
             floating entries.
     """
-    _check_choice(ignore, "ignore", IGNORES)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise UserInputError(f"n must be a positive integer (number of directions); got {n!r}")
-    if len(checkpoints) < n + 1:
-        raise UserInputError(f"trajectory_directions needs at least n + 1 = {n + 1} checkpoints; "
-                             f"got {len(checkpoints)}")
-    try:
-        origin_idx = range(len(checkpoints))[origin]
-    except IndexError:
-        raise UserInputError(f"origin must index the {len(checkpoints)} checkpoints; got {origin}") from None
-    weights = [_weights(c, include_buffers=False) for c in checkpoints]
-    names = list(dict(model.named_parameters())) if model is not None else list(weights[0])
-    for i, w in enumerate(weights):
-        missing = [nm for nm in names if nm not in w]
-        if missing:
-            raise UserInputError(f"checkpoint {i} lacks tensor {missing[0]!r}; all checkpoints must share "
-                                 "the architecture")
-    kept = [nm for nm in names if not (ignore == "biasbn" and weights[0][nm].dim() <= 1)]
-    if not kept:
-        raise UserInputError("no tensor left after ignore='biasbn'")
+    weights, names, kept, origin_idx = _checked_trajectory(checkpoints, n, origin, ignore, model)
     ref = weights[origin_idx]
 
     def flat(w: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([(w[nm].double().cpu() - ref[nm].double().cpu()).reshape(-1) for nm in kept])
 
-    rows = torch.stack([flat(w) for w in weights])
-    centred = rows - rows.mean(dim=0, keepdim=True)
-    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
-    total = float((s**2).sum())
-    if total == 0.0:
-        raise UserInputError("all checkpoints have the same weights: the trajectory has no direction")
-    comps = vh[:n]
-    # fix the sign so that the path moves along +d towards the origin (a reproducible orientation)
-    coords = rows @ comps.T
-    signs = torch.where(coords[0] < 0, 1.0, -1.0).to(comps.dtype)
-    signs[coords[0] == 0] = 1.0
-    comps = comps * signs[:, None]
-    coords = rows @ comps.T
+    comps, coords, ratio = _principal_axes(torch.stack([flat(w) for w in weights]), int(n))
     directions = []
-    for k in range(n):
+    for k in range(int(n)):
         out, offset = {}, 0
         for nm in names:
             t = ref[nm]
@@ -367,5 +522,6 @@ def trajectory_directions(checkpoints: Sequence[Any], n: int = 2, origin: int = 
                 out[nm] = torch.zeros_like(t)
         directions.append(Direction(out, {"kind": "trajectory_pca", "index": k, "normalization": "none",
                                           "ignore": ignore, "origin": origin_idx}))
-    ratio = (s[:n] ** 2 / total).numpy()
-    return TrajectoryDirections(directions, ratio, coords.numpy(), origin_idx)
+    settings = {"n": int(n), "ignore": ignore, "origin": origin_idx, "n_checkpoints": len(checkpoints),
+                "parameters": names, "provenance": provenance()}
+    return TrajectoryDirections(directions, ratio, coords.numpy(), origin_idx, settings)

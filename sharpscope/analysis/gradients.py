@@ -41,6 +41,7 @@ import xarray as xr
 from scipy.special import erfc, ndtri
 from torch import nn
 
+from .. import _validate
 from .._progress import progress as _progress
 from ..errors import UserInputError
 from ..optim.zscore import check_percentile, is_filtered, layer_zscores, zscore_mask
@@ -56,10 +57,14 @@ from .batching import (
     to_device,
     trainable_named_parameters,
 )
-from .results import DatasetResult, model_fingerprint
+from .evaluation import check_finite_parameters, check_model_accepts
+from .results import DatasetResult, model_fingerprint, provenance, read_dataset, require_variables
 
 KIND = "gradient_zscores"
 INCLUDE = ("filtered", "all")
+_ZSCORE_VARIABLES = ("edges", "numel", "counts", "below", "above", "power_sums", "mean", "std", "skewness",
+                     "excess_kurtosis", "tail_count", "tail_fraction", "threshold", "gaussian_tail", "layer",
+                     "batch", "tail")
 
 
 def select_parameters(model: nn.Module, include: str = "filtered",
@@ -131,10 +136,11 @@ def iter_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
 def bin_edges(bins: int | Sequence[float] = 160, z_range: tuple[float, float] = (-8.0, 8.0)) -> np.ndarray:
     """Histogram edges: ``bins`` equal bins over ``z_range``, or the given increasing edges."""
     if isinstance(bins, (int, np.integer)) and not isinstance(bins, bool):
+        count = _validate.positive_int(int(bins), "bins (a number of histogram bins)")
         lo, hi = (float(v) for v in z_range)
-        if bins < 1 or not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise UserInputError(f"bins must be >= 1 and z_range finite with low < high; got {bins}, {z_range}")
-        return np.linspace(lo, hi, int(bins) + 1)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise UserInputError(f"z_range must be finite with low < high; got {z_range}")
+        return np.linspace(lo, hi, count + 1)
     edges = np.asarray(bins, dtype=np.float64).reshape(-1)
     if edges.size < 2 or not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
         raise UserInputError("bins must be a number of bins or at least two finite, strictly increasing edges")
@@ -311,6 +317,16 @@ class ZScoreResult(DatasetResult):
         frame["density"] = frame["count"].to_numpy() / (np.repeat(total, len(left)) * np.tile(width, counts.shape[0]))
         return frame
 
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ZScoreResult:
+        """Read a file written by :meth:`save` (refuses another kind, or one that lacks variables)."""
+        ds, settings = read_dataset(path, cls.KIND)
+        require_variables(ds, _ZSCORE_VARIABLES, path, "gradient Z-score")
+        if "percentile" not in settings:
+            raise UserInputError(f"{path} is not a complete gradient Z-score file: its settings lack the "
+                                 "percentile; compute it again")
+        return cls(ds, settings)
+
     def __repr__(self) -> str:
         return (f"ZScoreResult(layers={len(self.layers)}, batches={self.n_batches}, "
                 f"percentile={self.percentile}, full_data={self.settings.get('full_data')})")
@@ -321,11 +337,81 @@ def _tail_name(t: float) -> str:
 
 
 def load_zscores(path: str | os.PathLike[str]) -> ZScoreResult:
-    """Read a :class:`ZScoreResult` saved with :meth:`ZScoreResult.save`."""
+    """Read a :class:`ZScoreResult` saved with :meth:`ZScoreResult.save` (an alias of ``ZScoreResult.load``)."""
     return ZScoreResult.load(path)
 
 
 # --- the analysis -----------------------------------------------------------------------------------
+def _checked_levels(percentile: float, tails: Sequence[float], bins: int | Sequence[float],
+                    z_range: tuple[float, float]) -> tuple[float, list[float], np.ndarray]:
+    """The percentile, the tail levels and the histogram edges, validated."""
+    percentile = check_percentile(percentile)
+    if isinstance(tails, (str, bytes)) or not isinstance(tails, (Sequence, np.ndarray)) or len(tails) == 0:
+        raise UserInputError(f"tails must be positive finite |z| levels, e.g. (2, 3, 4); got {tails!r}")
+    levels = [_validate.positive_number(t, f"tails[{i}] (a |z| level)") for i, t in enumerate(tails)]
+    return percentile, levels, bin_edges(bins, z_range)
+
+
+def _batch_statistics(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
+                      named: Sequence[tuple[str, nn.Parameter]], edges_np: np.ndarray, percentile: float,
+                      tails: Sequence[float], full_data: bool, progress: bool,
+                      ) -> list[list[dict[str, torch.Tensor] | None]]:
+    """:func:`zscore_statistics` of every selected tensor's gradient, per batch (``None``: no gradient)."""
+    per_batch: list[list[dict[str, torch.Tensor] | None]] = []
+    with preserved_model_state(model, train=False):
+        edges = torch.as_tensor(edges_np, dtype=torch.float64, device=model_device(model))
+        for grads in iter_gradients(model, loss_fn, batches, named, full_data, progress, "Z-scores"):
+            per_batch.append([None if g is None else zscore_statistics(g, edges, percentile, tails) for g in grads])
+    return per_batch
+
+
+def _used_tensors(named: Sequence[tuple[str, nn.Parameter]], per_batch: list[list[dict[str, torch.Tensor] | None]]
+                  ) -> tuple[list[str], np.ndarray, list[list[dict[str, torch.Tensor]]]]:
+    """Names, sizes and statistics of the tensors the loss depends on (the others left out with a warning)."""
+    unused = [name for i, (name, _) in enumerate(named) if any(stats[i] is None for stats in per_batch)]
+    if unused:
+        warnings.warn(f"no gradient reaches {', '.join(unused)} (not used by the loss): left out", RuntimeWarning,
+                      stacklevel=3)
+    keep = [i for i, (name, _) in enumerate(named) if name not in unused]
+    if not keep:
+        raise UserInputError("the loss depends on none of the selected parameter tensors: nothing to analyse")
+    stats = [[batch_stats[i] for i in keep] for batch_stats in per_batch]
+    numel = np.array([named[i][1].numel() for i in keep], dtype=np.int64)
+    return [named[i][0] for i in keep], numel, stats  # type: ignore[return-value]
+
+
+def _zscore_dataset(names: list[str], numel: np.ndarray, stats: list[list[dict[str, torch.Tensor]]],
+                    edges_np: np.ndarray, tails: Sequence[float]) -> xr.Dataset:
+    """The per-batch statistics as the dataset of a :class:`ZScoreResult` (warns about constant gradients)."""
+    def stack(key: str) -> np.ndarray:
+        return torch.stack([torch.stack([s[key] for s in row]) for row in stats]).cpu().numpy()
+
+    central = stack("central")
+    moments = _moments(central[..., 0], central[..., 1], central[..., 2], central[..., 3], numel[None, :])
+    flat = [n for k, n in enumerate(names) if not np.all(np.isfinite(moments["skewness"][:, k]))]
+    if flat:
+        warnings.warn(f"the gradient of {', '.join(flat)} is constant in some batch: Z-scores are all 0 and "
+                      "skewness/kurtosis are undefined (NaN) there", RuntimeWarning, stacklevel=3)
+    tail_counts = stack("tail_counts").astype(np.int64)
+    return xr.Dataset(
+        {
+            "edges": ("edge", edges_np),
+            "numel": ("layer", numel),
+            "counts": (("batch", "layer", "bin"), stack("counts").astype(np.int64)),
+            "below": (("batch", "layer"), stack("below").astype(np.int64)),
+            "above": (("batch", "layer"), stack("above").astype(np.int64)),
+            "power_sums": (("batch", "layer", "power"), stack("power_sums")),
+            **{k: (("batch", "layer"), v) for k, v in moments.items()},
+            "tail_count": (("batch", "layer", "tail"), tail_counts),
+            "tail_fraction": (("batch", "layer", "tail"), tail_counts / numel[None, :, None]),
+            "threshold": (("batch", "layer"), stack("threshold")),
+            "gaussian_tail": ("tail", erfc(np.asarray(tails) / math.sqrt(2.0))),
+        },
+        coords={"layer": names, "batch": np.arange(len(stats)), "tail": np.asarray(tails),
+                "power": np.arange(1, 5)},
+    )
+
+
 def gradient_zscores(model: nn.Module, loss_fn: LossFn, data: Any, bins: int | Sequence[float] = 160,
                      percentile: float = 0.95, full_data: bool = False, *,
                      z_range: tuple[float, float] = (-8.0, 8.0), tails: Sequence[float] = (2.0, 3.0, 4.0),
@@ -333,7 +419,7 @@ def gradient_zscores(model: nn.Module, loss_fn: LossFn, data: Any, bins: int | S
     """Distributions of the layer-wise gradient Z-scores ZSharp filters, per layer and batch.
 
     Args:
-        model: any ``nn.Module``; run in eval mode and restored exactly afterwards.
+        model: any ``nn.Module`` with finite weights; run in eval mode and restored exactly afterwards.
         loss_fn: ``loss_fn(outputs, targets)``, mean-reduced scalar.
         data: one ``(inputs, targets)`` batch or an iterable of them (a DataLoader).
         bins: number of equal histogram bins over ``z_range``, or the bin edges.
@@ -351,66 +437,22 @@ def gradient_zscores(model: nn.Module, loss_fn: LossFn, data: Any, bins: int | S
 
     The model runs in eval mode (BatchNorm with its running statistics, dropout off), as every
     analysis does, so a batch's Z-scores are those of a training step on it only for a model
-    without BatchNorm or dropout. The analysis is deterministic (no random choice). A tensor the loss does not depend on has no
-    distribution and is left out with a warning; a tensor whose gradient is constant has Z-scores
-    all 0, and its skewness and kurtosis are NaN (with a warning naming it).
+    without BatchNorm or dropout. The analysis is deterministic (no random choice). A tensor the
+    loss does not depend on has no distribution and is left out with a warning; a tensor whose
+    gradient is constant has Z-scores all 0, and its skewness and kurtosis are NaN (with a warning
+    naming it). NaN/inf weights and a model that cannot run on the data are refused up front.
     """
-    percentile = check_percentile(percentile)
-    tails = [float(t) for t in tails]
-    if not tails or any(not (math.isfinite(t) and t > 0) for t in tails):
-        raise UserInputError(f"tails must be positive finite |z| levels, e.g. (2, 3, 4); got {tails}")
-    edges_np = bin_edges(bins, z_range)
+    percentile, tails, edges_np = _checked_levels(percentile, tails, bins, z_range)
     named = select_parameters(model, include, params)
     batches = as_batches(data)
-
-    per_batch: list[list[dict[str, torch.Tensor] | None]] = []
-    with preserved_model_state(model, train=False):
-        edges = torch.as_tensor(edges_np, dtype=torch.float64, device=model_device(model))
-        for grads in iter_gradients(model, loss_fn, batches, named, full_data, progress, "Z-scores"):
-            per_batch.append([None if g is None else zscore_statistics(g, edges, percentile, tails) for g in grads])
-
-    unused = [name for i, (name, _) in enumerate(named) if any(stats[i] is None for stats in per_batch)]
-    if unused:
-        warnings.warn(f"no gradient reaches {', '.join(unused)} (not used by the loss): left out", RuntimeWarning,
-                      stacklevel=2)
-    keep = [i for i, (name, _) in enumerate(named) if name not in unused]
-    if not keep:
-        raise UserInputError("the loss depends on none of the selected parameter tensors: nothing to analyse")
-    names = [named[i][0] for i in keep]
-    stats = [[batch_stats[i] for i in keep] for batch_stats in per_batch]
-
-    def stack(key: str) -> np.ndarray:
-        return torch.stack([torch.stack([s[key] for s in row]) for row in stats]).cpu().numpy()  # type: ignore[index]
-
-    numel = np.array([named[i][1].numel() for i in keep], dtype=np.int64)
-    central = stack("central")
-    moments = _moments(central[..., 0], central[..., 1], central[..., 2], central[..., 3], numel[None, :])
-    flat = [n for k, n in enumerate(names) if not np.all(np.isfinite(moments["skewness"][:, k]))]
-    if flat:
-        warnings.warn(f"the gradient of {', '.join(flat)} is constant in some batch: Z-scores are all 0 and "
-                      "skewness/kurtosis are undefined (NaN) there", RuntimeWarning, stacklevel=2)
-    tail_counts = stack("tail_counts").astype(np.int64)
-    ds = xr.Dataset(
-        {
-            "edges": ("edge", edges_np),
-            "numel": ("layer", numel),
-            "counts": (("batch", "layer", "bin"), stack("counts").astype(np.int64)),
-            "below": (("batch", "layer"), stack("below").astype(np.int64)),
-            "above": (("batch", "layer"), stack("above").astype(np.int64)),
-            "power_sums": (("batch", "layer", "power"), stack("power_sums")),
-            **{k: (("batch", "layer"), v) for k, v in moments.items()},
-            "tail_count": (("batch", "layer", "tail"), tail_counts),
-            "tail_fraction": (("batch", "layer", "tail"), tail_counts / numel[None, :, None]),
-            "threshold": (("batch", "layer"), stack("threshold")),
-            "gaussian_tail": ("tail", erfc(np.asarray(tails) / math.sqrt(2.0))),
-        },
-        coords={"layer": names, "batch": np.arange(len(stats)), "tail": np.asarray(tails),
-                "power": np.arange(1, 5)},
-    )
+    check_finite_parameters(model)
+    check_model_accepts(model, loss_fn, batches[0])
+    per_batch = _batch_statistics(model, loss_fn, batches, named, edges_np, percentile, tails, full_data, progress)
+    names, numel, stats = _used_tensors(named, per_batch)
     sizes = [len(x) for x, _ in batches]
     settings = {
         "percentile": percentile, "tails": tails, "full_data": bool(full_data), "include": include,
         "batch_sizes": sizes, "n_samples": int(sum(sizes)), "model_fingerprint": model_fingerprint(model),
-        "model_class": type(model).__name__,
+        "model_class": type(model).__name__, "provenance": provenance(),
     }
-    return ZScoreResult(ds, settings)
+    return ZScoreResult(_zscore_dataset(names, numel, stats, edges_np, tails), settings)

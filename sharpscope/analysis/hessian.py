@@ -16,6 +16,11 @@ the full-data mean loss, model in eval mode) and return self-describing results.
   weights ``w_i`` with ``sum_i w_i theta_i^j = v^T H^j v`` for ``j < 2 n_iter``, whose mean over probes is
   ``tr(H^j) / dim``; the density is ``mean_runs sum_i w_i N(x; theta_i, sigma^2)``.
 * :func:`layer_curvature` -- the same on each diagonal block ``H_tt`` (one parameter tensor ``t``).
+
+Every result follows the one result protocol (:class:`~sharpscope.analysis.results.Result`):
+``.to_dataframe()``, ``.save(path)``, ``Class.load(path)`` (or ``sharpscope.load``), and ``.settings``
+with ``settings["provenance"]``. Before any long work each analysis refuses non-finite weights (naming
+the tensors) and runs the model once on two examples of the first batch, so bad input is one line.
 """
 
 from __future__ import annotations
@@ -35,33 +40,47 @@ import xarray as xr
 from torch import nn
 
 from .._progress import progress as progress_bar
-from .batching import as_batches
+from .._validate import choice, integer, number, positive_int
+from ..errors import UserInputError
+from .batching import Batch, prepared_batches, trainable_named_parameters
 from .curvature import HessianOperator, LossFn
 from .lanczos import _error_bounds, krylov_basis, lanczos_quadrature, thick_restart_lanczos
-from .results import model_fingerprint, read_dataset, read_table, write_dataset, write_table
+from .results import (
+    Result,
+    TableResult,
+    damaged_result_file,
+    model_fingerprint,
+    provenance,
+    read_dataset,
+    write_dataset,
+)
 
 BACKENDS = ("sharpscope", "pyhessian")
 TRACE_METHODS = ("hutch++", "hutchinson", "krylov")
+#: Most Lanczos steps one SLQ run may take: the full reorthogonalisation costs ``O(n_iter^2 dim)`` and the
+#: basis ``n_iter * dim`` numbers, while 80-100 steps already resolve a density (Ghorbani et al. use 90).
+MAX_SLQ_STEPS = 1000
 
 
 # ---------------------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------------------
 def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    choice(backend, "backend", BACKENDS)
 
 
 def _pyhessian_options(params: Any, dtype: Any) -> None:
     if params is not None or dtype is not None:
-        raise ValueError("backend='pyhessian' works on all trainable parameters in the model's dtype; "
-                         "drop params=/dtype= or use backend='sharpscope'")
+        raise UserInputError("backend='pyhessian' works on all trainable parameters in the model's dtype; "
+                             "drop params=/dtype= or use backend='sharpscope'")
 
 
-def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+def _dimension(model: nn.Module, params: Iterable[torch.Tensor] | None) -> int:
+    """Number of scalar parameters the Hessian is taken over (its side), without building an operator."""
+    dim = sum(p.numel() for _, p in trainable_named_parameters(model, params))
+    if dim == 0:
+        raise UserInputError("the model has no parameter with requires_grad=True: nothing to differentiate")
+    return int(dim)
 
 
 def _data_settings(op: HessianOperator) -> dict[str, Any]:
@@ -107,7 +126,8 @@ class _HvpProgress:
 
 
 def _base_settings(model: nn.Module, seed: int, backend: str, op: HessianOperator | None) -> dict[str, Any]:
-    settings: dict[str, Any] = {"seed": int(seed), "backend": backend, "model_fingerprint": model_fingerprint(model)}
+    settings: dict[str, Any] = {"seed": int(seed), "backend": backend, "model_fingerprint": model_fingerprint(model),
+                                "provenance": provenance()}
     if op is not None:
         settings.update(_data_settings(op))
     return settings
@@ -117,7 +137,7 @@ def _base_settings(model: nn.Module, seed: int, backend: str, op: HessianOperato
 # Top-k eigenvalues
 # ---------------------------------------------------------------------------------------------------
 @dataclass
-class EigenResult:
+class EigenResult(Result):
     """Extreme Hessian eigenpairs.
 
     Attributes:
@@ -128,7 +148,7 @@ class EigenResult:
         error_bounds: bound on ``|lambda_true - lambda|`` (absolute; see :mod:`~sharpscope.analysis.lanczos`).
         n_hvp: full-data Hessian-vector products used.
         converged: every pair met ``tol``.
-        settings: which, k, tol, max_iter, seed, backend, data and model identity, wall time.
+        settings: which, k, tol, max_iter, seed, backend, data and model identity, wall time, provenance.
     """
 
     eigenvalues: np.ndarray
@@ -146,7 +166,7 @@ class EigenResult:
     def eigenvector_tensors(self, i: int = 0) -> dict[str, torch.Tensor]:
         """Eigenvector ``i`` split into tensors shaped like the parameters, by parameter name."""
         if self.eigenvectors is None:
-            raise ValueError("this result was computed or saved without eigenvectors")
+            raise UserInputError("this result was computed or saved without eigenvectors")
         flat = torch.as_tensor(self.eigenvectors[:, i])
         sizes = [int(np.prod(s)) for s in self.shapes]
         return {n: c.reshape(s) for n, c, s in zip(self.param_names, torch.split(flat, sizes), self.shapes)}
@@ -171,12 +191,14 @@ class EigenResult:
 
     @classmethod
     def load(cls, path: str | Path) -> EigenResult:
+        """Read a file written by :meth:`save` (also by sharpscope 0.1)."""
         ds, meta = read_dataset(path, cls.KIND)
-        vecs = ds["eigenvector"].values if "eigenvector" in ds else None
-        return cls(eigenvalues=ds["eigenvalue"].values, eigenvectors=vecs, residuals=ds["residual"].values,
-                   error_bounds=ds["error_bound"].values, n_hvp=int(meta["n_hvp"]),
-                   converged=bool(meta["converged"]), settings=meta["settings"],
-                   param_names=list(meta["param_names"]), shapes=[tuple(s) for s in meta["shapes"]])
+        with damaged_result_file(path, cls.KIND):
+            vecs = ds["eigenvector"].values if "eigenvector" in ds else None
+            return cls(eigenvalues=ds["eigenvalue"].values, eigenvectors=vecs, residuals=ds["residual"].values,
+                       error_bounds=ds["error_bound"].values, n_hvp=int(meta["n_hvp"]),
+                       converged=bool(meta["converged"]), settings=dict(meta["settings"]),
+                       param_names=list(meta["param_names"]), shapes=[tuple(s) for s in meta["shapes"]])
 
 
 def _relative(res: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -192,6 +214,12 @@ def _warn_negative_dominant(ritz: np.ndarray, top: float) -> None:
                       f"than the top eigenvalue {top:.4g}): the point is not near a minimum; power iteration "
                       "(PyHessian) would report this negative value as the 'top' eigenvalue", RuntimeWarning,
                       stacklevel=3)
+
+
+def _check_k(k: int, dim: int) -> None:
+    if k > dim:
+        raise UserInputError(f"k={k} is larger than the number of parameters ({dim}, the size of the Hessian); "
+                             f"use k <= {dim}")
 
 
 def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1, which: str = "LA",
@@ -215,27 +243,45 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
         eigenvectors: keep the eigenvectors in the result.
         progress: show a progress bar.
 
-    Warns (``RuntimeWarning``) when the largest-magnitude eigenvalue is negative, and when not converged.
+    Raises ``UserInputError`` for bad arguments, ``k`` above the number of parameters, non-finite weights
+    or a model that cannot run on the data. Warns (``RuntimeWarning``) when the largest-magnitude
+    eigenvalue is negative, and when not converged.
     """
     _check_backend(backend)
-    k = _check_positive_int(k, "k")
-    max_iter = _check_positive_int(max_iter, "max_iter")
-    if which not in ("LA", "SA"):
-        raise ValueError(f"which must be 'LA' (largest) or 'SA' (most negative), got {which!r}")
-    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise ValueError(f"tol must be a relative tolerance in (0, 1), got {tol!r}")
+    k, max_iter = positive_int(k, "k"), positive_int(max_iter, "max_iter")
+    choice(which, "which", ("LA", "SA"))
+    tol = number(tol, "tol (a relative tolerance)", minimum=0.0, maximum=1.0, strict_minimum=True)
+    seed = integer(seed, "seed", minimum=None)
+    if backend == "pyhessian":
+        _pyhessian_options(params, dtype)
+        if which != "LA":
+            raise UserInputError("backend='pyhessian' computes only the top eigenvalues (which='LA')")
+    batches = prepared_batches(model, loss_fn, data)
+    _check_k(k, _dimension(model, params))
     if backend == "pyhessian":
         from .pyhessian_backend import pyhessian_eigenvalues
 
-        _pyhessian_options(params, dtype)
-        if which != "LA":
-            raise ValueError("backend='pyhessian' computes only the top eigenvalues (which='LA')")
-        return pyhessian_eigenvalues(model, loss_fn, data, k=k, tol=tol, max_iter=max_iter, seed=seed,
+        return pyhessian_eigenvalues(model, loss_fn, batches, k=k, tol=tol, max_iter=max_iter, seed=seed,
                                      progress=progress)
+    result, ritz = _lanczos_eigen(model, loss_fn, batches, k=k, which=which, tol=tol, max_iter=max_iter,
+                                  seed=seed, params=params, dtype=dtype, hvp=hvp, max_basis=max_basis,
+                                  eigenvectors=eigenvectors, progress=progress)
+    if which == "LA":
+        _warn_negative_dominant(ritz, float(result.eigenvalues[0]))
+    if not result.converged:
+        warnings.warn(f"Lanczos did not reach tol={tol} within max_iter={max_iter} Hessian-vector products "
+                      f"(relative error bounds {result.error_bounds / np.abs(result.eigenvalues)}); "
+                      "raise max_iter", RuntimeWarning, stacklevel=2)
+    return result
+
+
+def _lanczos_eigen(model: nn.Module, loss_fn: LossFn, batches: list[Batch], *, k: int, which: str, tol: float,
+                   max_iter: int, seed: int, params: Iterable[torch.Tensor] | None, dtype: torch.dtype | None,
+                   hvp: str, max_basis: int | None, eigenvectors: bool,
+                   progress: bool) -> tuple[EigenResult, np.ndarray]:
+    """Thick-restart Lanczos on the operator; the result and every Ritz value of the last projection."""
     start = time.perf_counter()
-    with HessianOperator(model, loss_fn, data, params=params, dtype=dtype, hvp=hvp) as op:
-        if k > op.dim:
-            raise ValueError(f"k={k} is larger than the number of parameters ({op.dim})")
+    with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp) as op:
         bar = _HvpProgress(progress, max_iter, f"Lanczos top-{k} ({which})")
         try:
             out = thick_restart_lanczos(op.matvec, _gaussian(op.dim, _generator(seed), op), k=k, which=which,
@@ -243,7 +289,7 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
                                         on_step=bar.step)
         finally:
             bar.close()
-        settings = _base_settings(model, seed, backend, op)
+        settings = _base_settings(model, seed, "sharpscope", op)
         settings.update({"k": k, "which": which, "tol": tol, "max_iter": max_iter,
                          "max_basis": max_basis, "seconds": time.perf_counter() - start})
         result = EigenResult(
@@ -252,20 +298,14 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
             residuals=_relative(out.residuals, out.values), error_bounds=np.asarray(out.error_bounds),
             n_hvp=op.n_hvp, converged=out.converged, settings=settings, param_names=list(op.param_names),
             shapes=[tuple(s) for s in op.shapes])
-    if which == "LA":
-        _warn_negative_dominant(out.ritz_values, float(out.values[0]))
-    if not out.converged:
-        warnings.warn(f"Lanczos did not reach tol={tol} within max_iter={max_iter} Hessian-vector products "
-                      f"(relative error bounds {result.error_bounds / np.abs(result.eigenvalues)}); "
-                      "raise max_iter", RuntimeWarning, stacklevel=2)
-    return result
+    return result, out.ritz_values
 
 
 # ---------------------------------------------------------------------------------------------------
 # Trace
 # ---------------------------------------------------------------------------------------------------
 @dataclass
-class TraceResult:
+class TraceResult(Result):
     """A stochastic estimate of ``tr(H)``.
 
     Attributes:
@@ -297,6 +337,7 @@ class TraceResult:
                              "n_hvp": [self.n_hvp]})
 
     def save(self, path: str | Path) -> Path:
+        """Write a netCDF result file: the samples, the estimate and the settings."""
         ds = xr.Dataset({"sample": ("probe", np.asarray(self.samples, dtype=np.float64))})
         meta = {"estimate": self.estimate, "stderr": self.stderr, "n_hvp": self.n_hvp, "method": self.method,
                 "exact_part": self.exact_part, "settings": self.settings}
@@ -304,10 +345,12 @@ class TraceResult:
 
     @classmethod
     def load(cls, path: str | Path) -> TraceResult:
+        """Read a file written by :meth:`save` (also by sharpscope 0.1)."""
         ds, meta = read_dataset(path, cls.KIND)
-        return cls(estimate=float(meta["estimate"]), stderr=float(meta["stderr"]), n_hvp=int(meta["n_hvp"]),
-                   method=str(meta["method"]), samples=ds["sample"].values,
-                   exact_part=float(meta["exact_part"]), settings=meta["settings"])
+        with damaged_result_file(path, cls.KIND):
+            return cls(estimate=float(meta["estimate"]), stderr=float(meta["stderr"]), n_hvp=int(meta["n_hvp"]),
+                       method=str(meta["method"]), samples=ds["sample"].values,
+                       exact_part=float(meta["exact_part"]), settings=dict(meta["settings"]))
 
 
 def _hutchinson_samples(op: HessianOperator, Z: torch.Tensor, bar: _HvpProgress) -> np.ndarray:
@@ -323,53 +366,73 @@ def _stderr(samples: np.ndarray) -> float:
     return float(np.std(samples, ddof=1) / math.sqrt(len(samples)))
 
 
+def _check_trace_budget(n_samples: Any, method: Any) -> int:
+    choice(method, "method", TRACE_METHODS)
+    minimum = 2 if method == "hutchinson" else 4
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < minimum:
+        raise UserInputError(f"n_samples must be an integer >= {minimum} for method={method!r} (a standard error "
+                             f"needs at least two Hutchinson samples), got {n_samples!r}")
+    return int(n_samples)
+
+
+def _deflated(op: HessianOperator, exact: float, basis: torch.Tensor, n_rest: int, gen: torch.Generator,
+              bar: _HvpProgress, start: int, method: str) -> TraceResult:
+    """``exact + tr((I - P) H (I - P))`` by Hutchinson, ``P`` the projector on the columns of ``basis``.
+
+    When the basis spans the whole space the trace is ``exact`` with no error (method ``"exact"``).
+    """
+    if basis.shape[1] >= op.dim:
+        return TraceResult(estimate=exact, stderr=0.0, n_hvp=op.n_hvp - start, method="exact",
+                           samples=np.zeros(0), exact_part=exact)
+    G = _rademacher((op.dim, n_rest), gen, op)
+    G = G - basis @ (basis.T @ G)
+    samples = _hutchinson_samples(op, G, bar)
+    return TraceResult(estimate=exact + float(samples.mean()), stderr=_stderr(samples),
+                       n_hvp=op.n_hvp - start, method=method, samples=samples, exact_part=exact)
+
+
+def _hutchinson_trace(op: HessianOperator, n_samples: int, gen: torch.Generator, bar: _HvpProgress,
+                      start: int) -> TraceResult:
+    """``mean_i z_i^T H z_i`` over ``n_samples`` Rademacher probes."""
+    samples = _hutchinson_samples(op, _rademacher((op.dim, n_samples), gen, op), bar)
+    return TraceResult(estimate=float(samples.mean()), stderr=_stderr(samples), n_hvp=op.n_hvp - start,
+                       method="hutchinson", samples=samples)
+
+
+def _krylov_trace(op: HessianOperator, n_samples: int, gen: torch.Generator, bar: _HvpProgress,
+                  start: int) -> TraceResult:
+    """``tr(V^T H V)`` of a Krylov basis (half the budget) plus Hutchinson on the deflated rest."""
+    V, T, _ = krylov_basis(lambda u: _tick(op.matvec(u), bar, op), _rademacher((op.dim,), gen, op),
+                           n_samples // 2)
+    return _deflated(op, float(np.trace(T)), V.T, n_samples - V.shape[0], gen, bar, start, "krylov")
+
+
+def _hutchpp_trace(op: HessianOperator, n_samples: int, gen: torch.Generator, bar: _HvpProgress,
+                   start: int) -> TraceResult:
+    """Hutch++: ``Q = orth(H S)`` (a third), ``tr(Q^T H Q)`` (a third), Hutchinson on the rest."""
+    n_sketch = n_samples // 3
+    S = _rademacher((op.dim, min(n_sketch, op.dim)), gen, op)
+    Y = torch.stack([op.matvec(S[:, i]) for i in range(S.shape[1])], dim=1)
+    bar.step(op.n_hvp)
+    Q, _ = torch.linalg.qr(Y)
+    exact = 0.0
+    for i in range(Q.shape[1]):
+        exact += float(torch.dot(Q[:, i], op.matvec(Q[:, i])))
+        bar.step(op.n_hvp)
+    return _deflated(op, exact, Q, n_samples - 2 * n_sketch, gen, bar, start, "hutch++")
+
+
+_TRACE_ESTIMATORS = {"hutchinson": _hutchinson_trace, "krylov": _krylov_trace, "hutch++": _hutchpp_trace}
+
+
 def trace_estimate(op: HessianOperator, n_samples: int, method: str = "hutch++", seed: int = 0,
                    progress: bool = False) -> TraceResult:
     """Trace of the operator's Hessian with ``n_samples`` Hessian-vector products (see :func:`hessian_trace`)."""
-    if method not in TRACE_METHODS:
-        raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
-    minimum = 2 if method == "hutchinson" else 4
-    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < minimum:
-        raise ValueError(f"n_samples must be an integer >= {minimum} for method={method!r} (a standard error "
-                         f"needs at least two Hutchinson samples), got {n_samples!r}")
-    gen = _generator(seed)
+    n_samples = _check_trace_budget(n_samples, method)
     start = op.n_hvp
     bar = _HvpProgress(progress, n_samples, f"trace ({method})", offset=start)
     try:
-        if method == "hutchinson":
-            samples = _hutchinson_samples(op, _rademacher((op.dim, n_samples), gen, op), bar)
-            return TraceResult(estimate=float(samples.mean()), stderr=_stderr(samples), n_hvp=op.n_hvp - start,
-                               method=method, samples=samples)
-        if method == "krylov":
-            V, T, _ = krylov_basis(lambda u: _tick(op.matvec(u), bar, op), _rademacher((op.dim,), gen, op),
-                                   n_samples // 2)
-            exact = float(np.trace(T))
-            if V.shape[0] >= op.dim:
-                return TraceResult(estimate=exact, stderr=0.0, n_hvp=op.n_hvp - start, method="exact",
-                                   samples=np.zeros(0), exact_part=exact)
-            G = _rademacher((op.dim, n_samples - V.shape[0]), gen, op)
-            G = G - V.T @ (V @ G)
-            samples = _hutchinson_samples(op, G, bar)
-            return TraceResult(estimate=exact + float(samples.mean()), stderr=_stderr(samples),
-                               n_hvp=op.n_hvp - start, method=method, samples=samples, exact_part=exact)
-        n_sketch = n_samples // 3
-        n_rest = n_samples - 2 * n_sketch
-        S = _rademacher((op.dim, min(n_sketch, op.dim)), gen, op)
-        Y = torch.stack([op.matvec(S[:, i]) for i in range(S.shape[1])], dim=1)
-        bar.step(op.n_hvp)
-        Q, _ = torch.linalg.qr(Y)
-        exact = 0.0
-        for i in range(Q.shape[1]):
-            exact += float(torch.dot(Q[:, i], op.matvec(Q[:, i])))
-            bar.step(op.n_hvp)
-        if Q.shape[1] >= op.dim:  # the sketch spans the space: the trace is exact
-            return TraceResult(estimate=exact, stderr=0.0, n_hvp=op.n_hvp - start, method="exact",
-                               samples=np.zeros(0), exact_part=exact)
-        G = _rademacher((op.dim, n_rest), gen, op)
-        G = G - Q @ (Q.T @ G)
-        samples = _hutchinson_samples(op, G, bar)
-        return TraceResult(estimate=exact + float(samples.mean()), stderr=_stderr(samples),
-                           n_hvp=op.n_hvp - start, method=method, samples=samples, exact_part=exact)
+        return _TRACE_ESTIMATORS[method](op, n_samples, _generator(seed), bar, start)
     finally:
         bar.close()
 
@@ -394,13 +457,20 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, n_samples: int =
             (relative change below ``tol``, at most ``n_samples`` probes).
     """
     _check_backend(backend)
+    seed = integer(seed, "seed", minimum=None)
+    if backend == "pyhessian":  # its Hutchinson loop: at most n_samples probes, any number >= 1
+        _pyhessian_options(params, dtype)
+        n_samples = positive_int(n_samples, "n_samples")
+        tol = number(tol, "tol (a relative tolerance)", minimum=0.0, strict_minimum=True)
+    else:
+        n_samples = _check_trace_budget(n_samples, method)
+    batches = prepared_batches(model, loss_fn, data)
     if backend == "pyhessian":
         from .pyhessian_backend import pyhessian_trace
 
-        _pyhessian_options(params, dtype)
-        return pyhessian_trace(model, loss_fn, data, max_iter=n_samples, tol=tol, seed=seed, progress=progress)
+        return pyhessian_trace(model, loss_fn, batches, max_iter=n_samples, tol=tol, seed=seed, progress=progress)
     start = time.perf_counter()
-    with HessianOperator(model, loss_fn, data, params=params, dtype=dtype, hvp=hvp) as op:
+    with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp) as op:
         result = trace_estimate(op, n_samples, method, seed, progress)
         result.settings = _base_settings(model, seed, backend, op)
     result.settings.update({"n_samples": n_samples, "method": method, "seconds": time.perf_counter() - start})
@@ -411,7 +481,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, n_samples: int =
 # Spectral density
 # ---------------------------------------------------------------------------------------------------
 @dataclass
-class DensityResult:
+class DensityResult(Result):
     """Stochastic Lanczos quadrature of the Hessian spectrum.
 
     Attributes:
@@ -421,6 +491,7 @@ class DensityResult:
             (integrates to 1).
         sigma: the Gaussian width.
         n_hvp: Hessian-vector products used.
+        settings: n_iter, n_runs, seed, backend, data and model identity, wall time, provenance.
     """
 
     nodes: list[np.ndarray]
@@ -460,7 +531,7 @@ class DensityResult:
             if best is None or worst < best[0]:
                 best = (worst, nodes[order], bounds[order])
         if best is None:
-            raise ValueError(f"no run has {k} nodes; use n_iter >= {k}")
+            raise UserInputError(f"no run has {k} nodes; use n_iter >= {k}")
         return best[1], best[2]
 
     def to_dataframe(self) -> pd.DataFrame:
@@ -475,6 +546,7 @@ class DensityResult:
             "residual": np.concatenate(self.residuals)})
 
     def save(self, path: str | Path) -> Path:
+        """Write a netCDF result file: the smoothed density, every node of every run, the settings."""
         nodes = self.nodes_dataframe()
         ds = xr.Dataset({"density": ("grid", self.density),
                          "node_run": ("node", nodes["run"].to_numpy().astype(np.int32)),
@@ -487,21 +559,22 @@ class DensityResult:
 
     @classmethod
     def load(cls, path: str | Path) -> DensityResult:
+        """Read a file written by :meth:`save` (also by sharpscope 0.1)."""
         ds, meta = read_dataset(path, cls.KIND)
-        run = ds["node_run"].values
-        pick = [run == r for r in range(int(meta["n_runs"]))]
-        return cls(nodes=[ds["node_value"].values[p] for p in pick],
-                   weights=[ds["node_weight"].values[p] for p in pick],
-                   residuals=[ds["node_residual"].values[p] for p in pick],
-                   grid=ds["grid"].values, density=ds["density"].values, sigma=float(meta["sigma"]),
-                   n_hvp=int(meta["n_hvp"]), settings=meta["settings"])
+        with damaged_result_file(path, cls.KIND):
+            run = ds["node_run"].values
+            pick = [run == r for r in range(int(meta["n_runs"]))]
+            return cls(nodes=[ds["node_value"].values[p] for p in pick],
+                       weights=[ds["node_weight"].values[p] for p in pick],
+                       residuals=[ds["node_residual"].values[p] for p in pick],
+                       grid=ds["grid"].values, density=ds["density"].values, sigma=float(meta["sigma"]),
+                       n_hvp=int(meta["n_hvp"]), settings=dict(meta["settings"]))
 
 
 def smoothed_density(nodes: Sequence[np.ndarray], weights: Sequence[np.ndarray], grid: np.ndarray,
                      sigma: float) -> np.ndarray:
     """``mean_runs sum_i w_i N(grid; node_i, sigma^2)``."""
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    sigma = number(sigma, "sigma", minimum=0.0, strict_minimum=True)
     total = np.zeros_like(grid, dtype=np.float64)
     for n, w in zip(nodes, weights):
         z = (grid[:, None] - n[None, :]) / sigma
@@ -516,17 +589,29 @@ def _density_grid(nodes: Sequence[np.ndarray], sigma: float | None,
     span = hi - lo if hi > lo else max(abs(hi), 1.0)
     if sigma is None:
         sigma = 0.01 * span
-    if not (isinstance(sigma, (int, float)) and sigma > 0):
-        raise ValueError(f"sigma must be a positive width (in eigenvalue units) or None, got {sigma!r}")
+    sigma = number(sigma, "sigma (a width in eigenvalue units, or None)", minimum=0.0, strict_minimum=True)
     if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
-        if grid < 2:
-            raise ValueError(f"grid must be a number of points >= 2 or an array of eigenvalues, got {grid}")
-        values = np.linspace(lo - 5 * sigma, hi + 5 * sigma, int(grid))
+        grid = integer(grid, "grid (a number of points, or an array of eigenvalues)", minimum=2)
+        values = np.linspace(lo - 5 * sigma, hi + 5 * sigma, grid)
     else:
         values = np.asarray(grid, dtype=np.float64)
         if values.ndim != 1 or values.size < 2 or not np.all(np.isfinite(values)):
-            raise ValueError("grid must be a 1-D array of at least two finite eigenvalues, or a number of points")
+            raise UserInputError("grid must be a 1-D array of at least two finite eigenvalues, or a number of "
+                                 "points")
     return values, float(sigma)
+
+
+def _check_n_iter(n_iter: Any, dim: int) -> int:
+    """Lanczos steps per SLQ run: at most the Hessian's side ``dim`` and at most :data:`MAX_SLQ_STEPS`."""
+    n_iter = positive_int(n_iter, "n_iter")
+    if n_iter > dim:
+        raise UserInputError(f"n_iter={n_iter} is larger than the size of the Hessian ({dim} parameters): Lanczos "
+                             f"has at most {dim} distinct nodes; use n_iter <= {dim} (80-100 is typical)")
+    if n_iter > MAX_SLQ_STEPS:
+        raise UserInputError(f"n_iter={n_iter} is above the cap of {MAX_SLQ_STEPS} Lanczos steps per run (the cost "
+                             "grows like n_iter^2 * dim); 80-100 steps resolve the density: use a smaller n_iter "
+                             "and more n_runs")
+    return n_iter
 
 
 def hessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int = 80, n_runs: int = 1,
@@ -536,32 +621,28 @@ def hessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int = 
     """Spectral density of the Hessian by stochastic Lanczos quadrature (``n_runs * n_iter`` HVPs).
 
     Args:
-        n_iter: Lanczos steps per run (nodes per run; moments up to ``2 n_iter - 1`` are exact per probe).
+        n_iter: Lanczos steps per run (nodes per run; moments up to ``2 n_iter - 1`` are exact per probe);
+            at most the number of parameters and at most :data:`MAX_SLQ_STEPS` (refused otherwise).
         n_runs: number of Rademacher probes (the variance of the moments falls like ``1 / n_runs``).
         sigma: Gaussian width in eigenvalue units; default 1 % of the range of the nodes.
         grid: number of grid points over the range of the nodes (+-5 sigma), or the grid itself.
         backend: ``"pyhessian"`` runs PyHessian's ``density`` (with ``torch.eig`` replaced by ``eigh``).
     """
     _check_backend(backend)
-    n_iter = _check_positive_int(n_iter, "n_iter")
-    n_runs = _check_positive_int(n_runs, "n_runs")
+    n_runs = positive_int(n_runs, "n_runs")
+    seed = integer(seed, "seed", minimum=None)
+    if backend == "pyhessian":
+        _pyhessian_options(params, dtype)
+    batches = prepared_batches(model, loss_fn, data)
+    n_iter = _check_n_iter(n_iter, _dimension(model, params))
     if backend == "pyhessian":
         from .pyhessian_backend import pyhessian_density
 
-        _pyhessian_options(params, dtype)
-        return pyhessian_density(model, loss_fn, data, n_iter=n_iter, n_runs=n_runs, sigma=sigma, grid=grid,
+        return pyhessian_density(model, loss_fn, batches, n_iter=n_iter, n_runs=n_runs, sigma=sigma, grid=grid,
                                  seed=seed, progress=progress)
     start = time.perf_counter()
-    gen = _generator(seed)
-    with HessianOperator(model, loss_fn, data, params=params, dtype=dtype, hvp=hvp) as op:
-        bar = _HvpProgress(progress, n_runs * min(n_iter, op.dim), "SLQ")
-        runs = []
-        try:
-            for _ in range(n_runs):
-                v = _rademacher((op.dim,), gen, op)
-                runs.append(lanczos_quadrature(lambda u: _tick(op.matvec(u), bar, op), v, n_iter))
-        finally:
-            bar.close()
+    with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp) as op:
+        runs = _slq_runs(op, n_iter, n_runs, _generator(seed), progress)
         settings = _base_settings(model, seed, backend, op)
         n_hvp = op.n_hvp
     nodes = [r.nodes for r in runs]
@@ -571,6 +652,17 @@ def hessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int = 
     return DensityResult(nodes=nodes, weights=weights, residuals=[r.residuals for r in runs], grid=values,
                          density=smoothed_density(nodes, weights, values, sigma), sigma=sigma, n_hvp=n_hvp,
                          settings=settings)
+
+
+def _slq_runs(op: HessianOperator, n_iter: int, n_runs: int, gen: torch.Generator,
+              progress: bool) -> list[Any]:
+    """``n_runs`` Lanczos quadratures from normalised Rademacher probes."""
+    bar = _HvpProgress(progress, n_runs * min(n_iter, op.dim), "SLQ")
+    try:
+        return [lanczos_quadrature(lambda u: _tick(op.matvec(u), bar, op), _rademacher((op.dim,), gen, op), n_iter)
+                for _ in range(n_runs)]
+    finally:
+        bar.close()
 
 
 def _tick(out: torch.Tensor, bar: _HvpProgress, op: HessianOperator) -> torch.Tensor:
@@ -584,10 +676,59 @@ def _tick(out: torch.Tensor, bar: _HvpProgress, op: HessianOperator) -> torch.Te
 LAYER_KIND = "layer_curvature"
 
 
+class LayerCurvatureResult(TableResult):
+    """Per parameter tensor: top eigenvalue and trace of its diagonal Hessian block (:func:`layer_curvature`).
+
+    One row per tensor: ``layer, shape, numel, top_eigenvalue, top_error_bound, top_converged, trace,
+    trace_stderr, trace_method, n_hvp``. It reads like that table (``res["trace"]``, ``len(res)``,
+    ``res.loc[...]``, ``res.attrs["settings"]``), as the DataFrame returned by sharpscope 0.1 did; the file
+    format is the one of 0.1's ``save_layer_curvature``.
+    """
+
+    KIND = LAYER_KIND
+
+    def __init__(self, table: pd.DataFrame, settings: dict[str, Any]) -> None:
+        super().__init__(table, settings)
+        if "top_converged" in self.table.columns:  # netCDF stores booleans as integers
+            self.table["top_converged"] = self.table["top_converged"].astype(bool)
+        self.table.attrs["settings"] = self.settings
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerCurvatureResult:
+        """Read a file written by :meth:`save` or by sharpscope 0.1's ``save_layer_curvature``."""
+        with damaged_result_file(path, cls.KIND):
+            return super().load(path)
+
+
+def _selected_tensors(model: nn.Module, layers: Callable[[str, torch.Tensor], bool] | None
+                      ) -> list[tuple[str, nn.Parameter]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (layers is None or layers(n, p))]
+    if not named:
+        raise UserInputError("no trainable parameter tensor selected (check requires_grad and the layers filter)")
+    return named
+
+
+def _block_curvature(op: HessianOperator, name: str, shape: torch.Size, seed: int, tol: float, max_iter: int,
+                     n_trace_samples: int) -> dict[str, Any]:
+    """One row of :func:`layer_curvature` for the block the operator ``op`` is restricted to."""
+    eig = thick_restart_lanczos(op.matvec, _gaussian(op.dim, _generator(seed), op), k=1, tol=tol,
+                                max_matvec=max_iter, seed=seed)
+    if op.dim <= n_trace_samples:  # exact: sum_j e_j^T H e_j
+        eye = torch.eye(op.dim, dtype=op.dtype, device=op.device)
+        trace, stderr, method = float(sum(op.matvec(e)[j] for j, e in enumerate(eye))), 0.0, "exact"
+    else:
+        tr = trace_estimate(op, n_trace_samples, "hutch++", seed)
+        trace, stderr, method = tr.estimate, tr.stderr, tr.method
+    return {"layer": name, "shape": "x".join(map(str, shape)) or "scalar", "numel": op.dim,
+            "top_eigenvalue": float(eig.values[0]), "top_error_bound": float(eig.error_bounds[0]),
+            "top_converged": eig.converged, "trace": trace, "trace_stderr": stderr,
+            "trace_method": method, "n_hvp": op.n_hvp}
+
+
 def layer_curvature(model: nn.Module, loss_fn: LossFn, data: Any, tol: float = 1e-3, max_iter: int = 100,
                     n_trace_samples: int = 30, seed: int = 0, dtype: torch.dtype | None = None,
                     hvp: str = "auto", layers: Callable[[str, torch.Tensor], bool] | None = None,
-                    progress: bool = True) -> pd.DataFrame:
+                    progress: bool = True) -> LayerCurvatureResult:
     """Top eigenvalue and trace of each diagonal block ``H_tt`` of the Hessian (one per parameter tensor).
 
     The block of tensor ``t`` is the Hessian of the loss w.r.t. ``t`` alone, the other tensors held fixed.
@@ -595,53 +736,42 @@ def layer_curvature(model: nn.Module, loss_fn: LossFn, data: Any, tol: float = 1
     when the tensor has at most ``n_trace_samples`` elements and a Hutch++ estimate with that budget
     otherwise. ``layers(name, param) -> bool`` selects tensors (default: every trainable one).
 
-    Returns a DataFrame, one row per tensor: ``layer, shape, numel, top_eigenvalue, top_error_bound,
-    top_converged, trace, trace_stderr, trace_method, n_hvp``; the settings are in ``df.attrs``.
-    Save and load it with :func:`save_layer_curvature` / :func:`load_layer_curvature`.
+    Returns a :class:`LayerCurvatureResult`, one row per tensor: ``layer, shape, numel, top_eigenvalue,
+    top_error_bound, top_converged, trace, trace_stderr, trace_method, n_hvp``; it reads like that
+    DataFrame, with the settings in ``.settings`` (and ``.attrs["settings"]``).
     """
-    max_iter = _check_positive_int(max_iter, "max_iter")
-    n_trace_samples = _check_positive_int(n_trace_samples, "n_trace_samples", 4)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (layers is None or layers(n, p))]
-    if not named:
-        raise ValueError("no trainable parameter tensor selected (check requires_grad and the layers filter)")
+    max_iter = positive_int(max_iter, "max_iter")
+    n_trace_samples = integer(n_trace_samples, "n_trace_samples", minimum=4)
+    tol = number(tol, "tol (a relative tolerance)", minimum=0.0, maximum=1.0, strict_minimum=True)
+    seed = integer(seed, "seed", minimum=None)
+    batches = prepared_batches(model, loss_fn, data)  # materialised once, not once per layer
+    named = _selected_tensors(model, layers)
     start = time.perf_counter()
-    rows = []
     fingerprint = model_fingerprint(model)
-    batches = as_batches(data)  # materialised once, not once per layer
+    rows = []
     for i, (name, p) in enumerate(progress_bar(named, enabled=progress, desc="layers", total=len(named))):
         with HessianOperator(model, loss_fn, batches, params=[p], dtype=dtype, hvp=hvp) as op:
-            eig = thick_restart_lanczos(op.matvec, _gaussian(op.dim, _generator(seed + i), op), k=1, tol=tol,
-                                        max_matvec=max_iter, seed=seed)
-            if op.dim <= n_trace_samples:
-                eye = torch.eye(op.dim, dtype=op.dtype, device=op.device)
-                trace, stderr, method = float(sum(op.matvec(e)[j] for j, e in enumerate(eye))), 0.0, "exact"
-            else:
-                tr = trace_estimate(op, n_trace_samples, "hutch++", seed + i)
-                trace, stderr, method = tr.estimate, tr.stderr, tr.method
-            rows.append({"layer": name, "shape": "x".join(map(str, p.shape)) or "scalar", "numel": op.dim,
-                         "top_eigenvalue": float(eig.values[0]), "top_error_bound": float(eig.error_bounds[0]),
-                         "top_converged": eig.converged, "trace": trace, "trace_stderr": stderr,
-                         "trace_method": method, "n_hvp": op.n_hvp})
+            rows.append(_block_curvature(op, name, p.shape, seed + i, tol, max_iter, n_trace_samples))
             data_settings = _data_settings(op)
-    df = pd.DataFrame(rows)
-    settings = {"seed": int(seed), "tol": tol, "max_iter": max_iter, "n_trace_samples": n_trace_samples,
-                "model_fingerprint": fingerprint, "seconds": time.perf_counter() - start, **data_settings}
-    settings.pop("dim", None)
-    df.attrs["settings"] = settings
-    if not df["top_converged"].all():
+    data_settings.pop("dim", None)
+    settings = {"seed": seed, "tol": tol, "max_iter": max_iter, "n_trace_samples": n_trace_samples,
+                "model_fingerprint": fingerprint, "seconds": time.perf_counter() - start, **data_settings,
+                "provenance": provenance()}
+    result = LayerCurvatureResult(pd.DataFrame(rows), settings)
+    if not result.table["top_converged"].all():
         warnings.warn("the top eigenvalue of some blocks did not converge: "
-                      f"{list(df.loc[~df['top_converged'], 'layer'])}; raise max_iter", RuntimeWarning, stacklevel=2)
-    return df
+                      f"{list(result.table.loc[~result.table['top_converged'], 'layer'])}; raise max_iter",
+                      RuntimeWarning, stacklevel=2)
+    return result
 
 
-def save_layer_curvature(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write the table of :func:`layer_curvature` (settings from ``df.attrs``) as a result file."""
-    return write_table(df, path, LAYER_KIND, {"settings": df.attrs.get("settings", {})})
+def save_layer_curvature(df: LayerCurvatureResult | pd.DataFrame, path: str | Path) -> Path:
+    """Alias of :meth:`LayerCurvatureResult.save` (a 0.1-style DataFrame takes its settings from ``attrs``)."""
+    if not isinstance(df, LayerCurvatureResult):
+        df = LayerCurvatureResult(df, df.attrs.get("settings", {}))
+    return df.save(path)
 
 
-def load_layer_curvature(path: str | Path) -> pd.DataFrame:
-    """Read a table written by :func:`save_layer_curvature`; the settings come back in ``df.attrs``."""
-    df, meta = read_table(path, LAYER_KIND)
-    df["top_converged"] = df["top_converged"].astype(bool)
-    df.attrs["settings"] = meta.get("settings", {})
-    return df
+def load_layer_curvature(path: str | Path) -> LayerCurvatureResult:
+    """Alias of :meth:`LayerCurvatureResult.load`; the result reads like the 0.1 DataFrame."""
+    return LayerCurvatureResult.load(path)

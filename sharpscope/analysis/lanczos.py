@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import UserInputError
+
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -116,6 +118,69 @@ def _wanted(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     return order[::-1][:k] if which == "LA" else order[:k]
 
 
+@dataclass
+class _RitzStep:
+    """The Ritz pairs of the current projection and what the convergence test needs."""
+
+    theta: np.ndarray  # every Ritz value, ascending
+    S: np.ndarray  # eigenvectors of the projected matrix (columns)
+    res: np.ndarray  # Ritz residuals beta |s_{n,i}|
+    bounds: np.ndarray  # error bounds (module docstring)
+    want: np.ndarray  # indices of the wanted pairs, wanted end first
+    worst: float  # worst relative bound of the wanted pairs (inf while fewer than k)
+    invariant: bool  # the Krylov space is invariant: residuals vanish
+
+
+def _ritz_step(basis: _Basis, beta: float, k: int, which: str) -> _RitzStep:
+    n = basis.n
+    theta, S = np.linalg.eigh(basis.T[:n, :n])
+    scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
+    # An invariant subspace: the residuals vanish (relative to the operator's scale).
+    invariant = beta <= 1e-10 * scale * max(1.0, np.sqrt(n))
+    res = np.zeros(n) if invariant else beta * np.abs(S[-1, :])
+    bounds = _error_bounds(theta, res)
+    want = _wanted(theta, k, which)
+    rel = bounds[want] / np.maximum(np.abs(theta[want]), 1e-6 * scale)
+    worst = float(np.max(rel)) if n >= k else np.inf
+    return _RitzStep(theta, S, res, bounds, want, worst, bool(invariant))
+
+
+def _ritz_vectors(basis: _Basis, S: np.ndarray, columns: np.ndarray) -> torch.Tensor:
+    """``(V^T S[:, columns])^T``: the Ritz vectors of the chosen pairs, one per row."""
+    return torch.as_tensor(S[:, columns], dtype=basis.V.dtype, device=basis.V.device).T @ basis.V[: basis.n]
+
+
+def _restart(basis: _Basis, step: _RitzStep, v_next: torch.Tensor, beta: float, k: int, m: int,
+             which: str) -> None:
+    """Thick restart: keep the ``p`` Ritz vectors nearest the wanted end, then continue from ``v_next``.
+
+    The kept vectors diagonalise their block of ``T``; their coupling to ``v_next`` is
+    ``beta * s_{n,i}`` (zero after an invariant subspace).
+    """
+    p = min(max(k + (m - k) // 2, k), m - 1)
+    keep = _wanted(step.theta, p, which)
+    basis.V[:p] = _ritz_vectors(basis, step.S, keep)
+    basis.V[p] = v_next
+    basis.n = p + 1
+    basis.T[:] = 0.0
+    basis.T[np.arange(p), np.arange(p)] = step.theta[keep]
+    coupling = 0.0 if step.invariant else beta * step.S[-1, keep]
+    basis.T[:p, p] = coupling
+    basis.T[p, :p] = coupling
+
+
+def _lanczos_size(dim: int, k: int, which: str, max_basis: int | None) -> int:
+    """The basis size before a restart (validating ``which``, ``k`` and ``max_basis``)."""
+    if which not in ("LA", "SA"):
+        raise UserInputError(f"which must be 'LA' (largest) or 'SA' (smallest), got {which!r}")
+    if not 1 <= k <= dim:
+        raise UserInputError(f"k must be between 1 and the number of parameters ({dim}), got {k}")
+    m = min(dim, max_basis if max_basis is not None else max(2 * k + 10, 20))
+    if m < min(dim, k + 2):
+        raise UserInputError(f"max_basis must be at least k + 2 = {k + 2}, got {max_basis}")
+    return m
+
+
 def thick_restart_lanczos(matvec: Matvec, v0: torch.Tensor, k: int = 1, which: str = "LA", tol: float = 1e-3,
                           max_matvec: int = 100, max_basis: int | None = None, seed: int = 0,
                           on_step: Callable[[int, float], None] | None = None) -> LanczosEigen:
@@ -133,59 +198,33 @@ def thick_restart_lanczos(matvec: Matvec, v0: torch.Tensor, k: int = 1, which: s
         on_step: called after each product with (products so far, worst relative bound).
     """
     dim = v0.numel()
-    if which not in ("LA", "SA"):
-        raise ValueError(f"which must be 'LA' (largest) or 'SA' (smallest), got {which!r}")
-    if not 1 <= k <= dim:
-        raise ValueError(f"k must be between 1 and the number of parameters ({dim}), got {k}")
-    m = min(dim, max_basis if max_basis is not None else max(2 * k + 10, 20))
-    if m < min(dim, k + 2):
-        raise ValueError(f"max_basis must be at least k + 2 = {k + 2}, got {max_basis}")
+    m = _lanczos_size(dim, k, which, max_basis)
     generator = torch.Generator().manual_seed(seed)
     basis = _Basis(dim, m, v0)
     norm0 = float(torch.linalg.vector_norm(v0))
     if not norm0 > 0:
-        raise ValueError("the start vector is zero")
+        raise UserInputError("the start vector is zero")
     basis.append(v0 / norm0)
     n_mv = 0
     while True:
         w, beta = basis.expand(matvec)
         n_mv += 1
-        n = basis.n
-        theta, S = np.linalg.eigh(basis.T[:n, :n])
-        scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
-        # An invariant subspace: the residuals vanish (relative to the operator's scale).
-        invariant = beta <= 1e-10 * scale * max(1.0, np.sqrt(n))
-        res = np.zeros(n) if invariant else beta * np.abs(S[-1, :])
-        bounds = _error_bounds(theta, res)
-        want = _wanted(theta, k, which)
-        rel = bounds[want] / np.maximum(np.abs(theta[want]), 1e-6 * scale)
-        worst = float(np.max(rel)) if n >= k else np.inf
+        step = _ritz_step(basis, beta, k, which)
         if on_step is not None:
-            on_step(n_mv, worst)
-        converged = n >= k and worst <= tol
+            on_step(n_mv, step.worst)
+        converged = basis.n >= k and step.worst <= tol
         # With an invariant subspace the search goes on from a random orthogonal vector, unless the
         # basis already spans the whole space (then every Ritz pair is exact).
-        v_next = (basis.random_orthogonal(generator) if invariant else w / beta)
+        v_next = basis.random_orthogonal(generator) if step.invariant else w / beta
         if converged or n_mv >= max_matvec or v_next is None:
-            vectors = (torch.as_tensor(S[:, want], dtype=basis.V.dtype, device=basis.V.device).T @ basis.V[:n]).T
-            return LanczosEigen(values=theta[want], vectors=vectors.contiguous(), residuals=res[want],
-                                error_bounds=bounds[want], ritz_values=theta, n_matvec=n_mv,
-                                converged=bool(converged or (invariant and n >= dim)))
-        if n < m:
+            want = step.want
+            return LanczosEigen(values=step.theta[want], vectors=_ritz_vectors(basis, step.S, want).T.contiguous(),
+                                residuals=step.res[want], error_bounds=step.bounds[want], ritz_values=step.theta,
+                                n_matvec=n_mv, converged=bool(converged or (step.invariant and basis.n >= dim)))
+        if basis.n < m:
             basis.append(v_next)
-            continue
-        # Thick restart: keep the p Ritz vectors nearest the wanted end, then continue from v_next.
-        p = min(max(k + (m - k) // 2, k), m - 1)
-        keep = _wanted(theta, p, which)
-        Y = torch.as_tensor(S[:, keep], dtype=basis.V.dtype, device=basis.V.device).T @ basis.V[:n]
-        basis.V[:p] = Y
-        basis.V[p] = v_next
-        basis.n = p + 1
-        basis.T[:] = 0.0
-        basis.T[np.arange(p), np.arange(p)] = theta[keep]
-        coupling = 0.0 if invariant else beta * S[-1, keep]
-        basis.T[:p, p] = coupling
-        basis.T[p, :p] = coupling
+        else:
+            _restart(basis, step, v_next, beta, k, m, which)
 
 
 def lanczos_quadrature(matvec: Matvec, v0: torch.Tensor, n_iter: int) -> LanczosQuadrature:
@@ -197,7 +236,7 @@ def lanczos_quadrature(matvec: Matvec, v0: torch.Tensor, n_iter: int) -> Lanczos
     ``< 2 n_iter``. Stops early, with an exact rule, if the Krylov space becomes invariant.
     """
     if n_iter < 1:
-        raise ValueError(f"n_iter must be at least 1, got {n_iter}")
+        raise UserInputError(f"n_iter must be at least 1, got {n_iter}")
     V, T, beta = krylov_basis(matvec, v0, n_iter)
     # Symmetric tridiagonal in exact arithmetic; the full projection is used (it is what was computed).
     theta, S = np.linalg.eigh(T)

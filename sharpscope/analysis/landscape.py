@@ -11,9 +11,11 @@ Grid orientation: for a 2-D slice ``landscape.loss[i, j]`` is the value at ``x[i
 ``"x"``, an interpolation dim ``"alpha"``.
 
 Cost per grid point: the weights are set with two or three fused multi-tensor kernels
-(``torch._foreach_*``: copy the base weights, add ``x d_1``, add ``y d_2``; tensors that are zero in
-every direction are not touched), then one evaluation pass over ``data``; metrics stay on the device
-until the end of a round of points, so a GPU is not synchronised per point. Grid points can be
+(:func:`~sharpscope.analysis.evaluation.offset_parameters`: copy the base weights, add ``x d_1``,
+add ``y d_2``; tensors that are zero in every direction are not touched), then one evaluation pass
+over ``data`` (:func:`~sharpscope.analysis.evaluation.full_data_loss`, the user metrics computed on
+the same outputs). With ``points_per_call > 1`` several points share one ``torch.func.vmap`` pass
+and their values stay on the device until the end of a round of points. Grid points can be
 shared among the processes of an initialised ``torch.distributed`` group (point ``k`` of a round
 goes to rank ``k % world_size``; the values are all-reduced at the end of each round).
 
@@ -23,18 +25,26 @@ average over those batches, BatchNorm modules in train mode, everything else in 
 needed when interpolating between independently trained networks.
 
 A slice is resumable: with ``checkpoint_path`` the partial grid is saved every
-``checkpoint_every`` points and a later call with the same model, data, directions and settings
-continues it, skipping the points already done.
+``checkpoint_every`` points and a later call with the same model, data, directions, loss function,
+metrics and settings continues it, skipping the points already done; a file made with anything
+else that changes the values is refused, naming the setting that differs.
+
+Bad input is refused before any point is computed: NaN/inf weights at the origin (naming the
+tensors) and a model that cannot run on the data (one cheap forward pass). A non-finite loss at a
+far grid point is a legitimate value (the weights overflow there): it is kept, with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +54,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from .. import _validate
 from .._progress import progress as _progress
 from ..errors import UserInputError
 from .batching import Batch, as_batches, checked_loss, model_device, preserved_model_state, to_device
@@ -56,7 +67,22 @@ from .directions import (
     random_directions,
     trajectory_directions,
 )
-from .results import DatasetResult, model_fingerprint, tensor_bytes
+from .evaluation import (
+    LossAndAccuracy,
+    check_finite_parameters,
+    check_model_accepts,
+    full_data_loss,
+    global_norm,
+    offset_parameters,
+)
+from .results import (
+    DatasetResult,
+    model_fingerprint,
+    provenance,
+    read_dataset,
+    require_variables,
+    tensor_bytes,
+)
 
 __all__ = [
     "Direction", "Landscape", "TrajectoryDirections", "eigen_directions", "interpolate", "interpolation_direction",
@@ -127,18 +153,25 @@ class Landscape(DatasetResult):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Landscape:
-        result = super().load(path)
-        result.dataset["done"] = result.dataset["done"].astype(np.int8)
-        return result
+        """Read a file written by :meth:`save` (refuses another kind, or one that lacks variables)."""
+        ds, settings = read_dataset(path, cls.KIND)
+        metrics = settings.get("metrics")
+        if not isinstance(metrics, list) or not metrics:
+            raise UserInputError(f"{path} is not a complete landscape file: its settings lack the metric names; "
+                                 "compute it again")
+        require_variables(ds, [*map(str, metrics), "done"], path, "landscape")
+        if not ds["loss"].dims or any(d not in ds.coords for d in ds["loss"].dims):
+            raise UserInputError(f"{path} is not a complete landscape file: it lacks the grid coordinates")
+        ds["done"] = ds["done"].astype(np.int8)
+        return cls(ds, settings)
 
 
 # --- argument checks ------------------------------------------------------------------------
 
 def _coordinates(value: Any, name: str, default_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        if value < 1:
-            raise UserInputError(f"{name} must be a number of points >= 1 or an array of coordinates; got {value}")
-        return np.linspace(*default_range, int(value))
+        count = _validate.integer(int(value), f"{name} (a number of points, or an array of coordinates)")
+        return np.linspace(*default_range, count)
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -169,6 +202,35 @@ def _check_metrics(metrics: Mapping[str, Metric] | None) -> dict[str, Metric]:
     return {str(k): v for k, v in metrics.items()}
 
 
+@dataclass(frozen=True)
+class GridOptions:
+    """How a grid is evaluated (the keyword arguments every slice shares; see :func:`landscape_1d`)."""
+
+    bn: str = "eval"
+    recalibration_batches: int = 10
+    metrics: Mapping[str, Metric] | None = None
+    checkpoint_path: str | os.PathLike[str] | None = None
+    checkpoint_every: int | None = None
+    distributed: bool | None = None
+    progress: bool = True
+    points_per_call: int = 1
+
+    def checked(self) -> GridOptions:
+        """A copy with every option validated (one :class:`UserInputError` line for a bad one)."""
+        _check_bn(self.bn)
+        ppc = _validate.positive_int(self.points_per_call, "points_per_call")
+        if ppc > 1 and self.bn != "eval":
+            raise UserInputError("points_per_call > 1 needs bn='eval' (vmap cannot update BatchNorm statistics)")
+        every = self.checkpoint_every
+        return GridOptions(
+            bn=self.bn, recalibration_batches=_validate.positive_int(self.recalibration_batches,
+                                                                     "recalibration_batches"),
+            metrics=_check_metrics(self.metrics), checkpoint_path=self.checkpoint_path,
+            checkpoint_every=None if every is None else _validate.positive_int(every, "checkpoint_every (grid points)"),
+            distributed=self.distributed, progress=bool(self.progress), points_per_call=ppc,
+        )
+
+
 def _data_fingerprint(batches: Sequence[Batch]) -> str:
     digest = hashlib.sha256()
     for x, y in batches:
@@ -187,52 +249,146 @@ def _dist_info(distributed: bool | None) -> tuple[int, int]:
     return 0, 1
 
 
-# --- evaluation of one point ----------------------------------------------------------------
+# --- what determines the values: the identity of the loss and metric functions ----------------
+
+def _is_plain(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool, type(None))) or (
+        isinstance(value, tuple) and all(_is_plain(v) for v in value))
+
+
+def _plain_state(obj: Any) -> dict[str, Any]:
+    """Public attributes holding plain values: the hyper-parameters of a loss object."""
+    return {k: v for k, v in sorted(getattr(obj, "__dict__", {}).items())
+            if not k.startswith("_") and k != "training" and _is_plain(v)}
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def _code_digest(fn: Any) -> str:
+    """A digest of a Python function's bytecode, plain constants, defaults and plain closure values."""
+    code = fn.__code__
+    cells = []
+    for cell in fn.__closure__ or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            cells.append(cell.cell_contents)
+    plain = [[c for c in code.co_consts if _is_plain(c)], [d for d in fn.__defaults__ or () if _is_plain(d)],
+             sorted((k, v) for k, v in (fn.__kwdefaults__ or {}).items() if _is_plain(v)),
+             [c for c in cells if _is_plain(c)]]
+    return hashlib.sha256(code.co_code + repr(plain).encode()).hexdigest()[:16]
+
+
+def callable_identity(fn: Any) -> str:
+    """Text that differs whenever ``fn`` computes something else, and is stable across processes.
+
+    - ``nn.Module`` (e.g. ``CrossEntropyLoss(label_smoothing=0.1)``): class, plain hyper-parameters
+      (``label_smoothing``, ``reduction``, ...; ``repr()`` alone omits some), ``repr()`` and a
+      fingerprint of its parameters and buffers (class weights);
+    - a Python function or lambda: ``module.qualname`` and a digest of its code, plain constants,
+      defaults and plain closure values;
+    - ``functools.partial``: the function's identity and the bound arguments;
+    - a bound method: its function and the plain state of the object; another callable object:
+      its class and plain public attributes.
+    """
+    if isinstance(fn, functools.partial):
+        return f"partial({callable_identity(fn.func)}, {fn.args!r}, {sorted(fn.keywords.items())!r})"
+    if isinstance(fn, nn.Module):
+        return f"{_qualified(type(fn))}{_plain_state(fn)} {fn!r} state={model_fingerprint(fn)}"
+    if inspect.ismethod(fn):
+        return f"{callable_identity(fn.__func__)} of {_qualified(type(fn.__self__))}{_plain_state(fn.__self__)}"
+    if inspect.isfunction(fn):
+        return f"{_qualified(fn)} code={_code_digest(fn)}"
+    if inspect.isbuiltin(fn) or isinstance(fn, type):
+        return _qualified(fn)
+    return f"{_qualified(type(fn))}{_plain_state(fn)}"
+
+
+def _grid_settings(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], settings: Mapping[str, Any],
+                   options: GridOptions) -> dict[str, Any]:
+    """The slice's settings plus everything else that determines its values (checked on resume)."""
+    metrics = dict(options.metrics or {})
+    out = dict(settings)
+    out.update(
+        bn=options.bn, recalibration_batches=options.recalibration_batches if options.bn == "recalibrate" else None,
+        metrics=["loss", "accuracy", *metrics], n_samples=int(sum(len(x) for x, _ in batches)),
+        n_batches=len(batches), data_fingerprint=_data_fingerprint(batches),
+        model_fingerprint=model_fingerprint(model),
+        model_structure=hashlib.sha256(repr(model).encode()).hexdigest()[:16],
+        loss_fn=getattr(loss_fn, "__name__", type(loss_fn).__name__),
+        loss_fn_identity=callable_identity(loss_fn),
+        metric_functions={name: callable_identity(fn) for name, fn in metrics.items()},
+        provenance=provenance(),
+    )
+    return out
+
+
+# --- evaluation of points ---------------------------------------------------------------------
+
+def _add_metrics(total: torch.Tensor, metrics: Mapping[str, Metric], out: torch.Tensor, y: torch.Tensor,
+                 weight: float) -> None:
+    """``total[k] += weight * metric_k(out, y)`` (``weight`` = the batch's share of the samples)."""
+    for k, fn in enumerate(metrics.values()):
+        total[k] += checked_loss(torch.as_tensor(fn(out, y)), "metric").double() * weight
+
+
+def _is_classification(model: nn.Module, batch: Batch) -> bool:
+    """Whether accuracy is defined: class scores ``(N, C)`` against integer labels ``(N,)``."""
+    x, y = to_device((batch[0][:2], batch[1][:2]), model_device(model))
+    with torch.no_grad():
+        out = model(x)
+    return out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
+
+
+class _MetricTap:
+    """The loss function handed to :func:`full_data_loss`, adding the user metrics of the same outputs.
+
+    ``full_data_loss`` calls it once per batch, so loss, accuracy and metrics come from one pass.
+    """
+
+    def __init__(self, loss_fn: Callable, metrics: Mapping[str, Metric], n: float, device: torch.device) -> None:
+        self.loss_fn, self.metrics, self.n = loss_fn, metrics, n
+        self.total = torch.zeros(len(metrics), dtype=torch.float64, device=device)
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _add_metrics(self.total, self.metrics, out, y, len(y) / self.n)
+        return self.loss_fn(out, y)
+
 
 class _Evaluator:
-    """Loss, accuracy and user metrics of the current weights over all batches, kept on the device."""
+    """``[loss, accuracy, *metrics]`` of the current weights over all batches (float64, on the device)."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], metrics: dict[str, Metric],
-                 bn: str, recalibration_batches: int) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
+    def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], options: GridOptions,
+                 classification: bool) -> None:
+        self.model, self.loss_fn, self.classification = model, loss_fn, classification
         self.device = model_device(model)
         self.batches = [to_device(b, self.device) for b in batches]
         self.n = float(sum(len(x) for x, _ in self.batches))
-        self.metrics = metrics
+        self.metrics = dict(options.metrics or {})
         self.bn_modules = [m for m in model.modules()
                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        self.recalibrate = bn == "recalibrate"
-        self.recal = self.batches[:recalibration_batches]
+        self.recalibrate = options.bn == "recalibrate"
+        self.recal = self.batches[:options.recalibration_batches]
 
     def _recalibrate(self) -> None:
         for m in self.bn_modules:
             m.reset_running_stats()
             m.momentum = None  # cumulative average: exact mean of the batch statistics
             m.train()
-        for x, _ in self.recal:
-            self.model(x)
+        with torch.no_grad():
+            for x, _ in self.recal:
+                self.model(x)
         for m in self.bn_modules:
             m.eval()
 
-    @torch.no_grad()
     def __call__(self) -> torch.Tensor:
         if self.recalibrate:
             self._recalibrate()
-        total = torch.zeros(2 + len(self.metrics), dtype=torch.float64, device=self.device)
-        for x, y in self.batches:
-            self.add(total, self.model(x), y, len(x) / self.n)
-        return total
-
-    def add(self, total: torch.Tensor, out: torch.Tensor, y: torch.Tensor, w: float) -> None:
-        """Add one batch's loss, accuracy and metrics, ``w`` = its share of the samples, to ``total``."""
-        total[0] += checked_loss(self.loss_fn(out, y)).double() * w
-        if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
-            total[1] += (out.argmax(dim=1) == y).double().sum() / self.n
-        else:
-            total[1] = math.nan
-        for k, fn in enumerate(self.metrics.values()):
-            total[2 + k] += checked_loss(torch.as_tensor(fn(out, y)), "metric").double() * w
+        tap = _MetricTap(self.loss_fn, self.metrics, self.n, self.device)
+        value = full_data_loss(self.model, tap, self.batches, with_accuracy=self.classification)
+        loss, accuracy = (value.loss, value.accuracy) if isinstance(value, LossAndAccuracy) else (value, math.nan)
+        head = torch.tensor([loss, accuracy], dtype=torch.float64, device=self.device)
+        return torch.cat([head, tap.total])
 
 
 @contextlib.contextmanager
@@ -246,7 +402,7 @@ def _bn_momentum_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 
 class _LinearSetter:
-    """Sets ``w = w0 + sum_k c_k d_k`` with one fused kernel per term; skips all-zero tensors."""
+    """Sets ``w = w0 + sum_k c_k d_k`` (:func:`offset_parameters`); tensors zero in every direction are left alone."""
 
     def __init__(self, model: nn.Module, directions: Sequence[Direction]) -> None:
         tensors = dict(model.named_parameters())
@@ -258,53 +414,9 @@ class _LinearSetter:
         self.dirs = [[(d[n] if n in d else torch.zeros_like(tensors[n])).to(tensors[n].device, tensors[n].dtype)
                       for n in names] for d in directions]
 
-    @torch.no_grad()
     def __call__(self, coords: Sequence[float]) -> None:
-        if not self.targets:
-            return
-        torch._foreach_copy_(self.targets, self.base)
-        for c, d in zip(coords, self.dirs):
-            if c != 0.0:
-                torch._foreach_add_(self.targets, d, alpha=float(c))
-
-
-class _VmapEvaluator:
-    """Evaluates several points of a linear slice in one call: ``torch.func.vmap`` over stacked weights.
-
-    Only the tensors that move are stacked (``points x shape``); the rest of the model is shared.
-    This keeps a GPU busy when one point is too small a workload; the model must be
-    vmap-compatible (standard layers are) and BatchNorm must use running statistics (``bn="eval"``).
-    """
-
-    def __init__(self, evaluator: _Evaluator, setter: _LinearSetter) -> None:
-        self.ev, self.setter = evaluator, setter
-        model = evaluator.model
-        moving = set(setter.names)
-        self.fixed = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]
-                      if n not in moving}
-
-    @torch.no_grad()
-    def __call__(self, coords: Sequence[Sequence[float]]) -> torch.Tensor:
-        ev, st = self.ev, self.setter
-        c = torch.tensor(coords, dtype=torch.float64, device=ev.device)
-        stacked = {}
-        for i, name in enumerate(st.names):
-            base = st.base[i]
-            w = base.unsqueeze(0).repeat(len(coords), *([1] * base.dim()))
-            for k, d in enumerate(st.dirs):
-                w += c[:, k].to(base.dtype).view(-1, *([1] * base.dim())) * d[i]
-            stacked[name] = w
-
-        def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(ev.model, (params, self.fixed), (x,))
-
-        total = torch.zeros(len(coords), 2 + len(ev.metrics), dtype=torch.float64, device=ev.device)
-        for x, y in ev.batches:
-            outs = torch.func.vmap(forward, in_dims=(0, None))(stacked, x)
-            w = len(x) / ev.n
-            for p, out in enumerate(outs):
-                ev.add(total[p], out, y, w)
-        return total
+        if self.targets:
+            offset_parameters(self.targets, self.base, self.dirs, coords)
 
 
 class _LerpSetter:
@@ -326,120 +438,162 @@ class _LerpSetter:
         torch._foreach_lerp_(self.targets, self.ends, float(coords[0]))
 
 
-# --- the grid loop --------------------------------------------------------------------------
+class _Sequential:
+    """Points one after the other: set the model's weights in place, evaluate."""
+
+    def __init__(self, evaluator: _Evaluator, setter: Callable[[Sequence[float]], None]) -> None:
+        self.ev, self.setter = evaluator, setter
+
+    def __call__(self, points: Sequence[Sequence[float]]) -> torch.Tensor:
+        rows = []
+        for point in points:
+            self.setter(point)
+            rows.append(self.ev())
+        return torch.stack(rows)
+
+
+class _VmapEvaluator:
+    """Evaluates several points of a linear slice in one call: ``torch.func.vmap`` over stacked weights.
+
+    Only the tensors that move are stacked (``points x shape``); the rest of the model is shared.
+    This keeps a GPU busy when one point is too small a workload; the model must be
+    vmap-compatible (standard layers are) and BatchNorm must use running statistics (``bn="eval"``).
+    Each point's values are accumulated as :func:`full_data_loss` does (batch weights ``n_b / N``,
+    float64; accuracy as a count divided by ``N`` at the end).
+    """
+
+    def __init__(self, evaluator: _Evaluator, setter: _LinearSetter) -> None:
+        self.ev, self.setter = evaluator, setter
+        moving = set(setter.names)
+        self.fixed = {n: t.detach() for n, t in [*evaluator.model.named_parameters(),
+                                                 *evaluator.model.named_buffers()] if n not in moving}
+
+    def _stacked(self, coords: Sequence[Sequence[float]]) -> dict[str, torch.Tensor]:
+        st = self.setter
+        c = torch.tensor(coords, dtype=torch.float64, device=self.ev.device)
+        stacked = {}
+        for i, name in enumerate(st.names):
+            base = st.base[i]
+            w = base.unsqueeze(0).repeat(len(coords), *([1] * base.dim()))
+            for k, d in enumerate(st.dirs):
+                w += c[:, k].to(base.dtype).view(-1, *([1] * base.dim())) * d[i]
+            stacked[name] = w
+        return stacked
+
+    @torch.no_grad()
+    def __call__(self, coords: Sequence[Sequence[float]]) -> torch.Tensor:
+        ev = self.ev
+        stacked = self._stacked(coords)
+
+        def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(ev.model, (params, self.fixed), (x,))
+
+        total = torch.zeros(len(coords), 2 + len(ev.metrics), dtype=torch.float64, device=ev.device)
+        for x, y in ev.batches:
+            outs = torch.func.vmap(forward, in_dims=(0, None))(stacked, x)
+            w = len(x) / ev.n
+            for p, out in enumerate(outs):
+                total[p, 0] += checked_loss(ev.loss_fn(out, y)).double() * w
+                if ev.classification:
+                    total[p, 1] += (out.argmax(dim=1) == y).sum()
+                _add_metrics(total[p, 2:], ev.metrics, out, y, w)
+        total[:, 1] = total[:, 1] / ev.n if ev.classification else math.nan
+        return total
+
+
+# --- the grid ---------------------------------------------------------------------------------
+
+_RESUME_CHECKS = (
+    ("model_fingerprint", "another model (its weights differ)"),
+    ("model_structure", "another model architecture"),
+    ("data_fingerprint", "other data"),
+    ("loss_fn_identity", "another loss function"),
+    ("metric_functions", "other metric functions"),
+    ("directions_fingerprint", "other directions"),
+    ("slice", "another kind of slice"),
+    ("bn", "another BatchNorm policy"),
+    ("recalibration_batches", "another number of recalibration batches"),
+    ("metrics", "other metrics"),
+    ("include_buffers", "another include_buffers"),
+    ("model_b_fingerprint", "another end model"),
+)
+
 
 def _compatible(prev: Landscape, coords: Mapping[str, np.ndarray], settings: Mapping[str, Any], path: Any) -> None:
-    checks = [("model_fingerprint", "another model (its weights differ)"),
-              ("data_fingerprint", "other data"),
-              ("directions_fingerprint", "other directions"),
-              ("slice", "another kind of slice"),
-              ("bn", "another BatchNorm policy"),
-              ("recalibration_batches", "another number of recalibration batches"),
-              ("metrics", "other metrics")]
-    for key, why in checks:
+    """Refuse a resume file unless everything that determines the values is the same (one line naming it)."""
+    for key, why in _RESUME_CHECKS:
         if prev.settings.get(key) != settings.get(key):
-            raise UserInputError(f"cannot resume from {path}: it was computed for {why} "
+            raise UserInputError(f"cannot resume from {path}: it was computed with {why} "
                                  f"({key} {prev.settings.get(key)!r} != {settings.get(key)!r}); "
                                  "delete the file or choose another checkpoint_path")
     if prev.dims != tuple(coords) or any(not np.array_equal(prev.coords[d], c) for d, c in coords.items()):
         raise UserInputError(f"cannot resume from {path}: its grid coordinates differ from the ones asked")
 
 
-def _empty_dataset(coords: Mapping[str, np.ndarray], metric_names: Sequence[str]) -> xr.Dataset:
-    shape = tuple(len(c) for c in coords.values())
-    dims = tuple(coords)
-    data = {m: (dims, np.full(shape, np.nan)) for m in metric_names}
-    data["done"] = (dims, np.zeros(shape, dtype=np.int8))
-    return xr.Dataset(data, coords=dict(coords))
+class _GridState:
+    """The grid's values and ``done`` flags (flat, row-major), started empty or from a resume file."""
+
+    def __init__(self, coords: Mapping[str, np.ndarray], settings: dict[str, Any], path: Path | None) -> None:
+        self.coords, self.settings, self.path = dict(coords), settings, path
+        self.metric_names = list(settings["metrics"])
+        self.shape = tuple(len(c) for c in coords.values())
+        size = int(np.prod(self.shape))
+        self.values = np.full((size, len(self.metric_names)), np.nan)
+        self.done = np.zeros(size, dtype=bool)
+        if path is not None and path.exists():
+            prev = Landscape.load(path)
+            _compatible(prev, coords, settings, path)
+            self.values = np.stack([prev.dataset[m].values.reshape(-1) for m in self.metric_names], axis=1)
+            self.done = prev.done.reshape(-1).copy()
+
+    @property
+    def size(self) -> int:
+        return len(self.done)
+
+    def point(self, index: int) -> list[float]:
+        """The coordinates of flat grid point ``index``."""
+        return [float(ax[i]) for ax, i in zip(self.coords.values(), np.unravel_index(index, self.shape))]
+
+    def record(self, chunk: np.ndarray, values: np.ndarray, save: bool) -> None:
+        """Store one round's values; with ``save``, write the partial grid to the resume file."""
+        self.values[chunk] = values
+        self.done[chunk] = True
+        if save and self.path is not None:
+            self.landscape().save(self.path)
+
+    def landscape(self) -> Landscape:
+        dims = tuple(self.coords)
+        data = {m: (dims, self.values[:, k].reshape(self.shape).copy()) for k, m in enumerate(self.metric_names)}
+        data["done"] = (dims, self.done.reshape(self.shape).astype(np.int8))
+        coords = {d: np.asarray(c) for d, c in self.coords.items()}
+        return Landscape(xr.Dataset(data, coords=coords), self.settings)
 
 
-def _run_grid(model: nn.Module, loss_fn: Callable, data: Any, coords: dict[str, np.ndarray],
-              make_setter: Callable[[], Callable[[Sequence[float]], None]], settings: dict[str, Any], *,
-              bn: str, recalibration_batches: int, metrics: Mapping[str, Metric] | None,
-              checkpoint_path: str | os.PathLike[str] | None, checkpoint_every: int | None,
-              distributed: bool | None, progress: bool, points_per_call: int = 1) -> Landscape:
-    _check_bn(bn)
-    if isinstance(points_per_call, bool) or not isinstance(points_per_call, (int, np.integer)) \
-            or points_per_call < 1:
-        raise UserInputError(f"points_per_call must be an integer >= 1; got {points_per_call!r}")
-    if points_per_call > 1 and bn != "eval":
-        raise UserInputError("points_per_call > 1 needs bn='eval' (vmap cannot update BatchNorm statistics)")
-    user_metrics = _check_metrics(metrics)
-    if isinstance(recalibration_batches, bool) or not isinstance(recalibration_batches, (int, np.integer)) \
-            or recalibration_batches < 1:
-        raise UserInputError(f"recalibration_batches must be an integer >= 1; got {recalibration_batches!r}")
-    if not callable(loss_fn):
-        raise UserInputError("loss_fn must be callable loss_fn(outputs, targets) -> scalar")
-    batches = as_batches(data)
-    metric_names = ["loss", "accuracy", *user_metrics]
-    settings = dict(settings)
-    settings.update(
-        bn=bn, recalibration_batches=int(recalibration_batches) if bn == "recalibrate" else None,
-        metrics=metric_names, n_samples=int(sum(len(x) for x, _ in batches)), n_batches=len(batches),
-        data_fingerprint=_data_fingerprint(batches), model_fingerprint=model_fingerprint(model),
-        loss_fn=getattr(loss_fn, "__name__", type(loss_fn).__name__),
-    )
-    ds = _empty_dataset(coords, metric_names)
-    path = Path(checkpoint_path) if checkpoint_path is not None else None
-    if path is not None and path.exists():
-        prev = Landscape.load(path)
-        _compatible(prev, coords, settings, path)
-        ds = prev.dataset
-    shape = tuple(len(c) for c in coords.values())
-    total_points = int(np.prod(shape))
-    values = np.stack([ds[m].values.reshape(-1) for m in metric_names], axis=1)
-    done = ds["done"].values.reshape(-1).astype(bool)
-    todo = np.flatnonzero(~done)
-    rank, world = _dist_info(distributed)
-    if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
-                                         or not isinstance(checkpoint_every, (int, np.integer))
-                                         or checkpoint_every < 1):
-        raise UserInputError(f"checkpoint_every must be an integer >= 1 (grid points); got {checkpoint_every!r}")
-    if path is None:
+def _rounds(todo: np.ndarray, options: GridOptions, total_points: int) -> list[np.ndarray]:
+    """The points still to do, in rounds saved (and all-reduced) together: every 5 % by default."""
+    if options.checkpoint_path is None:
         per_round = max(len(todo), 1)
+    elif options.checkpoint_every is not None:
+        per_round = options.checkpoint_every
     else:
-        per_round = int(checkpoint_every) if checkpoint_every is not None else max(1, math.ceil(total_points / 20))
-    rounds = [todo[s:s + per_round] for s in range(0, len(todo), per_round)]
-    axes = list(coords.values())
+        per_round = max(1, math.ceil(total_points / 20))
+    return [todo[s:s + per_round] for s in range(0, len(todo), per_round)]
 
-    with preserved_model_state(model, train=False):
-        evaluator = _Evaluator(model, loss_fn, batches, user_metrics, bn, int(recalibration_batches))
-        setter = make_setter()
-        batched = _VmapEvaluator(evaluator, setter) if points_per_call > 1 and getattr(setter, "names", None) \
-            else None
-        bar = _progress(range(sum(len(c[rank::world]) for c in rounds)), enabled=progress and rank == 0,
-                        desc=f"{settings['slice']} slice")
-        ticks = iter(bar)  # advanced once per point evaluated here
-        with _bn_momentum_kept(evaluator.bn_modules):
-            for chunk in rounds:
-                # row k of a round is computed by rank k % world; the others leave it at zero
-                results = torch.zeros(len(chunk), len(metric_names), dtype=torch.float64, device=evaluator.device)
-                mine = list(range(rank, len(chunk), world))
-                for start in range(0, len(mine), points_per_call):
-                    ks = mine[start:start + points_per_call]
-                    points = [[float(ax[i]) for ax, i in zip(axes, np.unravel_index(chunk[k], shape))] for k in ks]
-                    if batched is None:
-                        setter(points[0])
-                        results[ks[0]] = evaluator()
-                    else:
-                        results[ks] = batched(points)
-                    for _ in ks:
-                        next(ticks, None)
-                if world > 1:
-                    results = _all_reduce(results)
-                values[chunk] = results.cpu().numpy()
-                done[chunk] = True
-                if path is not None and rank == 0:
-                    _build(coords, metric_names, values, done, shape, settings).save(path)
-        if hasattr(bar, "close"):
-            bar.close()
-    result = _build(coords, metric_names, values, done, shape, settings)
-    bad = int((~np.isfinite(result.loss[result.done])).sum())
-    if bad:
-        warnings.warn(f"{bad} of {total_points} grid points gave a non-finite loss; they are kept as NaN/inf "
-                      "in the result (the weights there overflow: shrink the coordinate range)",
-                      RuntimeWarning, stacklevel=3)
-    return result
+
+def _evaluate_round(grid: _GridState, chunk: np.ndarray, evaluate: Callable, options: GridOptions,
+                    rank: int, world: int, tick: Callable[[], None]) -> np.ndarray:
+    """The values of the points of one round; row ``k`` is computed by rank ``k % world``, summed over ranks."""
+    results = torch.zeros(len(chunk), len(grid.metric_names), dtype=torch.float64,
+                          device=evaluate.ev.device)
+    mine = list(range(rank, len(chunk), world))
+    for start in range(0, len(mine), options.points_per_call):
+        ks = mine[start:start + options.points_per_call]
+        results[ks] = evaluate([grid.point(chunk[k]) for k in ks])
+        for _ in ks:
+            tick()
+    if world > 1:
+        results = _all_reduce(results)
+    return results.cpu().numpy()
 
 
 def _all_reduce(results: torch.Tensor) -> torch.Tensor:
@@ -456,12 +610,49 @@ def _all_reduce(results: torch.Tensor) -> torch.Tensor:
     return torch.where(flags > 0, torch.full_like(summed, math.nan), summed).to(results.device)
 
 
-def _build(coords: Mapping[str, np.ndarray], metric_names: Sequence[str], values: np.ndarray, done: np.ndarray,
-           shape: tuple[int, ...], settings: Mapping[str, Any]) -> Landscape:
-    dims = tuple(coords)
-    data = {m: (dims, values[:, k].reshape(shape).copy()) for k, m in enumerate(metric_names)}
-    data["done"] = (dims, done.reshape(shape).astype(np.int8))
-    return Landscape(xr.Dataset(data, coords={d: np.asarray(c) for d, c in coords.items()}), settings)
+def _point_evaluator(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], options: GridOptions,
+                     setter: Callable[[Sequence[float]], None]) -> _Sequential | _VmapEvaluator:
+    evaluator = _Evaluator(model, loss_fn, batches, options, _is_classification(model, batches[0]))
+    if options.points_per_call > 1 and getattr(setter, "names", None):
+        return _VmapEvaluator(evaluator, setter)  # type: ignore[arg-type]
+    return _Sequential(evaluator, setter)
+
+
+def _run_grid(model: nn.Module, loss_fn: Callable, data: Any, coords: dict[str, np.ndarray],
+              make_setter: Callable[[], Callable[[Sequence[float]], None]], settings: dict[str, Any],
+              options: GridOptions) -> Landscape:
+    """Evaluate every grid point not yet done (resuming, sharing points among ranks, saving rounds)."""
+    options = options.checked()
+    if not callable(loss_fn):
+        raise UserInputError("loss_fn must be callable loss_fn(outputs, targets) -> scalar")
+    batches = as_batches(data)
+    check_model_accepts(model, loss_fn, batches[0])
+    path = Path(options.checkpoint_path) if options.checkpoint_path is not None else None
+    grid = _GridState(coords, _grid_settings(model, loss_fn, batches, settings, options), path)
+    rank, world = _dist_info(options.distributed)
+    rounds = _rounds(np.flatnonzero(~grid.done), options, grid.size)
+    bar = _progress(range(sum(len(c[rank::world]) for c in rounds)), enabled=options.progress and rank == 0,
+                    desc=f"{settings['slice']} slice")
+    ticks = iter(bar)  # advanced once per point evaluated here
+    with preserved_model_state(model, train=False):
+        evaluate = _point_evaluator(model, loss_fn, batches, options, make_setter())
+        with _bn_momentum_kept(evaluate.ev.bn_modules):
+            for chunk in rounds:
+                values = _evaluate_round(grid, chunk, evaluate, options, rank, world, lambda: next(ticks, None))
+                grid.record(chunk, values, save=rank == 0)
+    if hasattr(bar, "close"):
+        bar.close()
+    result = grid.landscape()
+    _warn_non_finite(result, stacklevel=4)
+    return result
+
+
+def _warn_non_finite(result: Landscape, stacklevel: int) -> None:
+    bad = int((~np.isfinite(result.loss[result.done])).sum())
+    if bad:
+        warnings.warn(f"{bad} of {result.done.size} grid points gave a non-finite loss; they are kept as NaN/inf "
+                      "in the result (the weights there overflow: shrink the coordinate range)",
+                      RuntimeWarning, stacklevel=stacklevel)
 
 
 def _prepare_directions(model: nn.Module, directions: Sequence[Mapping[str, torch.Tensor]] | None, n: int,
@@ -482,7 +673,7 @@ def _prepare_directions(model: nn.Module, directions: Sequence[Mapping[str, torc
 
 def _direction_settings(directions: Sequence[Direction], model: nn.Module) -> dict[str, Any]:
     digest = hashlib.sha256("".join(d.fingerprint() for d in directions).encode()).hexdigest()[:16]
-    weights = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in model.parameters()))
+
     def shared(key: str) -> Any:
         found = {d.meta.get(key, "custom") for d in directions}
         return found.pop() if len(found) == 1 else "mixed"
@@ -493,7 +684,7 @@ def _direction_settings(directions: Sequence[Direction], model: nn.Module) -> di
         "directions": [{k: v for k, v in d.meta.items() if isinstance(v, (str, int, float, bool, type(None)))}
                        for d in directions],
         "direction_norms": [d.norm() for d in directions],
-        "weight_norm": float(weights),
+        "weight_norm": global_norm(list(model.parameters())),
         "directions_fingerprint": digest,
     }
 
@@ -507,7 +698,7 @@ def landscape_1d(model: nn.Module, loss_fn: Callable, data: Any,
     """Loss and accuracy along ``w + x d`` for every ``x`` in ``steps`` (dim ``"x"``).
 
     Args:
-        model: the network at ``w``; left exactly as found.
+        model: the network at ``w`` (finite weights); left exactly as found.
         loss_fn: ``loss_fn(outputs, targets)``, mean-reduced.
         data: one ``(inputs, targets)`` batch or an iterable of them (all of it is evaluated).
         direction: a :class:`Direction` (or mapping name -> tensor); by default one
@@ -517,7 +708,8 @@ def landscape_1d(model: nn.Module, loss_fn: Callable, data: Any,
         bn: ``"eval"`` or ``"recalibrate"`` (see the module docstring).
         recalibration_batches: batches of ``data`` used per point by ``bn="recalibrate"``.
         metrics: extra ``name -> fn(outputs, targets)`` scalars, averaged over samples.
-        checkpoint_path: save progress here and resume from it if it exists.
+        checkpoint_path: save progress here and resume from it if it exists (a file made with
+            another model, data, loss function, metrics or settings is refused).
         checkpoint_every: points between saves (default: every 5 % of the grid).
         distributed: share the points among the ranks of ``torch.distributed`` (default: when
             a process group is initialised).
@@ -527,12 +719,12 @@ def landscape_1d(model: nn.Module, loss_fn: Callable, data: Any,
             needs ``bn="eval"``). The default 1 sets the model's weights in place per point.
     """
     x = _coordinates(steps, "steps")
+    check_finite_parameters(model)
     dirs = _prepare_directions(model, None if direction is None else [direction], 1, normalization, ignore, seed)
     settings = {"slice": "1d", "seed": int(seed), **_direction_settings(dirs, model)}
-    return _run_grid(model, loss_fn, data, {"x": x}, lambda: _LinearSetter(model, dirs), settings,
-                     bn=bn, recalibration_batches=recalibration_batches, metrics=metrics,
-                     checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
-                     distributed=distributed, progress=progress, points_per_call=points_per_call)
+    options = GridOptions(bn, recalibration_batches, metrics, checkpoint_path, checkpoint_every, distributed,
+                          progress, points_per_call)
+    return _run_grid(model, loss_fn, data, {"x": x}, lambda: _LinearSetter(model, dirs), settings, options)
 
 
 def landscape_2d(model: nn.Module, loss_fn: Callable, data: Any,
@@ -551,12 +743,13 @@ def landscape_2d(model: nn.Module, loss_fn: Callable, data: Any,
     """
     xs = _coordinates(x, "x")
     ys = _coordinates(y, "y")
+    check_finite_parameters(model)
     dirs = _prepare_directions(model, directions, 2, normalization, ignore, seed)
     settings = {"slice": "2d", "seed": int(seed), **_direction_settings(dirs, model)}
+    options = GridOptions(bn, recalibration_batches, metrics, checkpoint_path, checkpoint_every, distributed,
+                          progress, points_per_call)
     return _run_grid(model, loss_fn, data, {"x": xs, "y": ys}, lambda: _LinearSetter(model, dirs), settings,
-                     bn=bn, recalibration_batches=recalibration_batches, metrics=metrics,
-                     checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
-                     distributed=distributed, progress=progress, points_per_call=points_per_call)
+                     options)
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, loss_fn: Callable, data: Any,
@@ -574,14 +767,16 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, loss_fn: Callable, data:
     The other arguments are those of :func:`landscape_1d`.
     """
     a = _coordinates(alphas, "alphas", (0.0, 1.0))
+    check_finite_parameters(model_a, "model_a")
+    if isinstance(model_b, nn.Module):
+        check_finite_parameters(model_b, "model_b")
     line = interpolation_direction(model_a, model_b, include_buffers=include_buffers)
     settings = {
         "slice": "interpolation", "include_buffers": bool(include_buffers),
         "model_b_fingerprint": model_fingerprint(model_b), "distance": line.norm(),
         "directions_fingerprint": line.fingerprint(),
     }
+    options = GridOptions(bn, recalibration_batches, metrics, checkpoint_path, checkpoint_every, distributed,
+                          progress)
     return _run_grid(model_a, loss_fn, data, {"alpha": a},
-                     lambda: _LerpSetter(model_a, model_b, include_buffers), settings,
-                     bn=bn, recalibration_batches=recalibration_batches, metrics=metrics,
-                     checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
-                     distributed=distributed, progress=progress)
+                     lambda: _LerpSetter(model_a, model_b, include_buffers), settings, options)

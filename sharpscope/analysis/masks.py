@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,41 +38,38 @@ import pandas as pd
 import torch
 import xarray as xr
 from torch import nn
-from torch.func import functional_call
 
+from .. import _validate
 from .._progress import progress as _progress
 from ..errors import UserInputError
 from ..optim import ASAM, SAM, ZSharp
 from ..optim.zscore import check_percentile, is_filtered, zscore_masks
 from ..optim.zsharp import MASK_STATS_COLUMNS
-from .batching import (
-    Batch,
-    LossFn,
-    as_batches,
-    batch_weights,
-    checked_loss,
-    model_device,
-    preserved_model_state,
-    to_device,
-    trainable_named_parameters,
-)
+from .batching import Batch, LossFn, as_batches, preserved_model_state, trainable_named_parameters
+from .directions import tensor_variables, tensors_from_variables
+from .evaluation import check_finite_parameters, check_model_accepts, full_data_loss, global_norm
 from .gradients import iter_gradients
-from .results import DatasetResult, model_fingerprint, read_table, write_table
+from .results import (
+    DatasetResult,
+    Result,
+    TableResult,
+    model_fingerprint,
+    provenance,
+    read_dataset,
+    require_variables,
+    write_dataset,
+)
 
 PERTURB_NORMS = ("tensor", "global")
 METHODS = ("sam", "zsharp", "zsharp_global", "asam", "random")
 ALIGNMENT_KIND = "perturbation_alignment"
+_ALIGNMENT_VARIABLES = ("eigenvalue", "norm", "cosine", "cos_subspace", "directional_curvature", "loss_increase",
+                        "layer_cosine", "layer_subspace", "norm_share", "eigvec_share", "method", "rank", "layer")
 
 
 # --- ascent directions computed by the optimizers themselves ----------------------------------------
 def _check_rho(rho: Any) -> float:
-    try:
-        value = float(rho)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise UserInputError(f"rho must be a finite number > 0, got {rho!r}")
-    return value
+    return _validate.positive_number(rho, "rho")
 
 
 def optimizer_ascent(make_optimizer: Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer],
@@ -99,11 +96,6 @@ def _zsharp(rho: float, percentile: float, perturb_norm: str, threshold_scope: s
                                 threshold_scope=threshold_scope, lr=0.0)
 
 
-def _norm(tensors: Sequence[torch.Tensor]) -> float:
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.to(torch.float64))
-                                                       for t in tensors])))
-
-
 def _filtered_with_grad(named: Sequence[tuple[str, nn.Parameter]], grads: Sequence[torch.Tensor | None]
                         ) -> tuple[list[str], list[torch.Tensor], list[int]]:
     """Names and gradients of the tensors with a gradient, and the indices of the filtered ones (raise if none)."""
@@ -115,25 +107,88 @@ def _filtered_with_grad(named: Sequence[tuple[str, nn.Parameter]], grads: Sequen
     return names, present, filtered
 
 
-# --- mask statistics ---------------------------------------------------------------------------------
+# --- the masks themselves --------------------------------------------------------------------------
+class ZSharpMasks(Result, Mapping[str, torch.Tensor]):
+    """ZSharp's masks on one gradient: a read-only mapping ``parameter name -> bool tensor`` plus settings.
+
+    Reads like the dict :func:`zsharp_masks` returned before (``masks["fc.weight"]``, ``list(masks)``,
+    ``dict(masks)``); ``.save(path)`` / ``ZSharpMasks.load(path)`` keep every bit;
+    ``.to_dataframe()`` has one row per tensor (``layer, numel, kept, kept_fraction``).
+    """
+
+    KIND = "zsharp_masks"
+
+    def __init__(self, masks: Mapping[str, torch.Tensor], settings: Mapping[str, Any]) -> None:
+        self._masks = {str(n): m.detach() for n, m in masks.items()}
+        self.settings = dict(settings)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __repr__(self) -> str:
+        return f"ZSharpMasks({len(self)} tensors, percentile={self.settings.get('percentile')})"
+
+    def to_dataframe(self) -> pd.DataFrame:
+        kept = [int(m.sum()) for m in self._masks.values()]
+        numel = [m.numel() for m in self._masks.values()]
+        return pd.DataFrame({"layer": list(self._masks), "numel": numel, "kept": kept,
+                             "kept_fraction": [k / max(n, 1) for k, n in zip(kept, numel)]})
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the masks (bit for bit) and the settings to ``path`` (netCDF), atomically."""
+        variables, specs = tensor_variables(self._masks, "m")
+        return write_dataset(xr.Dataset(variables), path, self.KIND, {"settings": self.settings, "tensors": specs})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ZSharpMasks:
+        """Read a file written by :meth:`save` (masks on the CPU)."""
+        ds, header = read_dataset(path, cls.KIND)
+        specs, settings = header.get("tensors"), header.get("settings")
+        if not isinstance(specs, list) or not isinstance(settings, dict):
+            raise UserInputError(f"{path} is damaged: its header lacks the mask descriptions; write it again")
+        return cls(tensors_from_variables(ds, specs, "m", path), settings)
+
+
+def _check_scope(threshold_scope: str) -> str:
+    return _validate.choice(threshold_scope, "threshold_scope", ("tensor", "global"))
+
+
+def _checked_model_and_data(model: nn.Module, loss_fn: LossFn, data: Any, params: Any
+                            ) -> tuple[list[tuple[str, nn.Parameter]], list[Batch]]:
+    """The filtered-model parameters and the batches, after the up-front checks (finite weights, a
+    model that runs on the data)."""
+    named = _named_filtered_model(model, params)
+    batches = as_batches(data)
+    check_finite_parameters(model)
+    check_model_accepts(model, loss_fn, batches[0])
+    return named, batches
+
+
 def zsharp_masks(model: nn.Module, loss_fn: LossFn, data: Any, percentile: float = 0.95, *,
-                 threshold_scope: str = "tensor", params: Any = None) -> dict[str, torch.Tensor]:
+                 threshold_scope: str = "tensor", params: Any = None) -> ZSharpMasks:
     """The masks ``ZSharp.first_step`` would use on the gradient of the mean loss over ``data``.
 
     For a single batch this is exactly the mask of a training step on that batch (model in eval
-    mode). Returns ``{parameter name: bool tensor shaped like the parameter}`` for every filtered
-    tensor (``ndim > 1``) that has a gradient; the model is left as found.
+    mode). Returns a :class:`ZSharpMasks` (a mapping ``{parameter name: bool tensor shaped like the
+    parameter}``) for every filtered tensor (``ndim > 1``) that has a gradient; the model is left as found.
     """
     percentile = check_percentile(percentile)
-    if threshold_scope not in ("tensor", "global"):
-        raise UserInputError(f"threshold_scope must be 'tensor' or 'global', got {threshold_scope!r}")
-    named = _named_filtered_model(model, params)
-    batches = as_batches(data)
+    _check_scope(threshold_scope)
+    named, batches = _checked_model_and_data(model, loss_fn, data, params)
     with preserved_model_state(model, train=False):
         grads = next(iter_gradients(model, loss_fn, batches, named, True, False))
     names, present, filtered = _filtered_with_grad(named, grads)
     filters = zscore_masks([present[i] for i in filtered], percentile, threshold_scope)
-    return {names[i]: f.mask for i, f in zip(filtered, filters)}
+    settings = {"percentile": percentile, "threshold_scope": threshold_scope,
+                "n_samples": int(sum(len(x) for x, _ in batches)), "model_fingerprint": model_fingerprint(model),
+                "provenance": provenance()}
+    return ZSharpMasks({names[i]: f.mask for i, f in zip(filtered, filters)}, settings)
 
 
 def _named_filtered_model(model: nn.Module, params: Any) -> list[tuple[str, nn.Parameter]]:
@@ -154,12 +209,12 @@ def _batch_rows(names: list[str], grads: list[torch.Tensor], filtered: list[int]
     readings = {}
     for reading in PERTURB_NORMS:
         e, opt = optimizer_ascent(_zsharp(rho, percentile, reading, threshold_scope), names, grads)
-        total = _norm(e)
+        total = global_norm(e)
         stats = opt.mask_stats
-        readings[reading] = (stats, np.array([_norm([e[i]]) ** 2 / total**2 for i in filtered]), total)
+        readings[reading] = (stats, np.array([global_norm([e[i]]) ** 2 / total**2 for i in filtered]), total)
     frame = readings["tensor"][0].copy()
-    g_sq = np.array([_norm([grads[i]]) ** 2 for i in filtered])
-    kept_sq = np.array([_norm([grads[i] * f.mask]) ** 2 for i, f in zip(filtered, filters)])
+    g_sq = np.array([global_norm([grads[i]]) ** 2 for i in filtered])
+    kept_sq = np.array([global_norm([grads[i] * f.mask]) ** 2 for i, f in zip(filtered, filters)])
     with np.errstate(divide="ignore", invalid="ignore"):
         frame["energy_kept"] = np.where(g_sq > 0, kept_sq / g_sq, np.nan)
     for reading, (stats, share, total) in readings.items():
@@ -183,40 +238,35 @@ def _mean_jaccard(masks: list[torch.Tensor]) -> float:
     return float(jac[i, j].mean())
 
 
-def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: float = 0.95, *,
-                    rho: float = 0.05, threshold_scope: str = "tensor", per_batch: bool = False,
-                    params: Any = None, progress: bool = True) -> pd.DataFrame:
-    """Per-layer statistics of ZSharp's mask on the batches of ``data`` (model in eval mode).
+class MaskStatisticsResult(TableResult):
+    """The table of :func:`mask_statistics` (per layer, or per batch and layer) with its settings.
 
-    For each batch the gradient of its mean loss is filtered exactly as ``ZSharp.first_step``
-    does (same functions, same settings), on scratch tensors: the model is left as found.
-
-    Args:
-        model, loss_fn, data: as everywhere (``data``: one batch or an iterable of batches).
-        percentile: ZSharp's percentile, in (0, 1).
-        rho: ZSharp's radius (the perturbation norms scale with it; shares do not).
-        threshold_scope: ``"tensor"`` (official) or ``"global"``, as in :class:`~sharpscope.optim.ZSharp`.
-        per_batch: return one row per (batch, layer) instead of the summary over batches.
-        params: restrict to these parameter tensors (ZSharp built on the same subset).
-        progress: show a progress bar over batches.
-
-    Returns:
-        With ``per_batch=False``, one row per filtered tensor (``ndim > 1``): ``layer, numel,
-        n_batches, kept, kept_fraction, kept_fraction_std, threshold, threshold_std, energy_kept,
-        perturbation_norm_tensor, perturbation_share_tensor, perturbation_norm_global,
-        perturbation_share_global, mask_jaccard, fallback_rate`` (means over batches;
-        ``mask_jaccard`` is NaN for a single batch, with a warning). ``df.attrs`` holds the mean total
-        perturbation norm under each reading. With ``per_batch=True``: ``batch`` followed by the
-        columns of ``ZSharp.mask_stats`` (identical values), then ``energy_kept`` and the
-        ``perturbation_norm_*``/``perturbation_share_*``/``total_perturbation_norm_*`` columns.
+    Reads like the DataFrame it used to be (``res["kept_fraction"]``, ``res.set_index("layer")``,
+    ``res.attrs`` = the settings); files are those of sharpscope 0.1's ``save_mask_statistics``.
     """
-    percentile = check_percentile(percentile)
-    rho = _check_rho(rho)
-    if threshold_scope not in ("tensor", "global"):
-        raise UserInputError(f"threshold_scope must be 'tensor' or 'global', got {threshold_scope!r}")
-    named = _named_filtered_model(model, params)
-    batches = as_batches(data)
 
+    KIND = "mask_statistics"
+
+    def __init__(self, table: pd.DataFrame, settings: dict[str, Any]) -> None:
+        super().__init__(table, settings)
+        self.table.attrs = self.settings
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> MaskStatisticsResult:
+        """Read a file written by :meth:`save` (or 0.1's ``save_mask_statistics``); refuses an incomplete one."""
+        ds, meta = read_dataset(path, cls.KIND)
+        columns = meta.get("_columns")
+        if not isinstance(columns, list) or "layer" not in columns:
+            raise UserInputError(f"{path} is not a complete mask statistics file: it lacks its column list; "
+                                 "compute it again")
+        require_variables(ds, [str(c) for c in columns], path, "mask statistics")
+        return super().load(path)
+
+
+def _per_batch_table(model: nn.Module, loss_fn: LossFn, batches: list[Batch], named: list[tuple[str, nn.Parameter]],
+                     rho: float, percentile: float, threshold_scope: str, progress: bool,
+                     ) -> tuple[pd.DataFrame, dict[str, list[torch.Tensor]]]:
+    """One row per (batch, filtered tensor) and every batch's masks (model in eval mode, left as found)."""
     frames: list[pd.DataFrame] = []
     masks: dict[str, list[torch.Tensor]] = {}
     with preserved_model_state(model, train=False):
@@ -231,13 +281,15 @@ def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: fl
     dead = sorted(set(table.loc[table["energy_kept"].isna(), "layer"]))
     if dead:
         warnings.warn(f"the gradient of {', '.join(dead)} is exactly zero in some batch: its kept energy share "
-                      "is undefined (NaN) there", RuntimeWarning, stacklevel=2)
-    if per_batch:
-        return table
+                      "is undefined (NaN) there", RuntimeWarning, stacklevel=3)
+    return table, masks
 
-    if len(batches) < 2:
+
+def _summary(table: pd.DataFrame, masks: dict[str, list[torch.Tensor]]) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Means over batches per layer (and the mask stability), and the mean total perturbation norms."""
+    if table["batch"].nunique() < 2:
         warnings.warn("mask stability (mask_jaccard) needs at least two batches: it is NaN", RuntimeWarning,
-                      stacklevel=2)
+                      stacklevel=3)
     grouped = table.groupby("layer", sort=False)
     summary = pd.DataFrame({
         "layer": list(grouped.groups),
@@ -256,31 +308,72 @@ def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: fl
     summary["mask_jaccard"] = [_mean_jaccard(masks[name]) for name in summary["layer"]]
     summary["fallback_rate"] = grouped["fallback"].mean().to_numpy()
     per_batch_totals = table.drop_duplicates("batch")
-    summary.attrs = {f"total_perturbation_norm_{r}": float(per_batch_totals[f"total_perturbation_norm_{r}"].mean())
-                     for r in PERTURB_NORMS}
-    summary.attrs.update({"percentile": percentile, "rho": rho, "threshold_scope": threshold_scope,
-                          "n_batches": len(batches)})
-    return summary
+    totals = {f"total_perturbation_norm_{r}": float(per_batch_totals[f"total_perturbation_norm_{r}"].mean())
+              for r in PERTURB_NORMS}
+    return summary, totals
 
 
-MASK_STATISTICS_KIND = "mask_statistics"
+def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: float = 0.95, *,
+                    rho: float = 0.05, threshold_scope: str = "tensor", per_batch: bool = False,
+                    params: Any = None, progress: bool = True) -> MaskStatisticsResult:
+    """Per-layer statistics of ZSharp's mask on the batches of ``data`` (model in eval mode).
+
+    For each batch the gradient of its mean loss is filtered exactly as ``ZSharp.first_step``
+    does (same functions, same settings), on scratch tensors: the model is left as found.
+
+    Args:
+        model, loss_fn, data: as everywhere (``data``: one batch or an iterable of batches; the
+            model's weights must be finite and it must run on the data, checked up front).
+        percentile: ZSharp's percentile, in (0, 1).
+        rho: ZSharp's radius (the perturbation norms scale with it; shares do not).
+        threshold_scope: ``"tensor"`` (official) or ``"global"``, as in :class:`~sharpscope.optim.ZSharp`.
+        per_batch: return one row per (batch, layer) instead of the summary over batches.
+        params: restrict to these parameter tensors (ZSharp built on the same subset).
+        progress: show a progress bar over batches.
+
+    Returns:
+        A :class:`MaskStatisticsResult` (reads like a DataFrame). With ``per_batch=False``, one row
+        per filtered tensor (``ndim > 1``): ``layer, numel, n_batches, kept, kept_fraction,
+        kept_fraction_std, threshold, threshold_std, energy_kept, perturbation_norm_tensor,
+        perturbation_share_tensor, perturbation_norm_global, perturbation_share_global, mask_jaccard,
+        fallback_rate`` (means over batches; ``mask_jaccard`` is NaN for a single batch, with a
+        warning); ``settings`` (also ``.attrs``) hold the mean total perturbation norm under each
+        reading. With ``per_batch=True``: ``batch`` followed by the columns of ``ZSharp.mask_stats``
+        (identical values), then ``energy_kept`` and the ``perturbation_norm_*``/
+        ``perturbation_share_*``/``total_perturbation_norm_*`` columns.
+    """
+    percentile = check_percentile(percentile)
+    rho = _check_rho(rho)
+    _check_scope(threshold_scope)
+    named, batches = _checked_model_and_data(model, loss_fn, data, params)
+    table, masks = _per_batch_table(model, loss_fn, batches, named, rho, percentile, threshold_scope, progress)
+    settings: dict[str, Any] = {"percentile": percentile, "rho": rho, "threshold_scope": threshold_scope,
+                                "n_batches": len(batches), "per_batch": bool(per_batch),
+                                "model_fingerprint": model_fingerprint(model), "provenance": provenance()}
+    if per_batch:
+        return MaskStatisticsResult(table, settings)
+    summary, totals = _summary(table, masks)
+    return MaskStatisticsResult(summary, {**totals, **settings})
 
 
-def save_mask_statistics(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write a :func:`mask_statistics` table (its ``attrs`` included) as a self-describing file."""
-    return write_table(table, path, MASK_STATISTICS_KIND, dict(table.attrs))
+MASK_STATISTICS_KIND = MaskStatisticsResult.KIND
 
 
-def load_mask_statistics(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a table written by :func:`save_mask_statistics` (``attrs`` restored)."""
-    table, meta = read_table(path, MASK_STATISTICS_KIND)
-    table.attrs = meta
-    return table
+def save_mask_statistics(table: MaskStatisticsResult | pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write a :func:`mask_statistics` result (or a DataFrame, its ``attrs`` as settings); ``table.save(path)``."""
+    if not isinstance(table, MaskStatisticsResult):
+        table = MaskStatisticsResult(table, dict(table.attrs))
+    return table.save(path)
+
+
+def load_mask_statistics(path: str | os.PathLike[str]) -> MaskStatisticsResult:
+    """Read a mask statistics file (an alias of :meth:`MaskStatisticsResult.load`)."""
+    return MaskStatisticsResult.load(path)
 
 
 # --- training-time mask logs -------------------------------------------------------------------------
 def load_mask_log(path: str | os.PathLike[str], model: Any = None) -> pd.DataFrame:
-    """The mask statistics logged during ZSharp training, as a tidy DataFrame.
+    """The mask statistics logged during ZSharp training, as a tidy DataFrame (THE reader of ``masks.csv``).
 
     Args:
         path: the ``masks.csv`` written by ``sharpscope train`` (or the run folder holding it).
@@ -291,38 +384,67 @@ def load_mask_log(path: str | os.PathLike[str], model: Any = None) -> pd.DataFra
         One row per (logged step, filtered tensor), sorted by step: ``step``, ``epoch`` (when
         logged), then the columns of ``ZSharp.mask_stats`` (``layer, numel, kept, kept_fraction,
         threshold, grad_norm, perturbation_norm, fallback``).
+
+    A file that is not such a log, or a damaged one (unreadable bytes, a truncated or incomplete
+    row, a non-numeric value, negative sizes) is refused with one line naming the problem.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "masks.csv"
-    if not path.is_file():
-        raise UserInputError(f"mask log not found: {path} (sharpscope train writes masks.csv in the run folder "
-                             "when training with ZSharp and --log-mask-every > 0)")
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"{path} is not a ZSharp mask log (unreadable as CSV: {exc.__class__.__name__})") from exc
+    path = _mask_log_path(path)
+    frame = _read_mask_csv(path)
     required = ["step", *MASK_STATS_COLUMNS]
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise UserInputError(f"{path} is not a ZSharp mask log: missing column(s) {', '.join(missing)} "
                              f"(expected {', '.join(required)})")
     columns = ["step"] + (["epoch"] if "epoch" in frame.columns else []) + list(MASK_STATS_COLUMNS)
-    frame = frame[columns].copy()
-    numeric = [c for c in columns if c not in ("layer", "fallback")]
-    for col in numeric:
-        if not pd.api.types.is_numeric_dtype(frame[col]):
-            raise UserInputError(f"{path} is not a ZSharp mask log: column {col!r} is not numeric")
-    frame["layer"] = frame["layer"].astype(str)
-    frame["fallback"] = frame["fallback"].map(_as_bool)
-    if frame["fallback"].isna().any():
-        raise UserInputError(f"{path} is not a ZSharp mask log: column 'fallback' is not boolean")
-    frame["fallback"] = frame["fallback"].astype(bool)
+    frame = _checked_mask_columns(frame[columns].copy(), path)
     if model is not None:
         _check_log_matches(frame, getattr(model, "model", model), path)
     order = {name: i for i, name in enumerate(dict.fromkeys(frame["layer"]))}
     frame = frame.assign(_order=frame["layer"].map(order)).sort_values(["step", "_order"], kind="stable")
     return frame.drop(columns="_order").reset_index(drop=True)
+
+
+def _mask_log_path(path: str | os.PathLike[str]) -> Path:
+    from ..train.layout import RunLayout  # imported here: sharpscope.train imports the analyses' callers
+
+    path = Path(path)
+    if path.is_dir():
+        path = RunLayout(path).masks
+    if not path.is_file():
+        raise UserInputError(f"mask log not found: {path} (sharpscope train writes {RunLayout.MASKS} in the run "
+                             "folder when training with ZSharp and --log-mask-every > 0)")
+    return path
+
+
+def _read_mask_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise UserInputError(f"{path} is not a ZSharp mask log (unreadable as CSV: {exc.__class__.__name__})") from None
+    except OSError as exc:
+        raise UserInputError(f"cannot read the mask log {path}: {exc.strerror or exc.__class__.__name__}") from None
+
+
+def _checked_mask_columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Types and completeness of every row: numbers where numbers belong, booleans, no holes."""
+    numeric = [c for c in frame.columns if c not in ("layer", "fallback")]
+    for col in numeric:
+        if not (frame.empty or pd.api.types.is_numeric_dtype(frame[col])):
+            raise UserInputError(f"{path} is not a ZSharp mask log (or it is damaged): column {col!r} is not numeric")
+    holes = frame[["step", "layer", "numel", "kept", "kept_fraction", "fallback"]].isna().any(axis=1).to_numpy()
+    if holes.any():
+        row = int(np.flatnonzero(holes)[0]) + 2  # + header line, 1-based
+        raise UserInputError(f"{path} is damaged: line {row} is incomplete (a truncated write?); "
+                             "remove the line or the file")
+    counts = frame[["step", "numel", "kept"]].to_numpy(dtype=np.float64)
+    if not (np.isfinite(counts).all() and (counts >= 0).all() and (counts == np.round(counts)).all()):
+        raise UserInputError(f"{path} is damaged: its step, numel and kept columns must hold whole numbers >= 0")
+    frame["layer"] = frame["layer"].astype(str)
+    frame["fallback"] = frame["fallback"].map(_as_bool)
+    if frame["fallback"].isna().any():
+        raise UserInputError(f"{path} is not a ZSharp mask log: column 'fallback' is not boolean")
+    frame["fallback"] = frame["fallback"].astype(bool)
+    return frame
 
 
 def _as_bool(value: Any) -> Any:
@@ -399,20 +521,22 @@ class AlignmentResult(DatasetResult):
             "eigvec_share": np.tile(ds["eigvec_share"].values.reshape(-1), n_m),
         })
 
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> AlignmentResult:
+        """Read a file written by :meth:`save` (refuses another kind, or one that lacks variables)."""
+        ds, settings = read_dataset(path, cls.KIND)
+        require_variables(ds, _ALIGNMENT_VARIABLES, path, "perturbation alignment")
+        return cls(ds, settings)
+
     def __repr__(self) -> str:
-        return f"AlignmentResult(methods={self.methods}, k={self.dataset.sizes['rank']}, rho={self.settings['rho']})"
+        return f"AlignmentResult(methods={self.methods}, k={self.dataset.sizes['rank']}, rho={self.settings.get('rho')})"
 
 
 def _full_loss(model: nn.Module, loss_fn: LossFn, batches: list[Batch], names: list[str],
                values: list[torch.Tensor] | None) -> float:
     """Mean loss over all batches with the named parameters replaced by ``values`` (model untouched)."""
-    device = model_device(model)
-    total = 0.0
-    with torch.no_grad():
-        for (x, y), weight in zip(batches, batch_weights(batches)):
-            x, y = to_device((x, y), device)
-            out = model(x) if values is None else functional_call(model, dict(zip(names, values)), (x,))
-            total += weight * float(checked_loss(loss_fn(out, y)))
+    parameters = None if values is None else dict(zip(names, values))
+    total = float(full_data_loss(model, loss_fn, batches, parameters=parameters))  # type: ignore[arg-type]
     if not math.isfinite(total):
         raise FloatingPointError(f"the loss is not finite ({total}); check the model, data and loss_fn")
     return total
@@ -426,6 +550,154 @@ def _orthonormal_columns(v: torch.Tensor) -> torch.Tensor:
     if not bool(s.max() > 0):
         return u[:, :0]
     return u[:, s > s.max() * max(v.shape) * torch.finfo(v.dtype).eps]
+
+
+def _checked_alignment_model(model: nn.Module, methods: Sequence[str], k: Any
+                             ) -> tuple[list[str], int, list[tuple[str, nn.Parameter]]]:
+    """The methods, ``k`` and the trainable parameters, validated."""
+    methods = list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise UserInputError(f"methods must be distinct names among {METHODS}, got {methods}")
+    k = _validate.positive_int(k, "k (the number of top eigenvectors)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = trainable_named_parameters(model)
+    if any(m.startswith("zsharp") for m in methods) and not any(is_filtered(p) for _, p in named):
+        raise UserInputError("the model has no trainable parameter tensor with ndim > 1 (conv/linear weights): "
+                             "ZSharp filters nothing; drop the zsharp methods")
+    return methods, k, named
+
+
+def _top_eigenvectors(model: nn.Module, loss_fn: LossFn, batches: list[Batch], names: list[str], k: int,
+                      eigen: Any, seed: int, tol: float, max_iter: int, progress: bool) -> tuple[Any, torch.Tensor]:
+    """The eigen result (computed unless given, then checked against the model) and its top ``k`` vectors."""
+    from .hessian import hessian_eigenvalues
+
+    if eigen is None:
+        eigen = hessian_eigenvalues(model, loss_fn, batches, k=k, tol=tol, max_iter=max_iter, seed=seed,
+                                    progress=progress)
+    elif getattr(eigen, "eigenvectors", None) is None:
+        raise UserInputError("eigen must be an EigenResult computed with eigenvectors=True")
+    if list(eigen.param_names) != names:
+        raise UserInputError("eigen was computed for other parameters than this model's trainable ones "
+                             "(compute it on the same model, with params=None)")
+    fingerprint = getattr(eigen, "settings", {}).get("model_fingerprint")
+    if fingerprint is not None and fingerprint != model_fingerprint(model):
+        raise UserInputError("eigen was computed for other weights (model fingerprints differ): recompute it "
+                             "for this model, or leave eigen=None")
+    vectors = torch.as_tensor(np.asarray(eigen.eigenvectors, dtype=np.float64))
+    if vectors.shape[1] < k:
+        raise UserInputError(f"k={k} but eigen holds only {vectors.shape[1]} eigenvector(s)")
+    return eigen, vectors[:, :k]
+
+
+def _method_ascent(method: str, named: list[tuple[str, nn.Parameter]], with_grad: list[int],
+                   grads: list[torch.Tensor], rho: float, percentile: float, asam_eta: float) -> list[torch.Tensor]:
+    """One method's ascent ``e`` (per tensor with a gradient), computed by its optimizer's ``first_step``."""
+    g_names = [named[i][0] for i in with_grad]
+    if method == "sam":
+        return optimizer_ascent(lambda nm: SAM(nm, torch.optim.SGD, rho=rho, lr=0.0), g_names, grads)[0]
+    if method in ("zsharp", "zsharp_global"):
+        reading = "tensor" if method == "zsharp" else "global"
+        return optimizer_ascent(_zsharp(rho, percentile, reading, "tensor"), g_names, grads)[0]
+    # asam: T depends on w, so start at w (in float64, so that (w + e) - w is e to 1e-16)
+    w64 = [named[i][1].detach().to(torch.float64) for i in with_grad]
+    return optimizer_ascent(lambda nm: ASAM(nm, torch.optim.SGD, rho=rho, eta=asam_eta, lr=0.0),
+                            g_names, [g.to(torch.float64) for g in grads], start=w64)[0]
+
+
+def _unit_directions(named: list[tuple[str, nn.Parameter]], grads: list[torch.Tensor | None], methods: list[str],
+                     rho: float, percentile: float, asam_eta: float, seed: int) -> dict[str, torch.Tensor]:
+    """Each method's ascent direction, flat in float64 on the CPU (zeros where no gradient), at unit norm."""
+    sizes = [p.numel() for _, p in named]
+    with_grad = [i for i, g in enumerate(grads) if g is not None]
+    g_list = [grads[i] for i in with_grad]
+    units: dict[str, torch.Tensor] = {}
+    for method in methods:
+        if method == "random":
+            d = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+        else:
+            full = [torch.zeros(s, dtype=torch.float64) for s in sizes]
+            for i, t in zip(with_grad, _method_ascent(method, named, with_grad, g_list, rho, percentile, asam_eta)):
+                full[i] = t.detach().reshape(-1).cpu().to(torch.float64)
+            d = torch.cat(full)
+        norm = torch.linalg.vector_norm(d)
+        if not norm > 0:
+            raise FloatingPointError(f"the {method} ascent direction is zero: the gradient vanishes on "
+                                     f"{[n for n, _ in named]}")
+        units[method] = d / norm
+    return units
+
+
+def _curvature_and_increase(model: nn.Module, loss_fn: LossFn, batches: list[Batch],
+                            named: list[tuple[str, nn.Parameter]], units: dict[str, torch.Tensor], rho: float,
+                            progress: bool) -> tuple[dict[str, float], dict[str, float], float]:
+    """``u^T H u`` (one Hessian-vector product per method), ``L(w + rho u) - L(w)``, and ``L(w)``."""
+    from .curvature import HessianOperator  # the Hessian stack is only needed here
+
+    curvature = {}
+    with HessianOperator(model, loss_fn, batches) as op:
+        for method in _progress(list(units), enabled=progress, desc="curvature along e"):
+            u = units[method]
+            hu = op.matvec(u.to(device=op.device, dtype=op.dtype)).detach().cpu().to(torch.float64)
+            curvature[method] = float(u @ hu)
+    names, sizes = [n for n, _ in named], [p.numel() for _, p in named]
+    base_loss = _full_loss(model, loss_fn, batches, names, None)
+    increase = {}
+    for method, u in units.items():
+        step = torch.split(rho * u, sizes)
+        values = [p.detach() + s.reshape(p.shape).to(device=p.device, dtype=p.dtype) for (_, p), s in zip(named, step)]
+        increase[method] = _full_loss(model, loss_fn, batches, names, values) - base_loss
+    return curvature, increase, base_loss
+
+
+def _layer_alignment(u: torch.Tensor, vectors: torch.Tensor, sizes: list[int]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer: ``|cos(u_l, v_{i,l})|``, the cosine with the span of the ``v_{i,l}``, and ``||u_l||^2``."""
+    k = vectors.shape[1]
+    layer_cos = np.full((len(sizes), k), np.nan)
+    layer_sub = np.full(len(sizes), np.nan)
+    share = np.zeros(len(sizes))
+    for li, (u_l, v_l) in enumerate(zip(torch.split(u, sizes), torch.split(vectors, sizes))):
+        u_norm = float(torch.linalg.vector_norm(u_l))
+        share[li] = u_norm**2
+        if u_norm == 0:
+            continue
+        v_norms = torch.linalg.vector_norm(v_l, dim=0)
+        dots = (u_l @ v_l).abs()
+        layer_cos[li] = np.where(v_norms.numpy() > 0, (dots / (u_norm * v_norms)).numpy(), np.nan)
+        q = _orthonormal_columns(v_l)
+        layer_sub[li] = float(torch.linalg.vector_norm(q.T @ u_l)) / u_norm if q.shape[1] else np.nan
+    return layer_cos, layer_sub, share
+
+
+def _alignment_dataset(units: dict[str, torch.Tensor], vectors: torch.Tensor, eigenvalues: np.ndarray,
+                       names: list[str], sizes: list[int], rho: float, curvature: dict[str, float],
+                       increase: dict[str, float]) -> xr.Dataset:
+    """Cosines with the eigenvectors, globally and per layer, with curvature and loss increase per method."""
+    methods, k = list(units), vectors.shape[1]
+    basis = _orthonormal_columns(vectors)
+    per_layer = [_layer_alignment(units[m], vectors, sizes) for m in methods]
+    v_blocks = torch.split(vectors, sizes)
+    return xr.Dataset(
+        {
+            "eigenvalue": ("rank", np.asarray(eigenvalues, dtype=np.float64)[:k]),
+            "norm": ("method", np.full(len(methods), rho)),
+            "cosine": (("method", "rank"), np.array([[abs(float(units[m] @ vectors[:, r])) for r in range(k)]
+                                                     for m in methods])),
+            "cos_subspace": ("method", np.array([float(torch.linalg.vector_norm(basis.T @ units[m]))
+                                                 for m in methods])),
+            "directional_curvature": ("method", np.array([curvature[m] for m in methods])),
+            "loss_increase": ("method", np.array([increase[m] for m in methods])),
+            "layer_cosine": (("method", "layer", "rank"), np.stack([p[0] for p in per_layer])),
+            "layer_subspace": (("method", "layer"), np.stack([p[1] for p in per_layer])),
+            "norm_share": (("method", "layer"), np.stack([p[2] for p in per_layer])),
+            "eigvec_share": (("layer", "rank"), np.stack([(torch.linalg.vector_norm(v_l, dim=0) ** 2).numpy()
+                                                         for v_l in v_blocks])),
+        },
+        coords={"method": methods, "rank": np.arange(1, k + 1), "layer": names},
+    )
 
 
 def perturbation_alignment(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 5, rho: float = 0.05, *,
@@ -449,132 +721,27 @@ def perturbation_alignment(model: nn.Module, loss_fn: LossFn, data: Any, k: int 
         progress: show progress bars.
 
     Returns:
-        :class:`AlignmentResult`; ``.to_dataframe()`` has one row per method.
+        :class:`AlignmentResult`; ``.to_dataframe()`` has one row per method. NaN/inf weights and a
+        model that cannot run on the data are refused before any long work.
     """
-    from .curvature import HessianOperator  # the Hessian stack is only needed here
-    from .hessian import hessian_eigenvalues
-
     rho = _check_rho(rho)
     percentile = check_percentile(percentile)
-    methods = list(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods or len(set(methods)) != len(methods):
-        raise UserInputError(f"methods must be distinct names among {METHODS}, got {methods}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise UserInputError(f"k must be an integer >= 1 (number of top eigenvectors), got {k!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    named = trainable_named_parameters(model)
-    if any(m.startswith("zsharp") for m in methods) and not any(is_filtered(p) for _, p in named):
-        raise UserInputError("the model has no trainable parameter tensor with ndim > 1 (conv/linear weights): "
-                             "ZSharp filters nothing; drop the zsharp methods")
+    methods, k, named = _checked_alignment_model(model, methods, k)
     batches = as_batches(data)
-    names = [n for n, _ in named]
-
-    if eigen is None:
-        eigen = hessian_eigenvalues(model, loss_fn, batches, k=int(k), tol=tol, max_iter=max_iter, seed=seed,
-                                    progress=progress)
-    elif getattr(eigen, "eigenvectors", None) is None:
-        raise UserInputError("eigen must be an EigenResult computed with eigenvectors=True")
-    if list(eigen.param_names) != names:
-        raise UserInputError("eigen was computed for other parameters than this model's trainable ones "
-                             "(compute it on the same model, with params=None)")
-    fingerprint = getattr(eigen, "settings", {}).get("model_fingerprint")
-    if fingerprint is not None and fingerprint != model_fingerprint(model):
-        raise UserInputError("eigen was computed for other weights (model fingerprints differ): recompute it "
-                             "for this model, or leave eigen=None")
-    vectors = torch.as_tensor(np.asarray(eigen.eigenvectors, dtype=np.float64))
-    if vectors.shape[1] < k:
-        raise UserInputError(f"k={k} but eigen holds only {vectors.shape[1]} eigenvector(s)")
-    vectors = vectors[:, : int(k)]
-    sizes = [p.numel() for _, p in named]
-
+    check_finite_parameters(model)
+    check_model_accepts(model, loss_fn, batches[0])
+    names, sizes = [n for n, _ in named], [p.numel() for _, p in named]
+    eigen, vectors = _top_eigenvectors(model, loss_fn, batches, names, k, eigen, seed, tol, max_iter, progress)
     with preserved_model_state(model, train=False):
         grads = next(iter_gradients(model, loss_fn, batches, named, True, progress, "full-data gradient"))
-        with_grad = [i for i, g in enumerate(grads) if g is not None]
-        g_names = [names[i] for i in with_grad]
-        g_list = [grads[i] for i in with_grad]  # type: ignore[misc]
-        directions: dict[str, torch.Tensor] = {}
-        for method in methods:
-            if method == "random":
-                gen = torch.Generator().manual_seed(int(seed))
-                directions[method] = torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
-                continue
-            if method == "sam":
-                e, _ = optimizer_ascent(lambda nm: SAM(nm, torch.optim.SGD, rho=rho, lr=0.0), g_names, g_list)
-            elif method in ("zsharp", "zsharp_global"):
-                reading = "tensor" if method == "zsharp" else "global"
-                e, _ = optimizer_ascent(_zsharp(rho, percentile, reading, "tensor"), g_names, g_list)
-            else:  # asam: T depends on w, so start at w (in float64, so that (w + e) - w is e to 1e-16)
-                w64 = [named[i][1].detach().to(torch.float64) for i in with_grad]
-                e, _ = optimizer_ascent(lambda nm: ASAM(nm, torch.optim.SGD, rho=rho, eta=asam_eta, lr=0.0),
-                                        g_names, [g.to(torch.float64) for g in g_list], start=w64)
-            full = [torch.zeros(s, dtype=torch.float64) for s in sizes]
-            for i, t in zip(with_grad, e):
-                full[i] = t.detach().reshape(-1).cpu().to(torch.float64)
-            directions[method] = torch.cat(full)
-        units = {}
-        for method, d in directions.items():
-            norm = torch.linalg.vector_norm(d)
-            if not norm > 0:
-                raise FloatingPointError(f"the {method} ascent direction is zero: the gradient vanishes on {names}")
-            units[method] = d / norm
-
-        # Directional curvature: one Hessian-vector product per method.
-        curvature = {}
-        with HessianOperator(model, loss_fn, batches) as op:
-            for method in _progress(methods, enabled=progress, desc="curvature along e"):
-                u = units[method]
-                hu = op.matvec(u.to(device=op.device, dtype=op.dtype)).detach().cpu().to(torch.float64)
-                curvature[method] = float(u @ hu)
-        base_loss = _full_loss(model, loss_fn, batches, names, None)
-        increase = {}
-        for method in methods:
-            step = torch.split(rho * units[method], sizes)
-            values = [p.detach() + s.reshape(p.shape).to(device=p.device, dtype=p.dtype)
-                      for (_, p), s in zip(named, step)]
-            increase[method] = _full_loss(model, loss_fn, batches, names, values) - base_loss
-
-    # Cosines: globally and per layer.
-    basis = _orthonormal_columns(vectors)
-    cosine = np.array([[abs(float(units[m] @ vectors[:, r])) for r in range(k)] for m in methods])
-    cos_subspace = np.array([float(torch.linalg.vector_norm(basis.T @ units[m])) for m in methods])
-    v_blocks = torch.split(vectors, sizes)
-    layer_cos = np.full((len(methods), len(names), k), np.nan)
-    layer_sub = np.full((len(methods), len(names)), np.nan)
-    share = np.zeros((len(methods), len(names)))
-    for mi, m in enumerate(methods):
-        for li, (u_l, v_l) in enumerate(zip(torch.split(units[m], sizes), v_blocks)):
-            u_norm = float(torch.linalg.vector_norm(u_l))
-            share[mi, li] = u_norm**2
-            if u_norm == 0:
-                continue
-            v_norms = torch.linalg.vector_norm(v_l, dim=0)
-            dots = (u_l @ v_l).abs()
-            layer_cos[mi, li] = np.where(v_norms.numpy() > 0, (dots / (u_norm * v_norms)).numpy(), np.nan)
-            q = _orthonormal_columns(v_l)
-            layer_sub[mi, li] = float(torch.linalg.vector_norm(q.T @ u_l)) / u_norm if q.shape[1] else np.nan
-    eigvec_share = np.stack([(torch.linalg.vector_norm(v_l, dim=0) ** 2).numpy() for v_l in v_blocks])
-
-    ds = xr.Dataset(
-        {
-            "eigenvalue": ("rank", np.asarray(eigen.eigenvalues, dtype=np.float64)[:k]),
-            "norm": ("method", np.full(len(methods), rho)),
-            "cosine": (("method", "rank"), cosine),
-            "cos_subspace": ("method", cos_subspace),
-            "directional_curvature": ("method", np.array([curvature[m] for m in methods])),
-            "loss_increase": ("method", np.array([increase[m] for m in methods])),
-            "layer_cosine": (("method", "layer", "rank"), layer_cos),
-            "layer_subspace": (("method", "layer"), layer_sub),
-            "norm_share": (("method", "layer"), share),
-            "eigvec_share": (("layer", "rank"), eigvec_share),
-        },
-        coords={"method": methods, "rank": np.arange(1, k + 1), "layer": names},
-    )
+        units = _unit_directions(named, grads, methods, rho, percentile, asam_eta, seed)
+        curvature, increase, base_loss = _curvature_and_increase(model, loss_fn, batches, named, units, rho,
+                                                                 progress)
     settings = {
-        "rho": rho, "k": int(k), "percentile": percentile, "asam_eta": float(asam_eta), "seed": int(seed),
+        "rho": rho, "k": k, "percentile": percentile, "asam_eta": float(asam_eta), "seed": int(seed),
         "base_loss": base_loss, "n_samples": int(sum(len(x) for x, _ in batches)),
         "model_fingerprint": model_fingerprint(model), "eigen_converged": bool(getattr(eigen, "converged", True)),
-        "eigen_n_hvp": int(getattr(eigen, "n_hvp", 0)),
+        "eigen_n_hvp": int(getattr(eigen, "n_hvp", 0)), "provenance": provenance(),
     }
-    return AlignmentResult(ds, settings)
+    return AlignmentResult(_alignment_dataset(units, vectors, eigen.eigenvalues, names, sizes, rho, curvature,
+                                              increase), settings)

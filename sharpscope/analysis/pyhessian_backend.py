@@ -8,7 +8,10 @@ PyHessian 0.1 as installed is used unmodified; inside :func:`pyhessian_session` 
 * ``torch.eig``, removed from torch, is provided for the duration of the call (its ``density`` uses it on
   a symmetric tridiagonal matrix, so ``torch.linalg.eigh`` gives the same answer);
 * the global RNG is seeded with ``seed`` and restored afterwards (PyHessian draws from it);
-* Hessian-vector products are counted by wrapping its HVP functions;
+* Hessian-vector products are counted by wrapping its HVP functions, and drive the progress bar
+  (``progress=True``; PyHessian itself draws none): its total is the most products the call may make
+  (``k * max_iter`` power iterations, ``max_iter`` trace probes, ``n_iter * n_runs`` SLQ steps), and
+  the bar closes early when PyHessian's own stopping rule ends the call sooner;
 * the model's parameters, buffers, ``.grad``, ``requires_grad`` and train/eval flags are restored exactly.
 
 PyHessian computes the Hessian of the model's dtype, without error bars or convergence information:
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._progress import progress as progress_bar
 from .batching import Batch, as_batches, model_device, preserved_model_state
 from .curvature import HessianOperator, LossFn
 
@@ -43,22 +47,38 @@ def _eig_via_eigh(matrix: torch.Tensor, eigenvectors: bool = False) -> tuple[tor
 
 
 class _Counter:
-    def __init__(self) -> None:
+    """Counts PyHessian's Hessian-vector products and advances a progress bar with each one."""
+
+    def __init__(self, progress: bool = False, total: int = 0, desc: str = "PyHessian") -> None:
         self.n_hvp = 0
+        self.bar = progress_bar(range(total), enabled=progress, desc=desc, total=total) if progress else None
+
+    def tick(self) -> None:
+        self.n_hvp += 1
+        if self.bar is not None:
+            self.bar.update(1)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
-def pyhessian_session(model: nn.Module, loss_fn: LossFn, data: Any, seed: int = 0) -> Iterator[tuple[Any, _Counter]]:
-    """A ``pyhessian.hessian`` object on ``model`` with the fixes above; yields ``(hessian, counter)``."""
+def pyhessian_session(model: nn.Module, loss_fn: LossFn, data: Any, seed: int = 0,
+                      counter: _Counter | None = None) -> Iterator[tuple[Any, _Counter]]:
+    """A ``pyhessian.hessian`` object on ``model`` with the fixes above; yields ``(hessian, counter)``.
+
+    ``counter`` (default: a silent one) counts the products; its progress bar is closed on exit.
+    """
     # ``pyhessian.hessian`` the attribute is the class (re-exported by the package); we need the module.
     ph = importlib.import_module("pyhessian.hessian")
     batches = as_batches(data)
     device = model_device(model)
-    counter = _Counter()
+    counter = _Counter() if counter is None else counter
     original_hvp = ph.hessian_vector_product
 
     def counted_hvp(*args: Any, **kwargs: Any) -> Any:
-        counter.n_hvp += 1
+        counter.tick()
         return original_hvp(*args, **kwargs)
 
     old_eig = getattr(torch, "eig", _MISSING)
@@ -79,12 +99,13 @@ def pyhessian_session(model: nn.Module, loss_fn: LossFn, data: Any, seed: int = 
                 original_dl = h.dataloader_hv_product
 
                 def counted_dl(v: Any) -> Any:
-                    counter.n_hvp += 1
+                    counter.tick()
                     return original_dl(v)
 
                 h.dataloader_hv_product = counted_dl
             yield h, counter
         finally:
+            counter.close()
             ph.hessian_vector_product = original_hvp
             if old_eig is _MISSING:
                 del torch.eig  # type: ignore[attr-defined]
@@ -112,12 +133,14 @@ def pyhessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int =
 
     ``converged`` is PyHessian's own rule (relative change between iterations below ``tol`` before
     ``max_iter`` products per eigenvalue); ``residuals`` are measured with our operator afterwards.
+    ``progress`` shows a bar over PyHessian's products (of at most ``k * max_iter``).
     """
     from .hessian import EigenResult, _relative
 
     start = time.perf_counter()
     batches = as_batches(data)
-    with pyhessian_session(model, loss_fn, batches, seed) as (h, counter):
+    counter = _Counter(progress, k * max_iter, f"PyHessian top-{k} (power iteration)")
+    with pyhessian_session(model, loss_fn, batches, seed, counter) as (h, counter):
         values, vectors = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
         n_hvp = counter.n_hvp
         vecs = torch.stack([_flat(v) for v in vectors], dim=1)
@@ -147,7 +170,8 @@ def pyhessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, max_iter: int 
 
     start = time.perf_counter()
     batches = as_batches(data)
-    with pyhessian_session(model, loss_fn, batches, seed) as (h, counter):
+    counter = _Counter(progress, max_iter, "PyHessian trace (hutchinson)")
+    with pyhessian_session(model, loss_fn, batches, seed, counter) as (h, counter):
         samples = np.asarray(h.trace(maxIter=max_iter, tol=tol), dtype=np.float64)
         n_hvp = counter.n_hvp
     stderr = float(np.std(samples, ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else float("inf")
@@ -168,7 +192,8 @@ def pyhessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int 
 
     start = time.perf_counter()
     batches = as_batches(data)
-    with pyhessian_session(model, loss_fn, batches, seed) as (h, counter):
+    counter = _Counter(progress, n_iter * n_runs, "PyHessian SLQ")
+    with pyhessian_session(model, loss_fn, batches, seed, counter) as (h, counter):
         eigen_runs, weight_runs = h.density(iter=n_iter, n_v=n_runs)
         n_hvp = counter.n_hvp
     nodes = [np.asarray(e, dtype=np.float64) for e in eigen_runs]

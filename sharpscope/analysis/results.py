@@ -13,11 +13,13 @@ Tables (pandas DataFrames) are stored the same way, one variable per column.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from pathlib import Path
 import platform
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -138,6 +140,31 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def damaged_result_file(path: str | os.PathLike[str], kind: str) -> Iterator[None]:
+    """Turn a missing or malformed field met while rebuilding a result from ``path`` into one line.
+
+    A netCDF file that carries a sharpscope ``kind`` but lacks a variable or a metadata entry (damaged,
+    or written by another program) would otherwise end in a ``KeyError`` traceback.
+    """
+    try:
+        yield
+    except UserInputError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        what = f"missing field {exc}" if isinstance(exc, KeyError) else f"{exc.__class__.__name__}: {exc}"
+        raise UserInputError(f"{path} is a {kind!r} result file but cannot be read back ({what}); it is damaged "
+                             "or was not written by sharpscope: recompute it") from None
+
+
+def require_variables(ds: xr.Dataset, names: Sequence[str], path: str | os.PathLike[str], what: str) -> None:
+    """Refuse, in one line, a result file of the right kind that lacks some of ``names``."""
+    missing = [n for n in names if n not in ds.variables]
+    if missing:
+        raise UserInputError(f"{path} is not a complete {what} file: it lacks {', '.join(map(repr, missing))}; "
+                             "write it again with this version")
+
+
 _RESULT_CLASSES: dict[str, type[Result]] = {}
 
 
@@ -190,7 +217,8 @@ def load_result(path: str | os.PathLike[str]) -> Result:
         known = ", ".join(sorted(_RESULT_CLASSES))
         raise UserInputError(f"{path} holds a {kind!r} result, which this version cannot read (known: {known}); "
                              "upgrade sharpscope")
-    return cls.load(path)
+    with damaged_result_file(path, kind):
+        return cls.load(path)
 
 
 _R = TypeVar("_R", bound="DatasetResult")

@@ -36,23 +36,23 @@ import xarray as xr
 from torch import nn
 
 from .._progress import progress as _progress
+from .._validate import choice, integer, number, positive_int, positive_number
 from ..errors import UserInputError
 from .batching import (
     Batch,
-    as_batches,
-    batch_weights,
-    checked_loss,
     model_device,
+    prepared_batches,
     preserved_model_state,
     to_device,
 )
-from .results import model_fingerprint, read_dataset, write_dataset
+from .evaluation import assign_parameters, full_data_gradient, full_data_loss, global_norm
+from .results import Result, damaged_result_file, model_fingerprint, provenance, read_dataset, write_dataset
 
 KIND = "sharpness"
 
 
 @dataclass
-class SharpnessResult:
+class SharpnessResult(Result):
     """A sharpness number and how it was obtained.
 
     Attributes:
@@ -65,7 +65,7 @@ class SharpnessResult:
         scaled_norm: ``||T^-1 e||`` of it, at most ``rho`` (equals ``perturbation_norm`` unless adaptive).
         trace: the increase after each ascent step (worst case: best so far, ``steps + 1`` values)
             or for each sample (average case).
-        settings: rho, adaptive, eta, ignore, steps/samples, seed, data size, model fingerprint.
+        settings: rho, adaptive, eta, ignore, steps/samples, seed, data size, model fingerprint, provenance.
     """
 
     kind: str
@@ -77,6 +77,8 @@ class SharpnessResult:
     trace: np.ndarray
     settings: dict[str, Any] = field(default_factory=dict)
 
+    KIND = KIND
+
     def to_dataframe(self) -> pd.DataFrame:
         """One row: the number, its error, the norms and the main settings."""
         row = {"kind": self.kind, "rho": self.settings.get("rho"), "adaptive": self.settings.get("adaptive"),
@@ -85,6 +87,7 @@ class SharpnessResult:
         return pd.DataFrame([row])
 
     def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a netCDF result file: the trace, the number and the settings."""
         ds = xr.Dataset({"trace": (("index",), np.asarray(self.trace, dtype=np.float64))})
         meta = {"kind": self.kind, "value": self.value, "stderr": self.stderr, "base_loss": self.base_loss,
                 "perturbation_norm": self.perturbation_norm, "scaled_norm": self.scaled_norm,
@@ -93,59 +96,131 @@ class SharpnessResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SharpnessResult:
+        """Read a file written by :meth:`save` (also by sharpscope 0.1)."""
         ds, meta = read_dataset(path, KIND)
         nan = float("nan")
-        return cls(meta["kind"], meta["value"], nan if meta["stderr"] is None else meta["stderr"],
-                   meta["base_loss"], meta["perturbation_norm"], meta["scaled_norm"],
-                   ds["trace"].values, meta["settings"])
+        with damaged_result_file(path, KIND):
+            return cls(meta["kind"], float(meta["value"]), nan if meta["stderr"] is None else float(meta["stderr"]),
+                       float(meta["base_loss"]), float(meta["perturbation_norm"]), float(meta["scaled_norm"]),
+                       ds["trace"].values, dict(meta["settings"]))
 
 
 class _Objective:
-    """Full-data loss (and gradient) at ``w0 + T u`` for the chosen parameters."""
+    """Full-data loss (and gradient) at ``w0 + T u`` for the chosen parameters.
+
+    ``u`` is a list of tensors shaped like the parameters (``None`` for ``u = 0``), ``T`` the elementwise
+    ``scale``. The model's parameters are written to (inside :func:`preserved_model_state`).
+    """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence[Batch],
                  params: list[nn.Parameter], scale: list[torch.Tensor]) -> None:
         self.model, self.loss_fn, self.params, self.scale = model, loss_fn, params, scale
         device = model_device(model)
         self.batches = [to_device(b, device) for b in batches]
-        self.weights = batch_weights(self.batches)
         self.base = [p.detach().clone() for p in params]
 
-    @torch.no_grad()
     def _set(self, u: list[torch.Tensor] | None) -> None:
-        torch._foreach_copy_(self.params, self.base)
-        if u is not None:
-            torch._foreach_add_(self.params, torch._foreach_mul(u, self.scale))
+        """``w <- w0 + T u``."""
+        assign_parameters(self.params, self.base if u is None
+                          else torch._foreach_add(self.base, torch._foreach_mul(u, self.scale)))
 
     def loss(self, u: list[torch.Tensor] | None) -> float:
+        """``L(w0 + T u)``."""
         self._set(u)
-        with torch.no_grad():
-            total = sum(checked_loss(self.loss_fn(self.model(x), y)).double() * w
-                        for (x, y), w in zip(self.batches, self.weights))
-        return float(total)
+        return float(full_data_loss(self.model, self.loss_fn, self.batches))
 
     def loss_and_scaled_grad(self, u: list[torch.Tensor] | None) -> tuple[float, list[torch.Tensor]]:
         """``L(w0 + T u)`` and ``T * grad L`` (the gradient with respect to ``u``)."""
         self._set(u)
-        total = 0.0
-        grads = [torch.zeros_like(p) for p in self.params]
-        for (x, y), w in zip(self.batches, self.weights):
-            loss = checked_loss(self.loss_fn(self.model(x), y))
-            g = torch.autograd.grad(loss * w, self.params, allow_unused=True)
-            torch._foreach_add_(grads, [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, self.params)])
-            total += float(loss.detach()) * w
-        return total, torch._foreach_mul(grads, self.scale)
+        loss, grads = full_data_gradient(self.model, self.loss_fn, self.batches, self.params)
+        return loss, torch._foreach_mul(grads, self.scale)
 
 
-def _norm(ts: Sequence[torch.Tensor]) -> float:
-    return float(torch.sqrt(sum(t.double().pow(2).sum() for t in ts)))
+@dataclass
+class _Outcome:
+    """What one search found: the increase, its error, ``||e||``, ``||T^-1 e||``, the per-step trace."""
+
+    base: float
+    value: float
+    stderr: float
+    perturbation_norm: float
+    scaled_norm: float
+    trace: list[float]
 
 
-def _check_positive(value: Any, name: str, integer: bool = False) -> None:
-    ok = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number))
-    if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
-        kind = "an integer" if integer else "a number"
-        raise UserInputError(f"{name} must be {kind} > 0; got {value!r}")
+class _Sphere:
+    """Random points ``u`` with ``||u|| = rho`` (a Gaussian draw rescaled), reproducible from a seed."""
+
+    def __init__(self, params: list[nn.Parameter], rho: float, seed: int) -> None:
+        self.params, self.rho = params, rho
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def draw(self) -> list[torch.Tensor]:
+        z = [torch.randn(p.shape, generator=self.gen, dtype=torch.float64).to(p.device, p.dtype)
+             for p in self.params]
+        return torch._foreach_mul(z, self.rho / global_norm(z))
+
+
+def _usable(norm: float) -> bool:
+    return norm > 0 and math.isfinite(norm)
+
+
+def _worst_case(obj: _Objective, sphere: _Sphere, rho: float, steps: int, progress: bool) -> _Outcome:
+    """Projected, normalised gradient ascent in ``u`` from the SAM step (module docstring)."""
+    base, g = obj.loss_and_scaled_grad(None)
+    gnorm = global_norm(g)
+    u = torch._foreach_mul(g, rho / gnorm) if _usable(gnorm) else sphere.draw()
+    best_loss, grad = obj.loss_and_scaled_grad(u)
+    best_u, step = u, rho
+    trace = [best_loss - base]
+    for _ in _progress(range(steps), enabled=progress, desc="worst-case sharpness"):
+        gnorm = global_norm(grad)
+        if not _usable(gnorm):
+            break
+        cand = torch._foreach_add(best_u, torch._foreach_mul(grad, step / gnorm))
+        cnorm = global_norm(cand)
+        if cnorm > rho:  # project back onto the ball
+            cand = torch._foreach_mul(cand, rho / cnorm)
+        loss, cand_grad = obj.loss_and_scaled_grad(cand)
+        if loss > best_loss:
+            best_u, best_loss, grad = cand, loss, cand_grad
+        else:
+            step /= 2
+        trace.append(best_loss - base)
+    return _Outcome(base, best_loss - base, float("nan"), global_norm(torch._foreach_mul(best_u, obj.scale)),
+                    global_norm(best_u), trace)
+
+
+def _average_case(obj: _Objective, sphere: _Sphere, rho: float, n_samples: int, progress: bool) -> _Outcome:
+    """Mean increase over ``n_samples`` points of the sphere, with its standard error."""
+    base = obj.loss(None)
+    incs, norms = [], []
+    for _ in _progress(range(n_samples), enabled=progress, desc="average sharpness"):
+        u = sphere.draw()
+        incs.append(obj.loss(u) - base)
+        norms.append(global_norm(torch._foreach_mul(u, obj.scale)))
+    stderr = float(np.std(incs, ddof=1) / math.sqrt(len(incs))) if len(incs) > 1 else float("nan")
+    return _Outcome(base, float(np.mean(incs)), stderr, float(np.mean(norms)), rho, incs)
+
+
+def _perturbed(model: nn.Module, ignore: str) -> list[tuple[str, nn.Parameter]]:
+    """The trainable tensors to perturb (all, or those with ``ndim > 1`` for ``ignore="biasbn"``)."""
+    named = [(n, p) for n, p in model.named_parameters()
+             if p.requires_grad and not (ignore == "biasbn" and p.dim() <= 1)]
+    if not named:
+        raise UserInputError("no parameter to perturb: the model has no trainable parameter "
+                             "(left after ignore='biasbn')")
+    return named
+
+
+def _checked_arguments(rho: Any, kind: Any, ignore: Any, steps: Any, n_samples: Any, eta: Any,
+                       seed: Any) -> tuple[float, int, int, float, int]:
+    """``rho, steps, n_samples, eta, seed`` validated (each bad value is one ``UserInputError``)."""
+    rho = positive_number(rho, "rho")
+    choice(kind, "kind", ("worst", "average"))
+    choice(ignore, "ignore", ("none", "biasbn"))
+    return (rho, positive_int(steps, "steps"), positive_int(n_samples, "n_samples"),
+            number(eta, "eta", minimum=0.0), integer(seed, "seed", minimum=None))
 
 
 def sharpness(model: nn.Module, loss_fn: Callable, data: Any, rho: float = 0.05, kind: str = "worst",
@@ -167,75 +242,27 @@ def sharpness(model: nn.Module, loss_fn: Callable, data: Any, rho: float = 0.05,
             ``ndim <= 1`` (biases, normalisation layers) fixed.
         seed: seed of the random draws (the average case, or the start when the gradient is zero).
         progress: show a progress bar.
+
+    Raises ``UserInputError`` for bad arguments, non-finite weights or a model that cannot run on the
+    data (checked before any long work); ``FloatingPointError`` if the loss overflows within ``rho``.
     """
-    _check_positive(rho, "rho")
-    if kind not in ("worst", "average"):
-        raise UserInputError(f"kind must be 'worst' or 'average'; got {kind!r}")
-    if ignore not in ("none", "biasbn"):
-        raise UserInputError(f"ignore must be 'none' or 'biasbn'; got {ignore!r}")
-    _check_positive(steps, "steps", integer=True)
-    _check_positive(n_samples, "n_samples", integer=True)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.number)) or not math.isfinite(eta) or eta < 0:
-        raise UserInputError(f"eta must be a number >= 0; got {eta!r}")
-    batches = as_batches(data)
-    named = [(n, p) for n, p in model.named_parameters()
-             if p.requires_grad and not (ignore == "biasbn" and p.dim() <= 1)]
-    if not named:
-        raise UserInputError("no parameter to perturb: the model has no trainable parameter "
-                             "(left after ignore='biasbn')")
-    rho = float(rho)
-    settings = {"rho": rho, "adaptive": bool(adaptive), "eta": float(eta) if adaptive else None,
-                "ignore": ignore, "seed": int(seed), "steps": int(steps) if kind == "worst" else None,
-                "n_samples": int(n_samples) if kind == "average" else None,
+    rho, steps, n_samples, eta, seed = _checked_arguments(rho, kind, ignore, steps, n_samples, eta, seed)
+    batches = prepared_batches(model, loss_fn, data)
+    named = _perturbed(model, ignore)
+    settings = {"rho": rho, "adaptive": bool(adaptive), "eta": eta if adaptive else None,
+                "ignore": ignore, "seed": seed, "steps": steps if kind == "worst" else None,
+                "n_samples": n_samples if kind == "average" else None,
                 "n_examples": int(sum(len(x) for x, _ in batches)), "model_fingerprint": model_fingerprint(model),
-                "parameters": [n for n, _ in named]}
-    gen = torch.Generator().manual_seed(int(seed))
-
-    def sphere() -> list[torch.Tensor]:
-        z = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) for _, p in named]
-        return torch._foreach_mul(z, rho / _norm(z))
-
+                "parameters": [n for n, _ in named], "provenance": provenance()}
     with preserved_model_state(model, train=False):
         params = [p for _, p in named]
         scale = [(p.detach().abs() + eta) if adaptive else torch.ones_like(p) for p in params]
         obj = _Objective(model, loss_fn, batches, params, scale)
-        if kind == "worst":
-            base, g = obj.loss_and_scaled_grad(None)
-            gnorm = _norm(g)
-            u = torch._foreach_mul(g, rho / gnorm) if gnorm > 0 and math.isfinite(gnorm) else sphere()
-            best_loss, grad = obj.loss_and_scaled_grad(u)
-            best_u, step = u, rho
-            trace = [best_loss - base]
-            for _ in _progress(range(int(steps)), enabled=progress, desc="worst-case sharpness"):
-                gnorm = _norm(grad)
-                if not (gnorm > 0 and math.isfinite(gnorm)):
-                    break
-                cand = torch._foreach_add(best_u, torch._foreach_mul(grad, step / gnorm))
-                cnorm = _norm(cand)
-                if cnorm > rho:
-                    cand = torch._foreach_mul(cand, rho / cnorm)
-                loss, cand_grad = obj.loss_and_scaled_grad(cand)
-                if loss > best_loss:
-                    best_u, best_loss, grad = cand, loss, cand_grad
-                else:
-                    step /= 2
-                trace.append(best_loss - base)
-            e = torch._foreach_mul(best_u, scale)
-            value, stderr = best_loss - base, float("nan")
-            pert_norm, scaled_norm = _norm(e), _norm(best_u)
-        else:
-            base = obj.loss(None)
-            incs, norms = [], []
-            for _ in _progress(range(int(n_samples)), enabled=progress, desc="average sharpness"):
-                u = sphere()
-                incs.append(obj.loss(u) - base)
-                norms.append(_norm(torch._foreach_mul(u, scale)))
-            trace = incs
-            value = float(np.mean(incs))
-            stderr = float(np.std(incs, ddof=1) / math.sqrt(len(incs))) if len(incs) > 1 else float("nan")
-            pert_norm, scaled_norm = float(np.mean(norms)), rho
-    if not math.isfinite(value):
-        raise FloatingPointError(f"{kind}-case sharpness is not finite ({value}): the loss overflows within "
+        sphere = _Sphere(params, rho, seed)
+        found = (_worst_case(obj, sphere, rho, steps, progress) if kind == "worst"
+                 else _average_case(obj, sphere, rho, n_samples, progress))
+    if not math.isfinite(found.value):
+        raise FloatingPointError(f"{kind}-case sharpness is not finite ({found.value}): the loss overflows within "
                                  f"rho={rho}; use a smaller rho or check the model")
-    return SharpnessResult(kind, float(value), stderr, float(base), pert_norm, scaled_norm,
-                           np.asarray(trace, dtype=np.float64), settings)
+    return SharpnessResult(kind, float(found.value), found.stderr, float(found.base), found.perturbation_norm,
+                           found.scaled_norm, np.asarray(found.trace, dtype=np.float64), settings)
