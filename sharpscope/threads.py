@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -32,6 +33,8 @@ _FIXED: contextvars.ContextVar[int | None] = contextvars.ContextVar("sharpscope_
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("sharpscope_policy_active", default=False)
 #: Relative margin under which the smaller thread count wins (a tie is cheaper for other work).
 TIE_MARGIN = 0.05
+#: A first measurement this many times slower than the other settles the choice without repeats.
+CLEAR_MARGIN = 1.5
 
 
 @contextlib.contextmanager
@@ -54,19 +57,22 @@ def _time_once(trial: Callable[[], Any], threads: int) -> float:
 def choose_threads(trial: Callable[[], Any], max_threads: int | None = None, repeats: int = 3) -> int:
     """The thread count in ``{1, max_threads}`` under which ``trial()`` runs faster.
 
-    ``trial`` is run once for warm-up and then ``repeats`` times per candidate, alternating; each
-    candidate is judged by its fastest run. The caller's thread setting is restored.
+    ``trial`` runs twice at one thread (the first is a warm-up) and once at ``max_threads``; when one
+    count is clearly faster (by :data:`CLEAR_MARGIN`) that settles it, so a count that is slow on a
+    busy machine is tried only once. Otherwise both are timed ``repeats`` more times, alternating,
+    and each is judged by its fastest run. The caller's thread setting is restored.
     """
     saved = torch.get_num_threads()
     top = saved if max_threads is None else max(1, min(int(max_threads), saved))
     if top == 1:
         return 1
     try:
-        _time_once(trial, top)
-        best = {1: float("inf"), top: float("inf")}
-        for _ in range(repeats):
-            for n in (1, top):
-                best[n] = min(best[n], _time_once(trial, n))
+        _time_once(trial, 1)
+        best = {1: _time_once(trial, 1), top: _time_once(trial, top)}
+        if max(best.values()) <= min(best.values()) * CLEAR_MARGIN:
+            for _ in range(repeats):
+                for n in (1, top):
+                    best[n] = min(best[n], _time_once(trial, n))
     finally:
         torch.set_num_threads(saved)
     return 1 if best[1] <= best[top] * (1 + TIE_MARGIN) else top
@@ -135,26 +141,34 @@ def _first_batch(data: Any) -> Any | None:
 
 
 def analysis_threads(func: F) -> F:
-    """Decorate ``func(model, loss_fn, data, ...)`` to run under :func:`thread_policy`.
+    """Decorate an analysis ``func(model, loss_fn, data, ...)`` to run under :func:`thread_policy`.
 
-    The trial is :func:`forward_backward_trial` on the first batch of ``data``; a ``threads=`` keyword,
-    when the function is called with one, fixes the count instead.
+    The model is the argument named ``model`` (or ``model_a``). The trial is
+    :func:`forward_backward_trial` on the first batch of ``data``; a ``threads=`` keyword fixes the
+    count instead.
     """
+    signature = inspect.signature(func)
 
     @functools.wraps(func)
-    def wrapper(model: torch.nn.Module, loss_fn: Any, data: Any, *args: Any, threads: int | None = None,
-                **kwargs: Any) -> Any:
+    def wrapper(*args: Any, threads: int | None = None, **kwargs: Any) -> Any:
         trial = None
-        batch = None
         if threads is None and _FIXED.get() is None and not _ACTIVE.get() and torch.get_num_threads() > 1:
-            batch = _first_batch(data)
-        if batch is not None:
-            try:
-                trial = forward_backward_trial(model, loss_fn, batch)
-                trial()
-            except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
-                trial = None  # the analysis' own checks report a model that cannot run on the data
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            trial = _trial_or_none(bound.get("model", bound.get("model_a")), bound.get("loss_fn"), bound.get("data"))
         with thread_policy(trial, threads):
-            return func(model, loss_fn, data, *args, **kwargs)
+            return func(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _trial_or_none(model: Any, loss_fn: Any, data: Any) -> Callable[[], None] | None:
+    """The trial for this call, or None when it cannot be built (the analysis reports bad input itself)."""
+    batch = _first_batch(data) if isinstance(model, torch.nn.Module) and callable(loss_fn) else None
+    if batch is None:
+        return None
+    try:
+        trial = forward_backward_trial(model, loss_fn, batch)
+        trial()
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
+        return None  # the analysis' own checks report a model that cannot run on the data
+    return trial

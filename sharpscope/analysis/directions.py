@@ -39,6 +39,7 @@ from torch import nn
 
 from .. import _validate
 from ..errors import UserInputError
+from ..threads import analysis_threads
 from .batching import as_batches
 from .evaluation import check_finite_parameters, check_model_accepts, global_norm
 from .results import Result, provenance, read_dataset, require_variables, tensor_bytes, write_dataset
@@ -279,6 +280,7 @@ def random_directions(model: nn.Module, n: int = 2, normalization: str = "filter
     return directions
 
 
+@analysis_threads
 def eigen_directions(model: nn.Module, loss_fn: Any, data: Any, n: int = 2, normalization: str = "model",
                      ignore: str = "none", seed: int = 0, tol: float = 1e-3, max_iter: int = 100,
                      progress: bool = False, **hessian_kwargs: Any) -> list[Direction]:

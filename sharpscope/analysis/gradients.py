@@ -45,6 +45,7 @@ from .. import _validate
 from .._progress import progress as _progress
 from ..errors import UserInputError
 from ..optim.zscore import check_percentile, is_filtered, layer_zscores, zscore_mask
+from ..threads import analysis_threads
 from .batching import (
     Batch,
     LossFn,
@@ -412,6 +413,7 @@ def _zscore_dataset(names: list[str], numel: np.ndarray, stats: list[list[dict[s
     )
 
 
+@analysis_threads
 def gradient_zscores(model: nn.Module, loss_fn: LossFn, data: Any, bins: int | Sequence[float] = 160,
                      percentile: float = 0.95, full_data: bool = False, *,
                      z_range: tuple[float, float] = (-8.0, 8.0), tails: Sequence[float] = (2.0, 3.0, 4.0),

@@ -42,6 +42,7 @@ from torch import nn
 from .._progress import progress as progress_bar
 from .._validate import choice, integer, number, positive_int
 from ..errors import UserInputError
+from ..threads import analysis_threads
 from .batching import Batch, prepared_batches, trainable_named_parameters
 from .curvature import HessianOperator, LossFn
 from .lanczos import _error_bounds, krylov_basis, lanczos_quadrature, thick_restart_lanczos
@@ -222,6 +223,7 @@ def _check_k(k: int, dim: int) -> None:
                              f"use k <= {dim}")
 
 
+@analysis_threads
 def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1, which: str = "LA",
                         tol: float = 1e-3, max_iter: int = 100, seed: int = 0, backend: str = "sharpscope",
                         params: Iterable[torch.Tensor] | None = None, dtype: torch.dtype | None = None,
@@ -437,6 +439,7 @@ def trace_estimate(op: HessianOperator, n_samples: int, method: str = "hutch++",
         bar.close()
 
 
+@analysis_threads
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, n_samples: int = 60, method: str = "hutch++",
                   seed: int = 0, backend: str = "sharpscope", params: Iterable[torch.Tensor] | None = None,
                   dtype: torch.dtype | None = None, hvp: str = "auto", tol: float = 1e-3,
@@ -614,6 +617,7 @@ def _check_n_iter(n_iter: Any, dim: int) -> int:
     return n_iter
 
 
+@analysis_threads
 def hessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int = 80, n_runs: int = 1,
                     sigma: float | None = None, grid: int | np.ndarray = 1000, seed: int = 0,
                     backend: str = "sharpscope", params: Iterable[torch.Tensor] | None = None,
@@ -725,6 +729,7 @@ def _block_curvature(op: HessianOperator, name: str, shape: torch.Size, seed: in
             "trace_method": method, "n_hvp": op.n_hvp}
 
 
+@analysis_threads
 def layer_curvature(model: nn.Module, loss_fn: LossFn, data: Any, tol: float = 1e-3, max_iter: int = 100,
                     n_trace_samples: int = 30, seed: int = 0, dtype: torch.dtype | None = None,
                     hvp: str = "auto", layers: Callable[[str, torch.Tensor], bool] | None = None,

@@ -57,6 +57,7 @@ from torch import nn
 from .. import _validate
 from .._progress import progress as _progress
 from ..errors import UserInputError
+from ..threads import analysis_threads
 from .batching import Batch, as_batches, checked_loss, model_device, preserved_model_state, to_device
 from .directions import (
     Direction,
@@ -689,6 +690,7 @@ def _direction_settings(directions: Sequence[Direction], model: nn.Module) -> di
     }
 
 
+@analysis_threads
 def landscape_1d(model: nn.Module, loss_fn: Callable, data: Any,
                  direction: Mapping[str, torch.Tensor] | None = None, steps: int | Sequence[float] = 51, *,
                  normalization: str = "filter", ignore: str = "biasbn", seed: int = 0, bn: str = "eval",
@@ -727,6 +729,7 @@ def landscape_1d(model: nn.Module, loss_fn: Callable, data: Any,
     return _run_grid(model, loss_fn, data, {"x": x}, lambda: _LinearSetter(model, dirs), settings, options)
 
 
+@analysis_threads
 def landscape_2d(model: nn.Module, loss_fn: Callable, data: Any,
                  directions: Sequence[Mapping[str, torch.Tensor]] | None = None,
                  x: int | Sequence[float] = 21, y: int | Sequence[float] = 21, *,
@@ -752,6 +755,7 @@ def landscape_2d(model: nn.Module, loss_fn: Callable, data: Any,
                      options)
 
 
+@analysis_threads
 def interpolate(model_a: nn.Module, model_b: nn.Module, loss_fn: Callable, data: Any,
                 alphas: int | Sequence[float] = 21, *, include_buffers: bool = True, bn: str = "eval",
                 recalibration_batches: int = 10, metrics: Mapping[str, Metric] | None = None,

@@ -45,6 +45,7 @@ from ..errors import UserInputError
 from ..optim import ASAM, SAM, ZSharp
 from ..optim.zscore import check_percentile, is_filtered, zscore_masks
 from ..optim.zsharp import MASK_STATS_COLUMNS
+from ..threads import analysis_threads
 from .batching import Batch, LossFn, as_batches, preserved_model_state, trainable_named_parameters
 from .directions import tensor_variables, tensors_from_variables
 from .evaluation import check_finite_parameters, check_model_accepts, full_data_loss, global_norm
@@ -170,6 +171,7 @@ def _checked_model_and_data(model: nn.Module, loss_fn: LossFn, data: Any, params
     return named, batches
 
 
+@analysis_threads
 def zsharp_masks(model: nn.Module, loss_fn: LossFn, data: Any, percentile: float = 0.95, *,
                  threshold_scope: str = "tensor", params: Any = None) -> ZSharpMasks:
     """The masks ``ZSharp.first_step`` would use on the gradient of the mean loss over ``data``.
@@ -313,6 +315,7 @@ def _summary(table: pd.DataFrame, masks: dict[str, list[torch.Tensor]]) -> tuple
     return summary, totals
 
 
+@analysis_threads
 def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: float = 0.95, *,
                     rho: float = 0.05, threshold_scope: str = "tensor", per_batch: bool = False,
                     params: Any = None, progress: bool = True) -> MaskStatisticsResult:
@@ -700,6 +703,7 @@ def _alignment_dataset(units: dict[str, torch.Tensor], vectors: torch.Tensor, ei
     )
 
 
+@analysis_threads
 def perturbation_alignment(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 5, rho: float = 0.05, *,
                            methods: Sequence[str] = METHODS, percentile: float = 0.95, asam_eta: float = 0.01,
                            eigen: Any = None, seed: int = 0, tol: float = 1e-3, max_iter: int = 200,

@@ -38,6 +38,7 @@ from torch import nn
 from .._progress import progress as _progress
 from .._validate import choice, integer, number, positive_int, positive_number
 from ..errors import UserInputError
+from ..threads import analysis_threads
 from .batching import (
     Batch,
     model_device,
@@ -223,6 +224,7 @@ def _checked_arguments(rho: Any, kind: Any, ignore: Any, steps: Any, n_samples: 
             number(eta, "eta", minimum=0.0), integer(seed, "seed", minimum=None))
 
 
+@analysis_threads
 def sharpness(model: nn.Module, loss_fn: Callable, data: Any, rho: float = 0.05, kind: str = "worst",
               adaptive: bool = False, *, steps: int = 20, n_samples: int = 20, eta: float = 0.0,
               ignore: str = "none", seed: int = 0, progress: bool = False) -> SharpnessResult:
