@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
+from tqdm import tqdm as _tqdm_base
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
@@ -16,3 +17,18 @@ def progress(iterable: Iterable[T], *, enabled: bool = True, desc: str | None = 
     if not enabled:
         return iterable
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def close_progress_bars() -> int:
+    """Close every open progress bar, innermost first, clearing its line; return how many.
+
+    An exception leaves the bars of the loops it left half-drawn on the terminal; a message printed
+    then would start in the middle of one. Call this before printing an error.
+    """
+    bars = sorted(list(getattr(_tqdm_base, "_instances", ())), key=lambda bar: -abs(getattr(bar, "pos", 0)))
+    for bar in bars:
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 -- a bar whose stream is gone must not hide the real error
+            pass
+    return len(bars)

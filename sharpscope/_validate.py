@@ -31,15 +31,16 @@ def positive_int(value: Any, name: str) -> int:
 
 
 def number(value: Any, name: str, minimum: float | None = None, maximum: float | None = None,
-           strict_minimum: bool = False) -> float:
-    """``value`` as a finite ``float`` in the given range (``> minimum`` when ``strict_minimum``)."""
+           strict_minimum: bool = False, strict_maximum: bool = False) -> float:
+    """``value`` as a finite ``float`` in the given range (open at an end marked ``strict_*``)."""
+    bounds = _bounds(minimum, maximum, strict_minimum, strict_maximum)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise UserInputError(f"{name} must be a finite number{_bounds(minimum, maximum, strict_minimum)}; "
-                             f"got {value!r}")
+        raise UserInputError(f"{name} must be a finite number{bounds}; got {value!r}")
     value = float(value)
     low_bad = minimum is not None and (value <= minimum if strict_minimum else value < minimum)
-    if low_bad or (maximum is not None and value > maximum):
-        raise UserInputError(f"{name} must be a number{_bounds(minimum, maximum, strict_minimum)}; got {value!r}")
+    high_bad = maximum is not None and (value >= maximum if strict_maximum else value > maximum)
+    if low_bad or high_bad:
+        raise UserInputError(f"{name} must be a number{bounds}; got {value!r}")
     return value
 
 
@@ -53,6 +54,11 @@ def fraction(value: Any, name: str) -> float:
     return number(value, name, minimum=0.0, maximum=1.0)
 
 
+def open_fraction(value: Any, name: str) -> float:
+    """``value`` as a finite ``float`` in the open interval ``(0, 1)``."""
+    return number(value, name, minimum=0.0, maximum=1.0, strict_minimum=True, strict_maximum=True)
+
+
 def choice(value: Any, name: str, allowed: Sequence[str]) -> str:
     """``value`` if it is one of ``allowed`` (the message lists them)."""
     if value not in allowed:
@@ -60,8 +66,9 @@ def choice(value: Any, name: str, allowed: Sequence[str]) -> str:
     return value
 
 
-def _bounds(minimum: float | None, maximum: float | None, strict_minimum: bool = False) -> str:
+def _bounds(minimum: float | None, maximum: float | None, strict_minimum: bool = False,
+            strict_maximum: bool = False) -> str:
     low = None if minimum is None else f"{'>' if strict_minimum else '>='} {minimum:g}"
-    high = None if maximum is None else f"<= {maximum:g}"
+    high = None if maximum is None else f"{'<' if strict_maximum else '<='} {maximum:g}"
     parts = [p for p in (low, high) if p]
     return (" " + " and ".join(parts)) if parts else ""

@@ -2,16 +2,31 @@
 
 Each sub-command lives in the package it belongs to and registers itself here through a
 ``(name, module)`` entry; the module provides ``add_arguments(parser)`` and ``run(args) -> int``.
-User mistakes (:class:`sharpscope.errors.UserInputError`) are printed as one line with exit code 2.
+
+Exit statuses. Whatever goes wrong is said in ONE line on stderr, ``sharpscope <command>: error: ...``,
+after any progress bar has been cleared:
+
+* ``2``: a mistake in what was given (:class:`sharpscope.errors.UserInputError`: a bad argument, a
+  checkpoint that does not fit the data, ...) or a path that cannot be used as given (an
+  ``OSError`` such as a missing file, a folder that is not writable, a read-only file system);
+* ``1``: the environment failed under a correct command (any other ``OSError``: a full disk, an
+  I/O error); the line names the path;
+* ``130``: interrupted (Ctrl-C).
+
+Any other exception is a bug in sharpscope, not a user error: it keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from ._progress import close_progress_bars
 from ._version import __version__
 from .errors import UserInputError
 
@@ -24,6 +39,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "figures": ("sharpscope.commands.figures", "Draw every comparison figure a folder of result files allows."),
     "demo": ("sharpscope.commands.demo", "Train SGD, SAM and ZSharp on digits, analyse them and draw every figure."),
 }
+
+#: OS errors caused by the path given (exit 2); any other ``errno`` is the environment's (exit 1).
+USER_ERRNOS: frozenset[int] = frozenset({
+    errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
+    errno.ENAMETOOLONG, errno.ELOOP, errno.ENXIO,
+})
+_HINTS = {
+    errno.ENOSPC: "free some space (or write elsewhere) and run again",
+    errno.EDQUOT: "free some space (or write elsewhere) and run again",
+    errno.EROFS: "choose a location you can write to",
+    errno.EACCES: "choose a location you can write to, or fix its permissions",
+    errno.EPERM: "choose a location you can write to, or fix its permissions",
+}
+# the temporary file of sharpscope._io.atomic_output: ".<target>.<8 random chars><suffix>.tmp"
+_ATOMIC_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}(\.[^.]*)?\.tmp$")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +71,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_status(exc: OSError) -> int:
+    """2 when the path given is at fault (:data:`USER_ERRNOS`), else 1 (the environment)."""
+    return 2 if exc.errno in USER_ERRNOS else 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line naming the path and what the system said, e.g. ``'out/x.nc': No space left on device``.
+
+    A temporary file of an atomic write is named by the file it was going to become.
+    """
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = _HINTS.get(exc.errno)
+    reason = f"{reason}; {hint}" if hint else reason
+    paths = [_shown_path(p) for p in (exc.filename, exc.filename2) if p is not None]
+    if not paths:
+        return reason
+    return f"{' -> '.join(repr(p) for p in paths)}: {reason}"
+
+
+def _shown_path(filename: object) -> str:
+    path = Path(filename.decode(errors="replace") if isinstance(filename, bytes) else str(filename))
+    match = _ATOMIC_TEMPORARY.match(path.name)
+    return str(path.with_name(match.group("target")) if match else path)
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks (and runs of blanks) folded into single spaces."""
+    return " ".join(str(text).split())
+
+
+def _fail(command: str, message: str, status: int) -> int:
+    close_progress_bars()  # a half-drawn bar must not share the line of the message
+    print(f"sharpscope {command}: error: {one_line(message)}", file=sys.stderr, flush=True)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -50,11 +116,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserInputError as exc:
-        print(f"sharpscope {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(exc), 2)
+    except OSError as exc:
+        return _fail(args.command, describe_os_error(exc), os_error_status(exc))
     except KeyboardInterrupt:
-        print(f"sharpscope {args.command}: interrupted", file=sys.stderr)
+        close_progress_bars()
+        print(f"sharpscope {args.command}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except BaseException:  # a bug: keep the traceback, but on a clean line
+        close_progress_bars()
+        raise
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -268,6 +269,98 @@ def test_tiny_imagenet_bad_layouts(tmp_path):
     (base / "train" / wnids[1] / "images").rmdir()
     with pytest.raises(UserInputError, match=f"class folder .*{wnids[1]}.* is missing"):
         load_dataset("tiny_imagenet", root=tmp_path, show_progress=False)
+
+
+def test_tiny_imagenet_refuses_annotation_paths_that_leave_the_dataset(tmp_path, monkeypatch):
+    """A val_annotations.txt line naming ../../../outside.png (a real, decodable 64x64 image outside the
+    dataset) is refused with one line, and the outside file is never opened (Image.open is watched)."""
+    write_fake_tiny(tmp_path / "data")
+    base = tmp_path / "data" / "tiny-imagenet-200"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "outside.png")
+    (base / "val" / "val_annotations.txt").write_text("../../../outside.png\tn01443537\t0\t0\t63\t63\n")
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a, **k: opened.append(Path(path)) or real_open(path, *a, **k))
+    with pytest.raises(UserInputError, match=r"line 1 names '\.\./\.\./\.\./outside\.png'.*refusing") as info:
+        load_dataset("tiny_imagenet", root=tmp_path / "data", train=False, show_progress=False)
+    assert "\n" not in str(info.value) and opened == []
+
+
+def test_tiny_imagenet_refuses_a_training_image_linked_outside(tmp_path):
+    """A symbolic link in train/<wnid>/images pointing outside the dataset folder is refused by name."""
+    wnids = write_fake_tiny(tmp_path / "data")
+    Image.new("RGB", (64, 64)).save(tmp_path / "secret.JPEG")
+    (tmp_path / "data" / "tiny-imagenet-200" / "train" / wnids[0] / "images" / "z.JPEG").symlink_to(
+        tmp_path / "secret.JPEG")
+    with pytest.raises(UserInputError, match="z.JPEG.*outside the dataset folder"):
+        load_dataset("tiny_imagenet", root=tmp_path / "data", show_progress=False)
+
+
+@pytest.mark.parametrize("limit, size", [(10_000, (150, 150)), (30_000, (200, 200))])
+def test_tiny_imagenet_decompression_bomb_is_one_line_naming_the_file(tmp_path, monkeypatch, limit, size):
+    """Pillow's bomb guard, scaled down through Image.MAX_IMAGE_PIXELS: an image above twice the limit
+    (DecompressionBombError) and one between the limit and twice it (DecompressionBombWarning, which
+    would otherwise only warn) are both one UserInputError naming the file."""
+    wnids = write_fake_tiny(tmp_path)
+    bomb = tmp_path / "tiny-imagenet-200" / "train" / wnids[2] / "images" / "bomb.png"
+    Image.new("RGB", size).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(UserInputError, match="bomb.png.*decompression bomb") as info:
+        load_dataset("tiny_imagenet", root=tmp_path, show_progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_tiny_imagenet_huge_image_is_refused_before_decoding(tmp_path, monkeypatch):
+    """A 3000x3000 image (far beyond 64x64, below Pillow's bomb limit) is refused from its header:
+    no pixel data is ever decoded (Image.Image.load is watched)."""
+    wnids = write_fake_tiny(tmp_path)
+    Image.new("L", (3000, 3000)).save(tmp_path / "tiny-imagenet-200" / "train" / wnids[1] / "images" / "big.png")
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or real_load(self))
+    with pytest.raises(UserInputError, match="big.png' is 3000x3000, expected 64x64"):
+        load_dataset("tiny_imagenet", root=tmp_path, show_progress=False, workers=1)
+    assert (3000, 3000) not in decoded
+
+
+def test_cifar_archive_refuses_link_members(tmp_path):
+    """An archive whose test_batch is a symbolic link (to ../../outside, or to another member) is refused
+    by name; the real archive layout (regular members) still reads (see the archive test above)."""
+    write_fake_cifar10(tmp_path / "src")
+    for target in ("../../outside", "data_batch_1"):
+        archive = tmp_path / f"cifar-10-python-{target.count('.')}.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            for path in sorted((tmp_path / "src" / "cifar-10-batches-py").iterdir()):
+                if path.name != "test_batch":
+                    tar.add(path, arcname=f"cifar-10-batches-py/{path.name}")
+            link = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+            link.type, link.linkname = tarfile.SYMTYPE, target
+            tar.addfile(link)
+        with pytest.raises(UserInputError, match=f"test_batch is a link to '{re.escape(target)}'.*refusing"):
+            load_dataset("cifar10", root=archive, train=False)
+
+
+def test_cifar_folder_refuses_files_linked_outside(tmp_path):
+    """An extracted folder whose test_batch links to a file outside the folder is refused by name."""
+    write_fake_cifar10(tmp_path / "data")
+    inner = tmp_path / "data" / "cifar-10-batches-py"
+    (inner / "test_batch").rename(tmp_path / "elsewhere")
+    (inner / "test_batch").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserInputError, match="test_batch' is a link to .*outside the dataset folder"):
+        load_dataset("cifar10", root=tmp_path / "data", train=False)
+
+
+def test_size_arguments_use_the_one_validator():
+    """Bad sizes are UserInputError (a ValueError) naming the argument, also for a float batch size."""
+    data = load_dataset("synthetic", num_examples=4)
+    with pytest.raises(UserInputError, match="batch_size must be an integer >= 1; got 2.5"):
+        next(data.batches(2.5))
+    with pytest.raises(UserInputError, match="num_examples must be an integer >= 1; got 0"):
+        load_dataset("synthetic", num_examples=0)
+    with pytest.raises(UserInputError, match="padding must be an integer >= 0"):
+        random_crop_flip(data.inputs, torch.Generator(), padding=-1)
+    with pytest.raises(UserInputError, match="workers must be an integer >= 1"):
+        load_dataset("tiny_imagenet", root="nowhere", workers=0)
 
 
 # ----------------------------------------------------------------------------- synthetic, names

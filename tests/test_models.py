@@ -146,13 +146,19 @@ def test_spec_rebuilds_identical_architecture():
     "call, match",
     [
         (lambda: build_model("resnet21", 10), "unknown model 'resnet21'; choose one of: resnet20"),
-        (lambda: build_model("resnet20", 0), "num_classes must be a positive integer"),
+        (lambda: build_model("resnet20", 0), "num_classes must be an integer >= 1; got 0"),
+        (lambda: build_model("cnn", 10, width=2.5), "width must be an integer >= 1; got 2.5"),
+        (lambda: build_model("mlp", 10, hidden=(8, 0)), "each hidden width must be an integer >= 1; got 0"),
+        (lambda: build_model("wrn28_10", 10, widen_factor=-1), "widen_factor must be an integer >= 1"),
+        # 10^14 weights (400 TB): refused by the allocator at once, without touching memory
+        (lambda: build_model("mlp", 10, in_features=10**7, hidden=(10**7,)), "too large to allocate here"),
         (lambda: build_model("resnet20", 10, colour=3), "bad keyword arguments for model 'resnet20'"),
         (lambda: build_model("vit", 10, image_size=30), "must be a multiple of patch_size"),
     ],
 )
 def test_bad_input_is_one_line_user_error(call, match):
-    """Unknown names list the valid ones; bad arguments name the argument."""
+    """Unknown names list the valid ones; bad arguments name the argument; a model that cannot be
+    allocated is one line too (it was a RuntimeError traceback)."""
     with pytest.raises(UserInputError, match=match) as info:
         call()
     assert "\n" not in str(info.value)

@@ -152,7 +152,7 @@ def check_model_accepts(model: nn.Module, loss_fn: LossFn, batch: Batch, n: int 
         raise UserInputError(
             f"the {type(model).__name__} model cannot run on this data (inputs of shape "
             f"{tuple(batch[0].shape[1:])} per example, targets {tuple(batch[1].shape[1:]) or 'scalar'}): "
-            f"{detail[:300]}; check --model/--data, or the input size and number of classes"
+            f"{detail[:300]}; check that the model was built for this dataset (input size, channels, classes)"
         ) from None
     finally:
         for module, flag in was_training:

@@ -25,14 +25,22 @@ the straight line between each consecutive pair, ``(1 - alpha) w_a + alpha w_b``
 values of alpha in [-0.25, 1.25] (Goodfellow et al., ICLR 2015), in eval mode, into
 ``<out>/<a>--<b>__interpolation.nc``. Given alone it runs only the interpolations; with analysis flags,
 both. The analyses run on a fixed, seeded sample of ``--samples`` examples of the chosen split, in batches.
+
+Before any long work every checkpoint is checked (:func:`check_ready`): finite weights, one forward
+pass on two examples (a model that cannot run on the data is named with the shapes that do not
+match), class labels within the model's outputs, ``--top-k``/``--density-iter`` within the parameter
+count; and ``--out`` must be a writable folder. A landscape grid saves its progress in
+``<out>/<run>__landscape_1d.nc.partial`` (:func:`resume_path`) while it runs: a run killed midway is
+continued by the next one with the same settings (and refused, naming the file, with others).
+Each analysis is one function in :data:`ANALYSIS_STEPS`, ``name -> step(job) -> written paths``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,9 +52,15 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .. import _validate
 from .._progress import progress
 from ..errors import UserInputError
+from ..train.layout import RunLayout
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: The analyses, in the order they run (``alignment`` reuses the eigenvectors of ``hessian``).
 ANALYSES: tuple[str, ...] = ("hessian", "landscape", "zscores", "masks", "alignment", "sharpness")
@@ -55,7 +69,7 @@ MASK_LOG_KIND = "mask_log"
 MASKS_KIND = "mask_statistics"
 #: The coefficient range of ``--interpolate``: both end points plus a quarter of extrapolation each side.
 INTERPOLATION_RANGE: tuple[float, float] = (-0.25, 1.25)
-_GENERIC_STEMS = ("last", "best", "model", "checkpoint")
+_GENERIC_STEMS = (Path(RunLayout.LAST).stem, Path(RunLayout.BEST).stem, "model", "checkpoint")
 
 
 @dataclass
@@ -75,6 +89,10 @@ class AnalysisOptions:
         percentile: ZSharp's percentile for the Z-score threshold and the mask.
         sharpness_steps, sharpness_samples: ascent steps (worst case) and random draws (average).
         interp_points: values of alpha of an interpolation, evenly spaced on :data:`INTERPOLATION_RANGE`.
+
+    ``top_k`` and ``density_iter`` are also bounded by the model's number of parameters ``n``
+    (the Hessian is ``n x n``: it has ``n`` eigenvalues and a Lanczos run ends after ``n`` steps);
+    :func:`analyze_checkpoint` checks that once the model is known.
     """
 
     samples: int | None = 1024
@@ -97,30 +115,31 @@ class AnalysisOptions:
 
     def validate(self) -> AnalysisOptions:
         """Raise :class:`UserInputError` naming the first bad setting."""
-        def positive_int(name: str, minimum: int = 1) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise UserInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
         if self.samples is not None:
-            positive_int("samples")
+            _validate.positive_int(self.samples, "samples")
         for name in ("batch_size", "top_k", "max_iter", "density_iter", "density_runs", "sharpness_steps",
                      "sharpness_samples"):
-            positive_int(name)
-        positive_int("trace_samples", 4)
-        positive_int("steps_1d", 3)
-        positive_int("grid_2d", 3)
-        positive_int("interp_points", 3)
-        positive_int("seed", 0)
-        if not (0 < self.tol < 1):
-            raise UserInputError(f"tol must be in (0, 1), got {self.tol}")
-        if not (math.isfinite(self.span) and self.span > 0):
-            raise UserInputError(f"span must be a positive number, got {self.span}")
-        if not (math.isfinite(self.rho) and self.rho > 0):
-            raise UserInputError(f"rho must be a positive number, got {self.rho}")
-        if not (0 < self.percentile < 1):
-            raise UserInputError(f"percentile must be in (0, 1), e.g. 0.95; got {self.percentile}")
+            _validate.positive_int(getattr(self, name), name)
+        _validate.integer(self.trace_samples, "trace_samples", minimum=4)
+        for name in ("steps_1d", "grid_2d", "interp_points"):
+            _validate.integer(getattr(self, name), name, minimum=3)
+        _validate.integer(self.seed, "seed", minimum=0)
+        for name in ("tol", "percentile"):
+            _validate.open_fraction(getattr(self, name), name)
+        _validate.positive_number(self.span, "span")
+        _validate.positive_number(self.rho, "rho")
         return self
+
+    def check_model(self, model: nn.Module, what: Sequence[str] = ANALYSES) -> None:
+        """Refuse budgets the model cannot have: more eigenvalues or Lanczos steps than parameters."""
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if set(what) & {"hessian", "alignment"} and self.top_k > n:
+            raise UserInputError(f"top_k (--top-k) is {self.top_k} but the model has only {n} trainable "
+                                 f"parameters, hence {n} Hessian eigenvalues; use --top-k {n} or less")
+        if "hessian" in what and self.density_iter > n:
+            raise UserInputError(f"density_iter (--density-iter) is {self.density_iter} but the model has only "
+                                 f"{n} trainable parameters (a Lanczos run ends after {n} steps); use "
+                                 f"--density-iter {n} or less")
 
 
 def run_name(path: str | Path) -> str:
@@ -133,6 +152,17 @@ def run_name(path: str | Path) -> str:
 
 def result_path(out_dir: str | Path, run: str, analysis: str) -> Path:
     return Path(out_dir) / f"{run}__{analysis}.nc"
+
+
+def resume_path(result_file: str | Path) -> Path:
+    """Where a landscape grid keeps its progress until ``result_file`` is complete (``<file>.partial``).
+
+    A run killed midway leaves this file behind; the next run with the same settings continues it
+    (the points already done are not evaluated again) and removes it once the result is written.
+    The name does not end in ``.nc``, so ``sharpscope figures`` never mistakes it for a result.
+    """
+    result_file = Path(result_file)
+    return result_file.with_name(result_file.name + ".partial")
 
 
 def split_result_name(path: str | Path) -> tuple[str, str]:
@@ -161,15 +191,40 @@ def sample_batches(data: Any, samples: int | None, batch_size: int, seed: int) -
 
 
 def _device_batches(data: Any, options: AnalysisOptions, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x.to(device), y.to(device)) for x, y in
-            sample_batches(data, options.samples, options.batch_size, options.seed)]
+    batches = [(x.to(device), y.to(device)) for x, y in
+               sample_batches(data, options.samples, options.batch_size, options.seed)]
+    if not batches:
+        raise UserInputError("the data holds no batch: nothing to analyse")
+    return batches
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The first of ``folder`` and its parents that exists, if it is not a folder."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
 
 
 def _result_folder(out_dir: str | Path) -> Path:
+    """The results folder, created and known to be writable before any long work.
+
+    A file in the way is a :class:`UserInputError`; a folder that cannot be created or written
+    (permissions, read-only file system) raises the ``OSError``, naming the folder.
+    """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
+    blocker = _file_in_the_way(out)
+    if blocker == out:
         raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the results")
-    out.mkdir(parents=True, exist_ok=True)
+    if blocker is not None:
+        raise UserInputError(f"cannot create the results folder {str(out)!r}: {str(blocker)!r} is a file, "
+                             "not a folder; give another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:  # name the folder, not the probe's random file name
+        raise OSError(exc.errno, exc.strerror, str(out)) from None
     return out
 
 
@@ -186,6 +241,40 @@ def _load(checkpoint: Any, device: torch.device) -> Any:
     return ckpt
 
 
+def check_ready(ckpt: Any, loss_fn: LossFn, batches: Sequence[Batch], options: AnalysisOptions,
+                what: Sequence[str] = ANALYSES) -> None:
+    """Refuse, in a second and with one line, what would fail after minutes of work.
+
+    Non-finite weights (named), a model that cannot run on the data (one forward pass on two
+    examples), class labels beyond the model's outputs, and budgets beyond the parameter count.
+    """
+    from ..analysis.evaluation import check_finite_parameters, check_model_accepts
+
+    where = f"checkpoint {str(ckpt.path)!r}"
+    check_finite_parameters(ckpt.model, what=f"model in {where}")
+    try:
+        check_model_accepts(ckpt.model, loss_fn, batches[0])
+        _check_class_labels(ckpt.model, batches)
+    except UserInputError as exc:
+        raise UserInputError(f"{where}: {exc}") from None
+    options.check_model(ckpt.model, what)
+
+
+def _check_class_labels(model: nn.Module, batches: Sequence[Batch]) -> None:
+    """Class-index targets must be below the number of outputs (on a GPU, a kernel would assert)."""
+    x, y = batches[0]
+    if y.dim() != 1 or y.dtype not in (torch.int64, torch.int32):
+        return
+    with torch.no_grad():
+        out = model(x[:1])
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        return
+    top = max(int(t.max()) for _, t in batches if t.numel())
+    if top >= out.shape[1]:
+        raise UserInputError(f"the data has class label {top} but the model has {out.shape[1]} outputs; "
+                             "analyse it on the dataset it was trained on (--data)")
+
+
 def checkpoint_identity(ckpt: Any, run: str) -> dict[str, Any]:
     """Where a result comes from: run name, checkpoint file, its run folder, epoch, step and optimizer."""
     path = Path(ckpt.path)
@@ -193,17 +282,178 @@ def checkpoint_identity(ckpt: Any, run: str) -> dict[str, Any]:
             "step": int(ckpt.step), "optimizer": (ckpt.optimizer_config or {}).get("name")}
 
 
-def _history_frame(ckpt: Any) -> pd.DataFrame | None:
-    if not ckpt.history:
-        return None
-    return pd.DataFrame(ckpt.history)
+# --- one function per analysis ------------------------------------------------------------------------
+@dataclass
+class AnalysisJob:
+    """What every analysis of one checkpoint needs: the model, the data, the budgets, the output."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    batches: list[Batch]
+    options: AnalysisOptions
+    out: Path
+    run: str
+    source: dict[str, Any]
+    show_progress: bool = True
+    eigen: Any = None  # the EigenResult of "hessian", reused by "alignment"
+
+    def path(self, analysis: str) -> Path:
+        return result_path(self.out, self.run, analysis)
+
+    @property
+    def common(self) -> dict[str, Any]:
+        return {"progress": self.show_progress}
+
+
+def _save_table(result: Any, path: Path, kind: str, meta: dict[str, Any]) -> Path:
+    """Save a table result (a :class:`~sharpscope.analysis.results.Result`, or a bare DataFrame)."""
+    from ..analysis.results import Result, write_table
+
+    if isinstance(result, Result):
+        result.settings.update(meta)
+        return result.save(path)
+    return write_table(result, path, kind, meta)
+
+
+def _hessian(job: AnalysisJob) -> list[Path]:
+    from ..analysis.hessian import hessian_density, hessian_eigenvalues, hessian_trace, layer_curvature
+
+    o, m, f, b = job.options, job.model, job.loss_fn, job.batches
+    eigen = hessian_eigenvalues(m, f, b, k=o.top_k, tol=o.tol, max_iter=o.max_iter, seed=o.seed, **job.common)
+    eigen.settings["checkpoint"] = job.source  # figures follow one run over its epochs with it
+    job.eigen = eigen
+    written = [eigen.save(job.path("eigenvalues"), eigenvectors=False)]
+    trace = hessian_trace(m, f, b, n_samples=o.trace_samples, seed=o.seed, **job.common)
+    trace.settings["checkpoint"] = job.source
+    written.append(trace.save(job.path("trace")))
+    density = hessian_density(m, f, b, n_iter=o.density_iter, n_runs=o.density_runs, seed=o.seed, **job.common)
+    density.settings["checkpoint"] = job.source
+    written.append(density.save(job.path("density")))
+    layers = layer_curvature(m, f, b, tol=o.tol, max_iter=o.max_iter, seed=o.seed, **job.common)
+    written.append(_save_layer_curvature(layers, job.path("layer_curvature")))
+    return written
+
+
+def _save_layer_curvature(layers: Any, path: Path) -> Path:
+    from ..analysis.hessian import save_layer_curvature
+    from ..analysis.results import Result
+
+    return layers.save(path) if isinstance(layers, Result) else save_layer_curvature(layers, path)
+
+
+def _resumable_slice(job: AnalysisJob, analysis: str, compute: Callable[[Path], Any]) -> Path:
+    """``compute(progress_file)`` saves its progress there; a file left by a killed run is continued."""
+    final = job.path(analysis)
+    partial = resume_path(final)
+    written = compute(partial).save(final)
+    partial.unlink(missing_ok=True)
+    return written
+
+
+def _landscape(job: AnalysisJob) -> list[Path]:
+    from ..analysis.landscape import landscape_1d, landscape_2d
+
+    o, m, f, b = job.options, job.model, job.loss_fn, job.batches
+    steps = torch.linspace(-o.span, o.span, o.steps_1d).tolist()
+    axis = torch.linspace(-o.span, o.span, o.grid_2d).tolist()
+    return [
+        _resumable_slice(job, "landscape_1d", lambda resume: landscape_1d(
+            m, f, b, steps=steps, seed=o.seed, checkpoint_path=resume, **job.common)),
+        _resumable_slice(job, "landscape_2d", lambda resume: landscape_2d(
+            m, f, b, x=axis, y=axis, seed=o.seed, checkpoint_path=resume, **job.common)),
+    ]
+
+
+def _zscores(job: AnalysisJob) -> list[Path]:
+    from ..analysis.gradients import gradient_zscores
+
+    z = gradient_zscores(job.model, job.loss_fn, job.batches, percentile=job.options.percentile, **job.common)
+    return [z.save(job.path("zscores"))]
+
+
+def _masks(job: AnalysisJob) -> list[Path]:
+    from ..analysis.masks import mask_statistics
+
+    o = job.options
+    with warnings.catch_warnings():  # a single batch: mask_jaccard is NaN, said in the file itself
+        warnings.simplefilter("ignore", RuntimeWarning)
+        table = mask_statistics(job.model, job.loss_fn, job.batches, percentile=o.percentile, rho=o.rho,
+                                per_batch=True, **job.common)
+    meta = {"run": job.run, "percentile": o.percentile, "rho": o.rho, "n_batches": len(job.batches)}
+    return [_save_table(table, job.path("masks"), MASKS_KIND, meta)]
+
+
+def _alignment(job: AnalysisJob) -> list[Path]:
+    from ..analysis.masks import perturbation_alignment
+
+    o = job.options
+    eigen = job.eigen if job.eigen is not None and job.eigen.eigenvectors is not None else None
+    result = perturbation_alignment(job.model, job.loss_fn, job.batches, k=o.top_k, rho=o.rho,
+                                    percentile=o.percentile, eigen=eigen, seed=o.seed, tol=o.tol,
+                                    max_iter=o.max_iter, **job.common)
+    return [result.save(job.path("alignment"))]
+
+
+def _sharpness(job: AnalysisJob) -> list[Path]:
+    from ..analysis.sharpness import sharpness
+
+    o, m, f, b = job.options, job.model, job.loss_fn, job.batches
+    worst = sharpness(m, f, b, rho=o.rho, kind="worst", steps=o.sharpness_steps, seed=o.seed, **job.common)
+    written = [worst.save(job.path("sharpness_worst"))]
+    average = sharpness(m, f, b, rho=o.rho, kind="average", n_samples=o.sharpness_samples, seed=o.seed,
+                        **job.common)
+    written.append(average.save(job.path("sharpness_average")))
+    return written
+
+
+#: Analysis name -> the function that runs it on one checkpoint and writes its files, in run order
+#: (``alignment`` reuses the eigenvectors of ``hessian``).
+ANALYSIS_STEPS: dict[str, Callable[[AnalysisJob], list[Path]]] = {
+    "hessian": _hessian, "landscape": _landscape, "zscores": _zscores, "masks": _masks,
+    "alignment": _alignment, "sharpness": _sharpness,
+}
+assert tuple(ANALYSIS_STEPS) == ANALYSES
+
+
+def _training_records(ckpt: Any, job: AnalysisJob) -> list[Path]:
+    """The checkpoint's per-epoch history and, next to it, ZSharp's training mask log (if any)."""
+    from ..analysis.masks import load_mask_log
+    from ..analysis.results import write_table
+
+    written: list[Path] = []
+    if ckpt.history:
+        meta = {"run": job.run, "checkpoint": str(ckpt.path), "optimizer": ckpt.optimizer_config,
+                "epoch": ckpt.epoch, "data": ckpt.raw.get("data", {})}
+        written.append(write_table(pd.DataFrame(ckpt.history), job.path("history"), HISTORY_KIND, meta))
+    log_file = RunLayout.of_checkpoint(ckpt.path).masks
+    if log_file.is_file():
+        try:
+            log = load_mask_log(log_file, job.model)
+        except UserInputError as exc:
+            warnings.warn(f"mask log skipped: {exc}", RuntimeWarning, stacklevel=3)
+        else:
+            written.append(_save_table(log, job.path("mask_log"), MASK_LOG_KIND,
+                                       {"run": job.run, "source": str(log_file)}))
+    return written
+
+
+def _check_analyses(what: Sequence[str]) -> list[str]:
+    what = list(dict.fromkeys([what] if isinstance(what, str) else what))
+    unknown = [w for w in what if w not in ANALYSIS_STEPS]
+    if unknown:
+        raise UserInputError(f"unknown analysis {unknown[0]!r}; choose among: {', '.join(ANALYSES)}")
+    return what
 
 
 def analyze_checkpoint(checkpoint: Any, data: Any, what: Sequence[str] = ANALYSES, out_dir: str | Path = "results",
                        *, name: str | None = None, options: AnalysisOptions | None = None,
-                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-                       device: str | torch.device = "cpu", show_progress: bool = True) -> list[Path]:
+                       loss_fn: LossFn = F.cross_entropy, device: str | torch.device = "cpu",
+                       show_progress: bool = True) -> list[Path]:
     """Run the analyses ``what`` on one checkpoint and write one result file each; return the paths.
+
+    Before any long work the checkpoint is checked (:func:`check_ready`): finite weights, a model
+    that runs on the data, budgets within the parameter count. A landscape grid interrupted midway
+    is continued from its progress file (:func:`resume_path`) by the next call with the same settings.
 
     Args:
         checkpoint: a checkpoint path or a loaded :class:`~sharpscope.train.Checkpoint`.
@@ -217,96 +467,19 @@ def analyze_checkpoint(checkpoint: Any, data: Any, what: Sequence[str] = ANALYSE
         device: where the model and batches go.
         show_progress: progress bars (one per analysis).
     """
-    from ..analysis.gradients import gradient_zscores
-    from ..analysis.hessian import (
-        hessian_density,
-        hessian_eigenvalues,
-        hessian_trace,
-        layer_curvature,
-        save_layer_curvature,
-    )
-    from ..analysis.landscape import landscape_1d, landscape_2d
-    from ..analysis.masks import load_mask_log, mask_statistics, perturbation_alignment
-    from ..analysis.results import write_table
-    from ..analysis.sharpness import sharpness
-
-    what = list(dict.fromkeys(what))
-    unknown = [w for w in what if w not in ANALYSES]
-    if unknown:
-        raise UserInputError(f"unknown analysis {unknown[0]!r}; choose among: {', '.join(ANALYSES)}")
+    what = _check_analyses(what)
     options = (options or AnalysisOptions()).validate()
     device = torch.device(device)
     ckpt = _load(checkpoint, device)
     run = name or run_name(ckpt.path)
     out = _result_folder(out_dir)
-    model = ckpt.model
     batches = _device_batches(data, options, device)
-    o = options
-    written: list[Path] = []
-    common = {"progress": show_progress}
-
-    history = _history_frame(ckpt)
-    if history is not None:
-        meta = {"run": run, "checkpoint": str(ckpt.path), "optimizer": ckpt.optimizer_config,
-                "epoch": ckpt.epoch, "data": ckpt.raw.get("data", {})}
-        written.append(write_table(history, result_path(out, run, "history"), HISTORY_KIND, meta))
-    log_file = Path(ckpt.path).parent / "masks.csv"
-    if log_file.is_file():
-        try:
-            log = load_mask_log(log_file, model)
-        except UserInputError as exc:
-            warnings.warn(f"mask log skipped: {exc}", RuntimeWarning, stacklevel=2)
-        else:
-            written.append(write_table(log, result_path(out, run, "mask_log"), MASK_LOG_KIND,
-                                       {"run": run, "source": str(log_file)}))
-
-    eigen = None
-    source = checkpoint_identity(ckpt, run)
+    check_ready(ckpt, loss_fn, batches, options, what)
+    job = AnalysisJob(ckpt.model, loss_fn, batches, options, out, run, checkpoint_identity(ckpt, run),
+                      show_progress)
+    written = _training_records(ckpt, job)
     for analysis in what:
-        if analysis == "hessian":
-            eigen = hessian_eigenvalues(model, loss_fn, batches, k=o.top_k, tol=o.tol, max_iter=o.max_iter,
-                                        seed=o.seed, **common)
-            eigen.settings["checkpoint"] = source  # figures follow one run over its epochs with it
-            written.append(eigen.save(result_path(out, run, "eigenvalues"), eigenvectors=False))
-            trace = hessian_trace(model, loss_fn, batches, n_samples=o.trace_samples, seed=o.seed, **common)
-            trace.settings["checkpoint"] = source
-            written.append(trace.save(result_path(out, run, "trace")))
-            density = hessian_density(model, loss_fn, batches, n_iter=o.density_iter, n_runs=o.density_runs,
-                                      seed=o.seed, **common)
-            density.settings["checkpoint"] = source
-            written.append(density.save(result_path(out, run, "density")))
-            layers = layer_curvature(model, loss_fn, batches, tol=o.tol, max_iter=o.max_iter, seed=o.seed, **common)
-            written.append(save_layer_curvature(layers, result_path(out, run, "layer_curvature")))
-        elif analysis == "landscape":
-            steps = torch.linspace(-o.span, o.span, o.steps_1d).tolist()
-            axis = torch.linspace(-o.span, o.span, o.grid_2d).tolist()
-            one = landscape_1d(model, loss_fn, batches, steps=steps, seed=o.seed, **common)
-            written.append(one.save(result_path(out, run, "landscape_1d")))
-            two = landscape_2d(model, loss_fn, batches, x=axis, y=axis, seed=o.seed, **common)
-            written.append(two.save(result_path(out, run, "landscape_2d")))
-        elif analysis == "zscores":
-            z = gradient_zscores(model, loss_fn, batches, percentile=o.percentile, **common)
-            written.append(z.save(result_path(out, run, "zscores")))
-        elif analysis == "masks":
-            with warnings.catch_warnings():  # a single batch: mask_jaccard is NaN, said in the file itself
-                warnings.simplefilter("ignore", RuntimeWarning)
-                table = mask_statistics(model, loss_fn, batches, percentile=o.percentile, rho=o.rho,
-                                        per_batch=True, **common)
-            meta = {"run": run, "percentile": o.percentile, "rho": o.rho, "n_batches": len(batches)}
-            written.append(write_table(table, result_path(out, run, "masks"), MASKS_KIND, meta))
-        elif analysis == "alignment":
-            if eigen is not None and eigen.eigenvectors is None:
-                eigen = None
-            result = perturbation_alignment(model, loss_fn, batches, k=o.top_k, rho=o.rho, percentile=o.percentile,
-                                            eigen=eigen, seed=o.seed, tol=o.tol, max_iter=o.max_iter, **common)
-            written.append(result.save(result_path(out, run, "alignment")))
-        elif analysis == "sharpness":
-            worst = sharpness(model, loss_fn, batches, rho=o.rho, kind="worst", steps=o.sharpness_steps,
-                              seed=o.seed, **common)
-            written.append(worst.save(result_path(out, run, "sharpness_worst")))
-            average = sharpness(model, loss_fn, batches, rho=o.rho, kind="average", n_samples=o.sharpness_samples,
-                                seed=o.seed, **common)
-            written.append(average.save(result_path(out, run, "sharpness_average")))
+        written += ANALYSIS_STEPS[analysis](job)
     return written
 
 
@@ -316,8 +489,8 @@ def interpolation_path(out_dir: str | Path, run_a: str, run_b: str) -> Path:
 
 def interpolate_checkpoints(checkpoint_a: Any, checkpoint_b: Any, data: Any, out_dir: str | Path = "results", *,
                             names: tuple[str, str] | None = None, options: AnalysisOptions | None = None,
-                            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-                            device: str | torch.device = "cpu", show_progress: bool = True) -> Path:
+                            loss_fn: LossFn = F.cross_entropy, device: str | torch.device = "cpu",
+                            show_progress: bool = True) -> Path:
     """Loss and accuracy along ``(1 - alpha) w_a + alpha w_b``, written to ``<out>/<a>--<b>__interpolation.nc``.
 
     ``options.interp_points`` values of alpha evenly spaced on :data:`INTERPOLATION_RANGE`, evaluated in
@@ -333,12 +506,15 @@ def interpolate_checkpoints(checkpoint_a: Any, checkpoint_b: Any, data: Any, out
     run_a, run_b = names or (run_name(a.path), run_name(b.path))
     if run_a == run_b:
         raise UserInputError(f"the two end points of an interpolation need different names, both are {run_a!r}")
+    out = _result_folder(out_dir)
     batches = _device_batches(data, options, device)
+    for end in (a, b):
+        check_ready(end, loss_fn, batches, options, what=())
     alphas = np.linspace(*INTERPOLATION_RANGE, options.interp_points)
     line = interpolate(a.model, b.model, loss_fn, batches, alphas=alphas, bn="eval", progress=show_progress)
     line.settings["model_a"] = checkpoint_identity(a, run_a)
     line.settings["model_b"] = checkpoint_identity(b, run_b)
-    return line.save(interpolation_path(_result_folder(out_dir), run_a, run_b))
+    return line.save(interpolation_path(out, run_a, run_b))
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -401,13 +577,8 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
                            percentile=args.percentile, interp_points=args.interp_points).validate()
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
-    from ..train.loop import resolve_device
-    from .summary import print_summary
-
-    options = options_from_args(args)
-    what = [a for a in ANALYSES if getattr(args, a)] or ([] if args.interpolate else list(ANALYSES))
+def _checkpoint_paths(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
+    """The checkpoint files (each must exist) and their unique ``<run>`` names."""
     paths = [Path(p) for p in args.checkpoints]
     if args.interpolate and len(paths) < 2:
         raise UserInputError(f"--interpolate needs at least 2 checkpoints (it follows the line between "
@@ -419,10 +590,26 @@ def run(args: argparse.Namespace) -> int:
     names = [run_name(p) for p in paths]
     if len(set(names)) < len(names):  # two last.pt in folders of the same name: fall back to full paths
         names = [re.sub(r"[^A-Za-z0-9_.+-]", "_", str(p.with_suffix(""))).strip("_") for p in paths]
+    return paths, names
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import canonical_dataset_name, load_dataset
+    from ..train.loop import resolve_device
+    from .summary import print_summary
+
+    options = options_from_args(args)
+    what = [a for a in ANALYSES if getattr(args, a)] or ([] if args.interpolate else list(ANALYSES))
+    paths, names = _checkpoint_paths(args)
+    canonical_dataset_name(args.data)
+    _result_folder(args.out)  # an unwritable --out is refused before the data is even read
     data = load_dataset(args.data, root=args.data_root, train=args.split == "train")
     device = resolve_device(args.device)
     start = time.perf_counter()
     batches = _device_batches(data, options, device)  # the same seeded sample for every checkpoint
+    if len(paths) > 1:  # every checkpoint is checked before the first one's long work starts
+        for path in paths:
+            check_ready(_load(path, device), F.cross_entropy, batches, options, what)
     written: list[Path] = []
     if what:
         for path, name in progress(list(zip(paths, names)), enabled=not args.quiet, desc="checkpoints"):

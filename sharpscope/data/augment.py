@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import _validate
+
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4,
                      flip: bool = True) -> torch.Tensor:
@@ -30,8 +32,7 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     """
     if images.ndim != 4:
         raise ValueError(f"images must be a (B, C, H, W) batch, got shape {tuple(images.shape)}")
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+    padding = _validate.integer(padding, "padding", minimum=0)
     b, _, h, w = images.shape
     out = images
     if padding > 0:

@@ -79,28 +79,41 @@ def _locate(root: Path, layout: dict[str, Any]) -> tuple[str, Path]:
 
 
 def _read_members(kind: str, path: Path, folder: str, names: list[str]) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
     if kind == "dir":
-        for name in names:
-            file = path / name
-            if not file.is_file():
-                raise UserInputError(f"CIFAR file {str(file)!r} is missing; expected {', '.join(names)} in {path}")
-            out[name] = file.read_bytes()
-        return out
+        return {name: _read_file(path, name, names) for name in names}
     try:
         with tarfile.open(path, "r:*") as tar:
-            for name in names:
-                try:
-                    member = tar.extractfile(f"{folder}/{name}")
-                except KeyError:
-                    member = None
-                if member is None:
-                    raise UserInputError(f"archive {str(path)!r} has no {folder}/{name}; is it the official "
-                                         f"CIFAR 'python version' archive?")
-                out[name] = member.read()
+            return {name: _read_member(tar, path, f"{folder}/{name}") for name in names}
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise UserInputError(f"cannot read CIFAR archive {str(path)!r} ({exc}); re-download it") from None
-    return out
+
+
+def _read_file(folder: Path, name: str, names: list[str]) -> bytes:
+    """One batch file of an extracted folder; a link resolving outside the folder is refused."""
+    file = folder / name
+    if not file.is_file():
+        raise UserInputError(f"CIFAR file {str(file)!r} is missing; expected {', '.join(names)} in {folder}")
+    if not file.resolve().is_relative_to(folder.resolve()):
+        raise UserInputError(f"CIFAR file {str(file)!r} is a link to {str(file.resolve())!r}, outside the dataset "
+                             f"folder {str(folder)!r}; refusing to read it")
+    return file.read_bytes()
+
+
+def _read_member(tar: tarfile.TarFile, path: Path, name: str) -> bytes:
+    """The bytes of the regular-file member ``name``; links (which point elsewhere) are refused."""
+    try:
+        member = tar.getmember(name)
+    except KeyError:
+        raise UserInputError(f"archive {str(path)!r} has no {name}; is it the official CIFAR 'python version' "
+                             "archive?") from None
+    if not member.isfile():
+        what = f"a link to {member.linkname!r}" if member.issym() or member.islnk() else "a special file"
+        raise UserInputError(f"archive {str(path)!r}: member {name} is {what}, not a regular file; "
+                             "refusing to read it")
+    handle = tar.extractfile(member)
+    if handle is None:
+        raise UserInputError(f"archive {str(path)!r}: member {name} cannot be read")
+    return handle.read()
 
 
 def _decode(name: str, payload: bytes, key: str | bytes) -> Any:
@@ -116,7 +129,7 @@ def _decode(name: str, payload: bytes, key: str | bytes) -> Any:
 def load_cifar(root: str | Path, num_classes: int = 10, train: bool = True) -> TensorData:
     """Read CIFAR-10 (``num_classes=10``) or CIFAR-100 (``100``, fine labels) as uint8 ``(N, 3, 32, 32)``."""
     if num_classes not in _LAYOUT:
-        raise ValueError(f"num_classes must be 10 or 100, got {num_classes}")
+        raise UserInputError(f"num_classes must be 10 or 100, got {num_classes!r}")
     layout = _LAYOUT[num_classes]
     kind, path = _locate(Path(root).expanduser(), layout)
     split = layout["train"] if train else layout["test"]

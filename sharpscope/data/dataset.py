@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _validate
 from .augment import normalize, random_crop_flip
 
 
@@ -100,8 +101,8 @@ class TensorData:
     def tensors(self, n: int | None = None, device: torch.device | str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``n`` examples (all by default) as one normalised float batch ``(inputs, targets)``."""
-        if n is not None and n < 1:
-            raise ValueError(f"n must be a positive number of examples, got {n}")
+        if n is not None:
+            n = _validate.positive_int(n, "n (examples)")
         stop = len(self) if n is None else min(n, len(self))
         x, y = self.inputs[:stop], self.targets[:stop]
         if device is not None:
@@ -126,8 +127,7 @@ class TensorData:
             device: where the batches go (the gather and augmentation run there if the data is there).
             drop_last: skip a final incomplete batch.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = _validate.positive_int(batch_size, "batch_size")
         g = epoch_generator(seed, epoch)
         if augment is None:
             augment = self.augment and shuffle

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import torch
 
+from .. import _validate
 from .dataset import TensorData
 
 
 def load_synthetic(train: bool = True, num_examples: int | None = None, num_classes: int = 10,
                    image_size: int = 32, channels: int = 3, seed: int = 0) -> TensorData:
     """``num_examples`` (5000 train / 1000 test by default) images of shape ``(channels, image_size, image_size)``."""
-    n = num_examples if num_examples is not None else (5000 if train else 1000)
-    if n < 1 or num_classes < 1 or image_size < 1 or channels < 1:
-        raise ValueError(f"num_examples, num_classes, image_size and channels must be >= 1, got "
-                         f"{n}, {num_classes}, {image_size}, {channels}")
+    n = _validate.positive_int(num_examples if num_examples is not None else (5000 if train else 1000),
+                               "num_examples")
+    for value, name in ((num_classes, "num_classes"), (image_size, "image_size"), (channels, "channels")):
+        _validate.positive_int(value, name)
+    seed = _validate.integer(seed, "seed", minimum=None)
     g = torch.Generator().manual_seed(seed)
     prototypes = torch.randn(num_classes, channels, image_size, image_size, generator=g)
     g.manual_seed(seed * 2 + (1 if train else 2))

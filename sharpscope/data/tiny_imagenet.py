@@ -14,12 +14,14 @@ Layout (the official ``tiny-imagenet-200.zip`` extracted; ``root`` is that folde
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import _validate
 from .._progress import progress
 from ..errors import UserInputError
 from .dataset import TensorData
@@ -39,17 +41,40 @@ def _find_root(root: Path) -> Path:
 
 
 def _read_image(path: Path) -> np.ndarray:
+    """The pixels of one 64x64 image; anything else is refused from its header, before decoding.
+
+    Pillow refuses (or warns about) images of more than ``Image.MAX_IMAGE_PIXELS`` pixels, a
+    defence against decompression bombs; :func:`load_tiny_imagenet` turns the warning into an error,
+    and both become one line naming the file.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            if img.size != (64, 64):  # before decoding: a bomb never gets to allocate its pixels
+                raise UserInputError(f"Tiny-ImageNet image {str(path)!r} is {img.size[0]}x{img.size[1]}, "
+                                     f"expected 64x64")
             pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UserInputError(f"Tiny-ImageNet image {str(path)!r} is refused as a decompression bomb "
+                             f"({exc})") from None
     except (OSError, UnidentifiedImageError) as exc:
         raise UserInputError(f"cannot decode Tiny-ImageNet image {str(path)!r} ({exc})") from None
-    if pixels.shape != (64, 64, 3):
-        raise UserInputError(f"Tiny-ImageNet image {str(path)!r} is {pixels.shape[1]}x{pixels.shape[0]}, "
-                             f"expected 64x64")
     return pixels
+
+
+def _contained(base: Path, folder: Path, paths: list[Path], origin: str) -> list[Path]:
+    """``paths`` (plain names in ``folder``) if they all stay inside the dataset folder ``base``.
+
+    ``folder`` is resolved once; a path is resolved only when it is a symbolic link (an ``lstat``
+    each), so checking the 100 000 training images takes about a second.
+    """
+    root = base.resolve()
+    for path in [folder, *(p for p in paths if p.is_symlink())]:
+        if not path.resolve().is_relative_to(root):
+            raise UserInputError(f"{origin} names {str(path)!r}, which lies outside the dataset folder "
+                                 f"{str(base)!r} (a link to {str(path.resolve())!r}); refusing to read it")
+    return paths
 
 
 def _train_files(base: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
@@ -61,7 +86,7 @@ def _train_files(base: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
         found = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
         if not found:
             raise UserInputError(f"Tiny-ImageNet class folder {str(folder)!r} holds no images; {_EXPECTED}")
-        files += found
+        files += _contained(base, folder, found, f"class folder {str(folder)!r}")
         labels += [label] * len(found)
     return files, labels
 
@@ -79,22 +104,30 @@ def _val_files(base: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
         if len(parts) < 2 or parts[1] not in index:
             raise UserInputError(f"{str(annotations)!r} line {n} is malformed or names a class not in wnids.txt: "
                                  f"{line[:60]!r}")
-        files.append(base / "val" / "images" / parts[0])
+        name = parts[0]
+        if not name or Path(name).name != name or name in (".", "..") or "\\" in name:
+            raise UserInputError(f"{str(annotations)!r} line {n} names {name!r}: expected a plain file name in "
+                                 "val/images/ (no folders); refusing to read it")
+        files.append(base / "val" / "images" / name)
         labels.append(index[parts[1]])
     if not files:
         raise UserInputError(f"{str(annotations)!r} is empty; {_EXPECTED}")
-    return files, labels
+    return _contained(base, base / "val" / "images", files, str(annotations)), labels
 
 
 def load_tiny_imagenet(root: str | Path, train: bool = True, show_progress: bool = True,
                        workers: int = 8) -> TensorData:
     """Read the training (100 000 images) or validation (10 000) split."""
+    from PIL import Image
+
+    workers = _validate.positive_int(workers, "workers")
     base = _find_root(Path(root).expanduser())
     wnids = [w.strip() for w in (base / "wnids.txt").read_text().splitlines() if w.strip()]
     if not wnids or len(set(wnids)) != len(wnids):
         raise UserInputError(f"{str(base / 'wnids.txt')!r} must list distinct class ids, one per line")
     files, labels = _train_files(base, wnids) if train else _val_files(base, wnids)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # the filters are global: threads see it
         images = list(progress(pool.map(_read_image, files), enabled=show_progress, total=len(files),
                                desc=f"tiny-imagenet {'train' if train else 'val'}"))
     names = dict(wnid_line.split("\t", 1) for wnid_line in _read_words(base))

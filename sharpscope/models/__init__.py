@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _validate
 from ..errors import UserInputError
 from .resnet_cifar import CifarResNet
 from .small import MLP, SmallCNN
@@ -81,8 +82,8 @@ def build_model(name: str, num_classes: int, seed: int | None = None, **kwargs: 
         UserInputError: unknown name, bad ``num_classes`` or keyword arguments the model does not take.
     """
     canonical = canonical_model_name(name)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise UserInputError(f"num_classes must be a positive integer, got {num_classes!r}")
+    num_classes = _validate.positive_int(num_classes, "num_classes")
+    _check_sizes(kwargs)
     try:
         if seed is None:
             model = _BUILDERS[canonical](num_classes, **kwargs)
@@ -94,9 +95,32 @@ def build_model(name: str, num_classes: int, seed: int | None = None, **kwargs: 
         raise UserInputError(f"bad keyword arguments for model {canonical!r}: {exc}") from None
     except ValueError as exc:
         raise UserInputError(f"model {canonical!r}: {exc}") from None
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        raise UserInputError(f"model {canonical!r} with {num_classes} classes and {kwargs or 'default sizes'} is "
+                             "too large to allocate here; choose smaller sizes") from None
     # Lets fit() store the spec in checkpoints without being told how the model was built.
     model.sharpscope_spec = model_spec(canonical, num_classes, **kwargs)
     return model
+
+
+#: Keyword arguments of the models that are sizes: integers >= 1 (``hidden`` is a list of them).
+_SIZE_KWARGS = ("in_channels", "in_features", "width", "widen_factor", "image_size", "patch_size", "dim",
+                "depth", "heads", "mlp_dim")
+
+
+def _check_sizes(kwargs: dict[str, Any]) -> None:
+    """Refuse a size that is not a positive integer before a layer is built from it."""
+    for key in _SIZE_KWARGS:
+        if key in kwargs:
+            _validate.positive_int(kwargs[key], key)
+    if "hidden" in kwargs:
+        hidden = kwargs["hidden"]
+        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, (list, tuple)):
+            raise UserInputError(f"hidden must be a list of layer widths, e.g. (64, 64); got {hidden!r}")
+        for width in hidden:
+            _validate.positive_int(width, "each hidden width")
 
 
 def model_spec(name: str, num_classes: int, **kwargs: Any) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _validate
+
 
 class WideBasicBlock(nn.Module):
     """Pre-activation block: BN-ReLU-conv, (dropout), BN-ReLU-conv, plus the shortcut."""
@@ -53,8 +55,7 @@ class WideResNet(nn.Module):
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f"depth must be 6n + 4 with n >= 1 (16, 22, 28, 40), got {depth}")
-        if widen_factor < 1:
-            raise ValueError(f"widen_factor must be a positive integer, got {widen_factor}")
+        _validate.positive_int(widen_factor, "widen_factor")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         n = (depth - 4) // 6
