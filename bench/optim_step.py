@@ -22,7 +22,7 @@ from torch import nn
 
 from sharpscope.models import build_model
 from sharpscope.optim import SAM, ZSharp
-from sharpscope.optim.zscore import zscore_masks
+from sharpscope.optim.zscore import layer_zscores, zscore_masks
 
 
 def _train_step(model, opt, x, y, kind):
@@ -44,6 +44,13 @@ def _reference_filter(grads, percentile):
         abs_z = ((g - g.mean()) / (g.std() + 1e-12)).abs()
         masks.append(abs_z > torch.quantile(abs_z.reshape(-1), percentile))
     return masks
+
+
+def _same_mask(g, ours, ref_mask) -> bool:
+    """Equal masks, except possibly at entries within rounding distance of the threshold (torch.quantile's
+    last bits vary between torch versions; see sharpscope.optim.zscore.selection_quantile)."""
+    near = (layer_zscores(g).abs() - ours.threshold).abs() <= 1e-5 * ours.threshold.abs()
+    return not bool(((ours.mask != ref_mask) & ~near).any())
 
 
 def _interleaved(fns: dict, repeats: int, sync) -> dict:
@@ -101,7 +108,7 @@ def main(argv=None) -> int:
     grads = [torch.randn_like(p, device=device) for p in resnet56.parameters() if p.ndim > 1]
     ours = zscore_masks(grads, 0.95)
     ref = _reference_filter(grads, 0.95)
-    assert all(torch.equal(a.mask, b) for a, b in zip(ours, ref)), "filters disagree"
+    assert all(_same_mask(g, a, b) for g, a, b in zip(grads, ours, ref)), "filters disagree"
     filters = _interleaved(
         {
             "ours": lambda: zscore_masks(grads, 0.95),

@@ -25,6 +25,29 @@ optimizer, which unscales :math:`g'` and skips the update when it is not finite.
 pass-1 gradient is carried into that check (one entry of :math:`g'` is set to NaN on the device), so
 the whole step is skipped and the weights stay exactly as they were if *either* pass overflowed;
 ``scaler.update()`` then lowers the scale. ``restore()`` undoes a perturbation without any step.
+
+``step(closure)`` serves both closure conventions; the closure zeroes (or not) the gradients, runs
+the forward and backward passes and returns the loss:
+
+- **davda54/sam style**: the caller has already run the pass-1 backward, then calls
+  ``opt.step(closure)``. Some parameter then holds a gradient that is not all zero; that gradient is
+  the ascent's, and the closure runs *once*, for pass 2 (two forward passes per step in all, so
+  BatchNorm running statistics are updated twice, as with ``first_step``/``second_step``)::
+
+      loss_fn(model(x), y).backward()
+      opt.step(closure)          # closure: loss = loss_fn(model(x), y); loss.backward(); return loss
+      opt.zero_grad()
+
+- **torch style**: no gradient is present (``None``, or all zeros as ``zero_grad(set_to_none=False)``
+  leaves them), so ``step`` runs the closure for pass 1 and again for pass 2, and returns the
+  pass-1 loss::
+
+      loss = opt.step(closure)   # closure: opt.zero_grad(); loss = ...; loss.backward(); return loss
+
+Both give exactly the weights and BatchNorm buffers of the two explicit calls. ``step`` clears the
+gradients (sets them to ``None``) when it returns, so that the next call cannot take the pass-2
+gradient left behind for a fresh pass-1 one; telling the two cases apart reads one boolean from the
+device (``first_step``/``second_step`` read none).
 """
 
 from __future__ import annotations
@@ -34,6 +57,7 @@ from typing import Any
 
 import torch
 
+from .._validate import number
 from ..errors import UserInputError
 
 Closure = Callable[[], torch.Tensor]
@@ -51,16 +75,6 @@ def check_base_optimizer(base_optimizer: Any) -> None:
             "base_optimizer must be a torch.optim.Optimizer subclass such as torch.optim.SGD, "
             f"got {base_optimizer!r}"
         )
-
-
-def check_nonnegative(name: str, value: Any) -> None:
-    """Raise ``UserInputError`` unless ``value`` is a finite real number >= 0."""
-    try:
-        ok = float(value) >= 0.0 and float(value) != float("inf")
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise UserInputError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
@@ -98,7 +112,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     # -- parameter groups ------------------------------------------------------------------
     def _check_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("rho", group["rho"])
+        number(group["rho"], "rho", minimum=0.0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to both the wrapper and the base optimizer (they share the list)."""
@@ -198,23 +212,38 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                     return
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Run both passes; ``closure`` zeroes the grads, runs forward and backward, returns the loss.
+    def step(self, closure: Closure | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        """One sharpness-aware step; ``closure`` runs forward and backward and returns the loss.
 
-        Returns the pass-1 loss (the loss at :math:`w`).
+        If the caller already ran the pass-1 backward (some parameter has a gradient that is not all
+        zero: the davda54/sam convention), that gradient gives the ascent and the closure runs once,
+        at :math:`w + e`; ``None`` is returned (the caller has the pass-1 loss). Otherwise (gradients
+        ``None`` or all zero: the torch convention) the closure runs at :math:`w` and at
+        :math:`w + e` and the loss at :math:`w` is returned. Either way the gradients are cleared
+        (``None``) on return. See the module docstring.
         """
         if closure is None:
             raise RuntimeError(
-                f"{type(self).__name__}.step() needs a closure (zero_grad, forward, backward, return "
-                "loss), or call first_step() and second_step() around your own backward passes"
+                f"{type(self).__name__}.step() needs a closure (forward, backward, return loss), or call "
+                "first_step() and second_step() around your own backward passes"
             )
-        with torch.enable_grad():
-            loss = closure()
+        loss = None
+        if not self._has_pass1_gradient():
+            with torch.enable_grad():
+                loss = closure()
         self.first_step(zero_grad=True)
         with torch.enable_grad():
             closure()
-        self.second_step()
+        self.second_step(zero_grad=True)
         return loss
+
+    def _has_pass1_gradient(self) -> bool:
+        """Whether some trainable parameter holds a gradient that is not all zero (one device read)."""
+        grads = [p.grad for _, _, p in self._named_params_with_grad()]
+        if not grads:
+            return False
+        device = grads[0].device
+        return bool(torch.stack([g.any().to(device) for g in grads]).any())
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -22,19 +22,10 @@ from typing import Any
 
 import torch
 
-from ..errors import UserInputError
-from .base import SharpnessAwareOptimizer, check_nonnegative
+from .._validate import fraction, number
+from .base import SharpnessAwareOptimizer
 
 __all__ = ["FriendlySAM"]
-
-
-def _check_lmbda(value: Any) -> None:
-    try:
-        ok = 0.0 <= float(value) <= 1.0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise UserInputError(f"lmbda must be in [0, 1], got {value!r}")
 
 
 class FriendlySAM(SharpnessAwareOptimizer):
@@ -58,17 +49,17 @@ class FriendlySAM(SharpnessAwareOptimizer):
         lmbda: float = 0.9,
         **base_kwargs: Any,
     ) -> None:
-        check_nonnegative("rho", rho)
-        check_nonnegative("sigma", sigma)
-        _check_lmbda(lmbda)
+        number(rho, "rho", minimum=0.0)
+        number(sigma, "sigma", minimum=0.0)
+        fraction(lmbda, "lmbda")
         super().__init__(
             params, base_optimizer, {"rho": rho, "sigma": sigma, "lmbda": lmbda}, **base_kwargs
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        check_nonnegative("sigma", group["sigma"])
-        _check_lmbda(group["lmbda"])
+        number(group["sigma"], "sigma", minimum=0.0)
+        fraction(group["lmbda"], "lmbda")
 
     def _perturb(self, items, grad_norm):
         directions = []

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UserInputError
-from .base import SharpnessAwareOptimizer, check_nonnegative
+from .._validate import choice, number
+from .base import SharpnessAwareOptimizer
 
 __all__ = ["SAM", "ASAM"]
 
@@ -56,7 +56,7 @@ class SAM(SharpnessAwareOptimizer):
         rho: float = 0.05,
         **base_kwargs: Any,
     ) -> None:
-        check_nonnegative("rho", rho)
+        number(rho, "rho", minimum=0.0)
         super().__init__(params, base_optimizer, {"rho": rho}, **base_kwargs)
 
     def _perturb(self, items, grad_norm):
@@ -95,13 +95,12 @@ class ASAM(SharpnessAwareOptimizer):
         variant: str = "official",
         **base_kwargs: Any,
     ) -> None:
-        if variant not in _ASAM_VARIANTS:
-            raise UserInputError(f"variant must be 'official' or 'davda54', got {variant!r}")
+        variant = choice(variant, "variant", tuple(_ASAM_VARIANTS))
         default_rho, default_eta, self._eps, self._by_name = _ASAM_VARIANTS[variant]
         rho = default_rho if rho is None else rho
         eta = default_eta if eta is None else eta
-        check_nonnegative("rho", rho)
-        check_nonnegative("eta", eta)
+        number(rho, "rho", minimum=0.0)
+        number(eta, "eta", minimum=0.0)
         self.variant = variant
         super().__init__(params, base_optimizer, {"rho": rho, "eta": eta}, **base_kwargs)
         if self._by_name and not self.has_names:
@@ -115,7 +114,7 @@ class ASAM(SharpnessAwareOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        check_nonnegative("eta", group["eta"])
+        number(group["eta"], "eta", minimum=0.0)
 
     def _adapted(self, name: str) -> bool:
         return not (self._by_name and self.has_names) or "weight" in name

@@ -21,7 +21,9 @@ Options (not the paper's code): ``perturb_norm="global"`` scales the whole direc
 entries, fallbacks and unfiltered tensors together) to norm :math:`\rho`;
 ``threshold_scope="global"`` uses one threshold pooled over the ``|z|`` of all filtered tensors.
 
-``first_step`` never synchronises with the host: the threshold is an exact selection
+The ascent and its statistics are computed by the pure function
+:func:`~sharpscope.optim.zscore.zsharp_ascent`; ``first_step`` adds the perturbations it returns.
+``first_step`` never synchronises with the host: the threshold is a selection
 (:func:`~sharpscope.optim.zscore.selection_quantile`, any tensor size), the fallback is a
 ``torch.where``, and the per-tensor statistics stay on the device until :attr:`ZSharp.mask_stats`
 is read. Mixed precision: see the GradScaler recipe in :mod:`sharpscope.optim.base`.
@@ -36,9 +38,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._validate import choice, number
 from ..errors import UserInputError
-from .base import SharpnessAwareOptimizer, check_nonnegative
-from .zscore import check_percentile, is_filtered, zscore_mask, zscore_masks
+from .base import SharpnessAwareOptimizer
+from .zscore import SCOPES, FilteredTensorStats, check_percentile, zsharp_ascent
 
 __all__ = ["ZSharp", "MASK_STATS_COLUMNS"]
 
@@ -63,7 +66,10 @@ class ZSharp(SharpnessAwareOptimizer):
             param groups (each may set ``rho`` and ``percentile``).
         base_optimizer: optimizer class for the descent, e.g. ``torch.optim.SGD``.
         rho: radius (>= 0), 0.05 by default.
-        percentile: quantile level of ``|z|`` to exceed, in (0, 1); 0.95 keeps at most 5 %.
+        percentile: quantile level of ``|z|`` that kept entries exceed, in (0, 1). A tensor of ``n``
+            entries with distinct ``|z|`` keeps :math:`n - 1 - \lfloor p (n - 1) \rfloor` of them:
+            0.95 keeps about 5 % of a large tensor, and up to :math:`5 \% + 0.95/n` of a small one
+            (2 of 22, 11 of 216; see :mod:`sharpscope.optim.zscore`).
         perturb_norm: ``"tensor"`` (official: each filtered tensor to norm rho) or ``"global"``.
         threshold_scope: ``"tensor"`` (official: one threshold per tensor) or ``"global"``.
         **base_kwargs: passed to ``base_optimizer``.
@@ -86,21 +92,15 @@ class ZSharp(SharpnessAwareOptimizer):
         threshold_scope: str = "tensor",
         **base_kwargs: Any,
     ) -> None:
-        check_nonnegative("rho", rho)
+        number(rho, "rho", minimum=0.0)
         check_percentile(percentile)
-        if perturb_norm not in ("tensor", "global"):
-            raise UserInputError(f"perturb_norm must be 'tensor' or 'global', got {perturb_norm!r}")
-        if threshold_scope not in ("tensor", "global"):
-            raise UserInputError(
-                f"threshold_scope must be 'tensor' or 'global', got {threshold_scope!r}"
-            )
-        self.perturb_norm = perturb_norm
-        self.threshold_scope = threshold_scope
+        self.perturb_norm = choice(perturb_norm, "perturb_norm", SCOPES)
+        self.threshold_scope = choice(threshold_scope, "threshold_scope", SCOPES)
         super().__init__(
             params, base_optimizer, {"rho": rho, "percentile": percentile}, **base_kwargs
         )
-        # (name, numel, kept count, [threshold, grad_norm, perturbation_norm, fallback]) on device.
-        self._stats: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
+        # (parameter name, statistics) of each filtered tensor in the last ascent, on the device.
+        self._stats: list[tuple[str, FilteredTensorStats]] = []
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -112,64 +112,16 @@ class ZSharp(SharpnessAwareOptimizer):
             )
 
     def _perturb(self, items, grad_norm):
-        filtered = [(group, name, p) for group, name, p in items if is_filtered(p)]
-        if self.threshold_scope == "tensor":
-            filters = [zscore_mask(p.grad, group["percentile"]) for group, _, p in filtered]
-        else:
-            percentile = filtered[0][0]["percentile"] if filtered else 0.5
-            filters = zscore_masks([p.grad for _, _, p in filtered], percentile, "global")
-
-        # Per filtered tensor: its filter, ||g_t||, ||g_t * m_t|| and the fallback flag (device scalars).
-        info = {}
-        for (_, _, p), f in zip(filtered, filters):
-            g = p.grad
-            kept_norm = torch.linalg.vector_norm(g * f.mask).to(grad_norm.dtype)
-            info[id(p)] = (f, torch.linalg.vector_norm(g).to(grad_norm.dtype), kept_norm, ~(kept_norm > 0))
-
-        if self.perturb_norm == "global":
-            # Direction d: g*m for filtered tensors, g for fallbacks and unfiltered ones.
-            squares = []
-            for _, _, p in items:
-                if id(p) in info:
-                    _, g_norm, kept_norm, fallback = info[id(p)]
-                    squares.append(torch.where(fallback, g_norm, kept_norm) ** 2)
-                else:
-                    squares.append(torch.linalg.vector_norm(p.grad).to(grad_norm.dtype) ** 2)
-            global_denominator = torch.stack(squares).sum().sqrt() + 1e-12
-        sam_denominator = grad_norm + 1e-12
-
-        stats = []
-        for group, name, p in items:
-            rho = group["rho"]
-            if id(p) not in info:
-                denominator = global_denominator if self.perturb_norm == "global" else sam_denominator
-                p.add_(p.grad * (rho / denominator).to(p.dtype))
-                continue
-            f, g_norm, kept_norm, fallback = info[id(p)]
-            if self.perturb_norm == "global":
-                scale = rho / global_denominator
-            else:
-                scale = torch.where(fallback, rho / sam_denominator, rho / (kept_norm + 1e-12))
-            # Entry-wise multiplier: scale on kept entries (all entries on fallback), else 0.
-            multiplier = (f.mask | fallback).to(p.dtype) * scale.to(p.dtype)
-            p.addcmul_(p.grad, multiplier)
-            perturbation_norm = scale * torch.where(fallback, g_norm, kept_norm)
-            stats.append(
-                (
-                    name,
-                    p.numel(),
-                    f.kept,
-                    torch.stack(
-                        [
-                            f.threshold.to(grad_norm.dtype),
-                            g_norm,
-                            perturbation_norm,
-                            fallback.to(grad_norm.dtype),
-                        ]
-                    ),
-                )
-            )
-        self._stats = stats
+        ascent = zsharp_ascent(
+            [p.grad for _, _, p in items],
+            rho=[group["rho"] for group, _, _ in items],
+            percentile=[group["percentile"] for group, _, _ in items],
+            perturb_norm=self.perturb_norm,
+            threshold_scope=self.threshold_scope,
+            grad_norm=grad_norm,
+        )
+        ascent.add_to_([p for _, _, p in items])
+        self._stats = [(items[s.index][1], s) for s in ascent.filtered]
 
     @property
     def mask_stats(self) -> pd.DataFrame:
@@ -178,23 +130,31 @@ class ZSharp(SharpnessAwareOptimizer):
         Columns: ``layer`` (parameter name, or ``param<i>`` without names), ``numel``, ``kept``
         (entries in the mask), ``kept_fraction``, ``threshold`` (in Z-score units),
         ``grad_norm`` (:math:`\\|g_t\\|`), ``perturbation_norm`` (:math:`\\|e_t\\|`), ``fallback``
-        (the mask was empty and the SAM direction was used). Empty before the first step.
+        (:math:`\\|g_t \\odot m_t\\|` was not positive, e.g. an empty mask, so the SAM direction was
+        used). Empty before the first step.
         """
         if not self._stats:
             return pd.DataFrame({c: [] for c in MASK_STATS_COLUMNS})
-        values = torch.stack([v.to(torch.float64).cpu() for *_, v in self._stats]).numpy()
-        kept = torch.stack([k.cpu() for _, _, k, _ in self._stats]).numpy().astype("int64")
-        numel = np.array([n for _, n, _, _ in self._stats], dtype="int64")
+        records = [s for _, s in self._stats]
+        numel = np.array([s.numel for s in records], dtype="int64")
+        kept = _host_column([s.kept for s in records], torch.int64)
         return pd.DataFrame(
             {
-                "layer": [name for name, *_ in self._stats],
+                "layer": [name for name, _ in self._stats],
                 "numel": numel,
                 "kept": kept,
                 "kept_fraction": kept / numel,
-                "threshold": values[:, 0],
-                "grad_norm": values[:, 1],
-                "perturbation_norm": values[:, 2],
-                "fallback": values[:, 3] > 0.5,
+                "threshold": _host_column([s.threshold for s in records], torch.float64),
+                "grad_norm": _host_column([s.grad_norm for s in records], torch.float64),
+                "perturbation_norm": _host_column([s.perturbation_norm for s in records], torch.float64),
+                "fallback": _host_column([s.fallback for s in records], torch.bool),
             },
             columns=list(MASK_STATS_COLUMNS),
         )
+
+
+def _host_column(values: list[torch.Tensor], dtype: torch.dtype) -> np.ndarray:
+    """0-d device tensors as one numpy column (one copy per device, not one per value)."""
+    if len({v.device for v in values}) == 1:
+        return torch.stack([v.to(dtype) for v in values]).cpu().numpy()
+    return torch.stack([v.to("cpu", dtype) for v in values]).numpy()
