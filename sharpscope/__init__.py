@@ -48,7 +48,17 @@ from .analysis.results import Result, TableResult
 from .analysis.sharpness import SharpnessResult, sharpness
 from .data import DATASET_NAMES, TensorData, load_dataset
 from .models import MODEL_NAMES, build_model
-from .optim import ASAM, SAM, FriendlySAM, ZSharp, frozen_running_stats
+from .optim import (
+    ASAM,
+    OPTIMIZER_ORDER,
+    SAM,
+    FriendlySAM,
+    ZSharp,
+    ZSharpAscent,
+    frozen_running_stats,
+    zsharp_ascent,
+)
+from .threads import fixed_threads, thread_policy
 from .train import Checkpoint, TrainConfig, fit, load_checkpoint
 
 _LAZY_PLOT = ("style", "save_figure")
@@ -103,6 +113,11 @@ __all__ = [
     "TableResult",
     "TraceResult",
     "ZSharp",
+    "ZSharpAscent",
+    "OPTIMIZER_ORDER",
+    "fixed_threads",
+    "thread_policy",
+    "zsharp_ascent",
     "ZScoreResult",
     "__version__",
     "analyze_checkpoint",

@@ -29,6 +29,7 @@ from pathlib import Path
 from ._progress import close_progress_bars
 from ._version import __version__
 from .errors import UserInputError
+from .threads import fixed_threads
 
 # name -> (module implementing add_arguments/run, one-line help). Modules are imported lazily so
 # that `sharpscope --help` stays fast.
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(cmd)
+        cmd.add_argument("--threads", type=int, default=None, metavar="N",
+                         help="intra-op threads for the work (default: the thread policy measures whether 1 "
+                              "or torch's default is faster for this model, once per analysis)")
         cmd.set_defaults(_run=module.run)
     return parser
 
@@ -114,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args._run(args) or 0)
+        with fixed_threads(getattr(args, "threads", None)):
+            return int(args._run(args) or 0)
     except UserInputError as exc:
         return _fail(args.command, str(exc), 2)
     except OSError as exc:
