@@ -175,9 +175,10 @@ with ss.style("neurips"):
 ## 4. What did ZSharp's filter keep?
 
 `masks.csv` holds, every few steps, the statistics of the ZSharp mask for each filtered tensor (the
-weight matrices; biases are never filtered). Left panel: the fraction of entries kept (the dashed line
-is the nominal `1 - percentile`); right panel: each layer's share of the perturbation norm under ZSharp
-next to SAM's share (the gradient's).
+weight matrices; biases are never filtered). Left panel: the fraction of entries kept; the tick on each
+row is what the rule `|z| > Q_p(|z|)` keeps of that layer's `n` distinct values, `n - 1 - floor(p (n - 1))`,
+which is more than `1 - percentile` for small tensors (2 of 22 entries at `p = 0.95`). Right panel: each
+layer's share of the perturbation norm under ZSharp next to SAM's share (the gradient's).
 """),
     code('''
 mask_log = ss.load_mask_log(OUT / "zsharp", model=checkpoints["zsharp"].model) if "zsharp" in runs else None
@@ -455,8 +456,7 @@ with ss.style("neurips", "double"):
     fig, (ax_surface, ax_contour) = ssplot.new_figure(ncols=2, aspect=0.4, subplot_kw=None)
     ax_surface.remove()
     ax_surface = fig.add_subplot(1, 2, 1, projection="3d")
-    ssplot.plot_surface(random_2d[last], ax=ax_surface)
-    ax_surface.set_title(f"{last}: random plane")
+    ssplot.plot_surface(random_2d[last], ax=ax_surface, title=f"{last}: random plane")
     ssplot.plot_contour(eigen_2d, ax=ax_contour)
     ax_contour.set_title(f"{last}: top-2 eigenvector plane")
     ss.save_figure(fig, OUT / "surface_and_eigen_plane")
@@ -557,7 +557,8 @@ zs.to_dataframe()[["layer", "numel", "std", "skewness", "excess_kurtosis", "thre
 ## 2. The mask at this checkpoint
 
 `mask_statistics` applies ZSharp's filter to the gradient of each batch (exactly as `first_step`
-does, on scratch copies) and averages: `kept_fraction` (about `1 - percentile` by construction),
+does, on scratch copies) and averages: `kept_fraction` (`n - 1 - floor(p (n - 1))` of a tensor's `n`
+distinct values: close to `1 - percentile` for large tensors, more for small ones, e.g. 11 of 216 at 0.95),
 `energy_kept` (the share of the gradient's squared norm the mask keeps — large when the tails are heavy),
 `perturbation_share_tensor` (the layer's share of the ZSharp perturbation: every filtered tensor gets
 norm `rho`, so small layers get a large share), `mask_jaccard` (how stable the mask is from batch to
@@ -605,6 +606,9 @@ table = align.to_dataframe().set_index("method")
 per_layer = align.layer_dataframe()
 per_layer = per_layer[(per_layer["eigenvector"] == 1) & per_layer["method"].isin(["sam", "zsharp", "random"])]
 with ss.style("neurips"):
+    fig = ssplot.plot_alignment_summary(align)  # the whole-model comparison (sharpscope demo's figure)
+    ss.save_figure(fig, OUT / "alignment_summary")
+with ss.style("neurips"):
     ax = ssplot.plot_alignment(per_layer.rename(columns={"method": "optimizer"}), values="cos_subspace",
                                xlabel="cosine with the top-k eigenspace")
     ss.save_figure(ax.figure, OUT / "alignment")
@@ -612,8 +616,10 @@ display(per_layer.pivot(index="layer", columns="method", values="norm_share").lo
 table
 '''),
     md("""
-**Reading the figure and tables:** per layer, the bars are how much of each method's perturbation in
-that layer lies in the top-`k` eigenspace (the layer's part of it). The first table is each layer's share
+**Reading the figures and tables:** the first figure compares the methods on the whole model: the part
+of each ascent direction in the top-`k` eigenspace and the loss it gains at radius `rho`. In the second,
+per layer, the bars are how much of each method's perturbation in that layer lies in the top-`k`
+eigenspace (the layer's part of it). The first table is each layer's share
 `||e_l||^2 / ||e||^2` of the perturbation: SAM follows the gradient's spread, ZSharp's per-tensor
 normalisation spreads it evenly over the filtered tensors (biases and BatchNorm get little). The last
 table is the whole-model comparison described above.

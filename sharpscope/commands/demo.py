@@ -30,12 +30,12 @@ import torch
 
 from .._io import atomic_write_text
 from ..errors import UserInputError
+from ..train.layout import RunLayout
 from .analyze import AnalysisOptions
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "sam", "zsharp")
 #: The end points of the demo's interpolations: each baseline's solution to ZSharp's.
 INTERPOLATIONS: tuple[tuple[str, str], ...] = (("sgd", "zsharp"), ("sam", "zsharp"))
-_RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "masks.csv", "config.json")
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,18 @@ def _train_config(optimizer: str, budget: DemoBudget, seed: int, show_progress: 
 
 def _same_run(folder: Path, config: Any) -> bool:
     """True when ``folder`` already holds a finished demo run with exactly this configuration."""
+    layout = RunLayout(folder)
     try:
-        saved = json.loads((folder / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
+        saved = json.loads(layout.config.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
         return False
-    return (folder / "last.pt").is_file() and saved == json.loads(json.dumps(config.to_dict(), default=str))
+    return layout.last.is_file() and saved == json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def _run_files(layout: RunLayout) -> list[Path]:
+    """The files ``fit`` writes into a run folder (checkpoints, logs, configuration)."""
+    return [layout.last, layout.best, layout.metrics, layout.masks, layout.config,
+            *(path for _, path in layout.epoch_checkpoints()), *layout.stale_temporaries()]
 
 
 def _train(optimizer: str, folder: Path, budget: DemoBudget, seed: int, show_progress: bool) -> Path:
@@ -83,16 +90,17 @@ def _train(optimizer: str, folder: Path, budget: DemoBudget, seed: int, show_pro
     from ..train import fit
 
     config = _train_config(optimizer, budget, seed, show_progress)
+    layout = RunLayout(folder)
     if _same_run(folder, config):
         print(f"demo: reusing the {optimizer} run in {folder} (same settings)", file=sys.stderr)
-        return folder / "last.pt"
-    for name in _RUN_FILES:  # a stale demo run with other settings: only the files fit writes
-        (folder / name).unlink(missing_ok=True)
+        return layout.last
+    for path in _run_files(layout):  # a stale demo run with other settings: only the files fit writes
+        path.unlink(missing_ok=True)
     train, test = load_dataset("digits", train=True), load_dataset("digits", train=False)
     torch.manual_seed(seed)  # the same initialisation for every optimizer
     model = build_model("mlp", train.num_classes, in_features=64)
     fit(model, train, test, config, out=folder, metadata={"dataset": "digits", "demo": True})
-    return folder / "last.pt"
+    return layout.last
 
 
 def run_demo(out_dir: str | Path = "figures", work_dir: str | Path = "runs/demo", *, quick: bool = False,

@@ -2,26 +2,41 @@
 
 The files are found recursively under RESULTS_DIR and dispatched on the kind stored inside them
 (:func:`sharpscope.analysis.results.result_kind`); the run a file belongs to is the ``<run>`` of its
-name ``<run>__<analysis>.nc``. Runs are overlaid or set side by side, each in its optimizer's colour:
+name ``<run>__<analysis>.nc``. Runs are overlaid or set side by side, each in its optimizer's colour,
+in the order of :data:`sharpscope.optim.OPTIMIZER_ORDER`. This module only decides which files feed
+which figure; every figure is one public function of :mod:`sharpscope.plot`, so it can be redrawn
+(and restyled, with matplotlib keyword arguments) from Python:
 
 ==========================  ==========================================================================
-``spectrum``                eigenvalue densities (log density) with the top-k eigenvalues marked
-``sharpness_summary``       lambda_max, trace (+-1 s.e.), worst/average sharpness, one bar per run
-``layer_curvature``         per-layer top eigenvalue of the diagonal Hessian blocks
-``landscape_1d``            loss and accuracy along a filter-normalised random direction
-``contours``                2-D loss contours side by side with shared levels; ``surface_<run>`` in 3-D
-``zscores``                 per-layer gradient Z-score distributions against N(0, 1), threshold marked
-``mask_summary``            ZSharp's kept fraction and perturbation-norm share per layer
-``alignment``               cosine of each ascent direction with the top-k eigenspace, and its loss increase
-``training_curves``         loss and accuracy per epoch (from the checkpoints' histories, or
-                            ``metrics.jsonl`` files found or given)
-``mask_heatmap_<run>``      the kept fraction logged during ZSharp training, layer x step
-``interpolation``           loss and accuracy on the line between two models (``<a>--<b>__interpolation.nc``),
-                            one row per pair, the end points named by their optimizers
-``curvature_trajectory``    lambda_max and trace (+-1 s.e.) against the epoch, one line per run, when the
-                            Hessian of two or more epochs of the same run was analysed
-                            (``sharpscope train --save-every K``, then ``analyze --hessian`` on its
-                            ``epoch_XXXX.pt``)
+``spectrum``                :func:`~sharpscope.plot.plot_density`: eigenvalue densities (log density)
+                            with the top-k eigenvalues marked
+``sharpness_summary``       :func:`~sharpscope.plot.plot_sharpness_summary`: lambda_max, trace (+-1 s.e.),
+                            worst/average sharpness, one bar per run
+``layer_curvature``         :func:`~sharpscope.plot.plot_layer_curvature`: per-layer top eigenvalue of
+                            the diagonal Hessian blocks
+``landscape_1d``            :func:`~sharpscope.plot.plot_landscape_1d_panels`: loss and accuracy along a
+                            filter-normalised random direction
+``contours``                :func:`~sharpscope.plot.plot_contours`: 2-D loss contours side by side with
+                            shared levels
+``surface_<run>``           :func:`~sharpscope.plot.plot_surface` (``log=True``, titled with the run):
+                            the same slice in 3-D
+``zscores``                 :func:`~sharpscope.plot.plot_zscore_distributions`: per-layer gradient
+                            Z-score distributions against N(0, 1), threshold marked
+``mask_summary``            :func:`~sharpscope.plot.plot_mask_summary`: ZSharp's kept fraction and
+                            perturbation-norm share per layer
+``alignment``               :func:`~sharpscope.plot.plot_alignment_summary`: the part of each ascent
+                            direction in the top-k eigenspace, and its loss increase
+``training_curves``         :func:`~sharpscope.plot.plot_training_curves`: loss and accuracy per epoch
+                            (from the stored histories, or ``metrics.jsonl`` files found or given)
+``mask_heatmap_<run>``      :func:`~sharpscope.plot.plot_mask_heatmap` (``"threshold"``): the threshold
+                            tau logged during ZSharp training, layer x step
+``interpolation``           :func:`~sharpscope.plot.plot_interpolations`: loss and accuracy on the line
+                            between two models (``<a>--<b>__interpolation.nc``), one row per pair,
+                            the end points named by their optimizers
+``curvature_trajectory``    :func:`~sharpscope.plot.plot_curvature_trajectories`: lambda_max and trace
+                            (+-1 s.e.) against the epoch, one line per run, when the Hessian of two or
+                            more epochs of the same run was analysed (``sharpscope train --save-every
+                            K``, then ``analyze --hessian`` on its ``epoch_XXXX.pt``)
 ==========================  ==========================================================================
 """
 
@@ -35,7 +50,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from .._progress import progress
@@ -84,15 +98,20 @@ def _load_results(files: Sequence[Path]) -> dict[str, dict[str, Any]]:
 
 def _histories(results_dir: Path, metrics: Sequence[str | Path], found: dict[str, dict[str, Any]]
                ) -> dict[str, pd.DataFrame]:
-    """Per-run epoch histories: the stored ones, then ``metrics.jsonl`` files given or found."""
+    """Per-run epoch histories: the stored ones, then ``metrics.jsonl`` files given or found (runs
+    with no finished epoch are left out)."""
     from ..plot import read_history
+    from ..train.layout import RunLayout
 
     histories = dict(found.get("training_history", {}))
-    paths = [Path(m) for m in metrics] + sorted(results_dir.rglob("metrics.jsonl"))
-    for path in paths:
+    given = [Path(m) for m in metrics]
+    for path in given + sorted(results_dir.rglob(RunLayout.METRICS)):
         history = read_history(path)
+        if history.empty and path in given:
+            raise UserInputError(f"--metrics {str(path)!r} holds no finished epoch: no training curve to draw")
         folder = path if path.is_dir() else path.parent
-        histories.setdefault(folder.name or str(path), history)
+        if not history.empty:
+            histories.setdefault(folder.name or str(path), history)
     return histories
 
 
@@ -143,122 +162,101 @@ def draw_figures(results_dir: str | Path, out_dir: str | Path = "figures", style
 
 
 def _ordered(runs: dict[str, Any]) -> dict[str, Any]:
-    """Runs in a fixed order: the usual baselines first (SGD, SAM, ...), then ZSharp, then the rest."""
-    from ..plot.style import optimizer_key
+    """Runs in :data:`~sharpscope.optim.OPTIMIZER_ORDER` (baselines first, ZSharp last), then by name."""
+    from ..plot import optimizer_rank
 
-    rank = {k: i for i, k in enumerate(("sgd", "adam", "adamw", "sam", "asam", "fsam", "zsharp"))}
-    return dict(sorted(runs.items(), key=lambda kv: (rank.get(optimizer_key(kv[0]), len(rank)), kv[0])))
+    return dict(sorted(runs.items(), key=lambda kv: (optimizer_rank(kv[0]), kv[0])))
+
+
+Job = tuple[str, Callable[[], Any]]
+
+
+def _fig_of(obj: Any) -> Any:
+    """The Figure of what a plot function returned (an Axes or a Figure)."""
+    return getattr(obj, "figure", obj)
 
 
 def _jobs(found: dict[str, dict[str, Any]], histories: dict[str, pd.DataFrame], table: pd.DataFrame
-          ) -> list[tuple[str, Callable[[], Any]]]:
+          ) -> list[Job]:
     """(file stem, function drawing the figure) for every figure the results allow."""
     from .. import plot
-    from ..plot.style import optimizer_key
 
-    jobs: list[tuple[str, Callable[[], Any]]] = []
     get = {kind: _ordered(runs) for kind, runs in found.items()}
-
-    def fig_of(obj: Any) -> Any:
-        return getattr(obj, "figure", obj)
-
-    if "hessian_density" in get:
-        dens = get["hessian_density"]
-        eig = {r: e for r, e in get.get("hessian_eigenvalues", {}).items() if r in dens}
-        jobs.append(("spectrum", lambda: fig_of(plot.plot_density(dens, eigenvalues=eig or None))))
-    quantities = [q for q in ("lambda_max", "trace", "sharpness_worst", "sharpness_average") if q in table]
-    if quantities:
-        table = table.set_index("run").loc[list(_ordered(dict.fromkeys(table["run"])))].reset_index()
-        jobs.append(("sharpness_summary", lambda: plot.plot_sharpness_summary(table, quantities)))
-    if "layer_curvature" in get:
-        jobs.append(("layer_curvature", lambda: fig_of(plot.plot_layer_curvature(get["layer_curvature"]))))
-    if "landscape_1d" in get:
-        jobs.append(("landscape_1d", lambda: plot.plot_landscape_1d_panels(get["landscape_1d"])))
-    if "landscape_2d" in get:
-        jobs.append(("contours", lambda: plot.plot_contours(get["landscape_2d"])))
-        for run, result in get["landscape_2d"].items():
-            jobs.append((f"surface_{run}", lambda run=run, result=result: _surface(run, result)))
-    if "gradient_zscores" in get:
-        jobs.append(("zscores", lambda: plot.plot_zscore_distributions(get["gradient_zscores"])))
-    if "mask_statistics" in get:
-        # One checkpoint: the shares of several runs side by side would be confused with SAM's reference bar.
-        runs = get["mask_statistics"]
-        run = next((r for r in runs if optimizer_key(r) == "zsharp"), next(iter(runs)))
-        masks = runs[run].rename(columns={"batch": "step"})  # per-batch shares, then averaged
-        jobs.append(("mask_summary", lambda: plot.plot_mask_summary(masks, percentile=_percentile(found))))
-    if "perturbation_alignment" in get:
-        jobs.append(("alignment", lambda: _alignment_figure(get["perturbation_alignment"])))
+    jobs = _curvature_jobs(get, table) + _landscape_jobs(get, found) + _zsharp_jobs(get, found)
     if histories:
         jobs.append(("training_curves", lambda: plot.plot_training_curves(_ordered(histories))))
-    for run, log in get.get("mask_log", {}).items():
-        # the kept fraction is 1 - p by construction; the threshold shows how heavy the tails are
-        jobs.append((f"mask_heatmap_{run}", lambda log=log: fig_of(plot.plot_mask_heatmap(log, "threshold"))))
-    if "landscape_interpolation" in found:
-        pairs = _ordered_pairs(found["landscape_interpolation"])
-        jobs.append(("interpolation", lambda: _interpolation_figure(pairs)))
     trajectory = curvature_trajectory_table(found)
     if not trajectory.empty:
         jobs.append(("curvature_trajectory", lambda: plot.plot_curvature_trajectories(trajectory)))
     return jobs
 
 
-def _endpoint_labels(line: Any) -> tuple[str, str]:
-    """Display names of an interpolation's two models: their optimizers, or runs where those agree."""
-    from ..plot import optimizer_label
+def _curvature_jobs(get: dict[str, dict[str, Any]], table: pd.DataFrame) -> list[Job]:
+    """spectrum, sharpness_summary, layer_curvature."""
+    from .. import plot
 
-    ends = [line.settings.get(k) or {} for k in ("model_a", "model_b")]
-    labels = [optimizer_label(e.get("optimizer") or e.get("run") or k) for e, k in zip(ends, "AB")]
-    if labels[0] == labels[1]:  # two checkpoints of one optimizer: say which
-        labels = [f"{lab} ({e['run']}, ep. {e['epoch']})" if "run" in e and "epoch" in e else lab
-                  for lab, e in zip(labels, ends)]
-        if labels[0] == labels[1]:
-            labels = [f"{lab} [{k}]" for lab, k in zip(labels, "AB")]
-    return labels[0], labels[1]
+    jobs: list[Job] = []
+    if "hessian_density" in get:
+        dens = get["hessian_density"]
+        eig = {r: e for r, e in get.get("hessian_eigenvalues", {}).items() if r in dens}
+        jobs.append(("spectrum", lambda: _fig_of(plot.plot_density(dens, eigenvalues=eig or None))))
+    quantities = [q for q in ("lambda_max", "trace", "sharpness_worst", "sharpness_average") if q in table]
+    if quantities:
+        table = table.set_index("run").loc[list(_ordered(dict.fromkeys(table["run"])))].reset_index()
+        jobs.append(("sharpness_summary", lambda: plot.plot_sharpness_summary(table, quantities)))
+    if "layer_curvature" in get:
+        jobs.append(("layer_curvature", lambda: _fig_of(plot.plot_layer_curvature(get["layer_curvature"]))))
+    return jobs
+
+
+def _landscape_jobs(get: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]]) -> list[Job]:
+    """landscape_1d, contours, surface_<run>, interpolation."""
+    from .. import plot
+
+    jobs: list[Job] = []
+    if "landscape_1d" in get:
+        jobs.append(("landscape_1d", lambda: plot.plot_landscape_1d_panels(get["landscape_1d"])))
+    if "landscape_2d" in get:
+        jobs.append(("contours", lambda: plot.plot_contours(get["landscape_2d"])))
+        for run, result in get["landscape_2d"].items():
+            jobs.append((f"surface_{run}", lambda run=run, result=result: _fig_of(
+                plot.plot_surface(result, log=True, title=plot.optimizer_label(run)))))
+    if "landscape_interpolation" in found:
+        pairs = _ordered_pairs(found["landscape_interpolation"])
+        jobs.append(("interpolation", lambda: plot.plot_interpolations(pairs)))
+    return jobs
+
+
+def _zsharp_jobs(get: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]]) -> list[Job]:
+    """zscores, mask_summary, alignment, mask_heatmap_<run>."""
+    from .. import plot
+    from ..plot.style import optimizer_key
+
+    jobs: list[Job] = []
+    if "gradient_zscores" in get:
+        jobs.append(("zscores", lambda: plot.plot_zscore_distributions(get["gradient_zscores"])))
+    if "mask_statistics" in get:
+        # One checkpoint: the shares of several runs side by side would be confused with SAM's reference bar.
+        runs = get["mask_statistics"]
+        masks = runs[next((r for r in runs if optimizer_key(r) == "zsharp"), next(iter(runs)))]
+        jobs.append(("mask_summary", lambda: plot.plot_mask_summary(masks, percentile=_percentile(found))))
+    if "perturbation_alignment" in get:
+        jobs.append(("alignment", lambda: plot.plot_alignment_summary(get["perturbation_alignment"])))
+    for run, log in get.get("mask_log", {}).items():
+        # the kept fraction is fixed by p and the layer's size; the threshold shows how heavy the tails are
+        jobs.append((f"mask_heatmap_{run}", lambda log=log: _fig_of(plot.plot_mask_heatmap(log, "threshold"))))
+    return jobs
 
 
 def _ordered_pairs(pairs: dict[str, Any]) -> dict[str, Any]:
     """Interpolations ordered by their first end point (SGD, SAM, ... as elsewhere), then by name."""
-    from ..plot.style import optimizer_key
-
-    rank = {k: i for i, k in enumerate(("sgd", "adam", "adamw", "sam", "asam", "fsam", "zsharp"))}
+    from ..plot import optimizer_rank
 
     def key(item: tuple[str, Any]) -> tuple[int, str]:
         a = item[1].settings.get("model_a") or {}
-        return rank.get(optimizer_key(a.get("optimizer") or a.get("run") or ""), len(rank)), item[0]
+        return optimizer_rank(a.get("optimizer") or a.get("run") or ""), item[0]
 
     return dict(sorted(pairs.items(), key=key))
-
-
-def _interpolation_figure(pairs: dict[str, Any]) -> Any:
-    """One row per pair of models, loss and accuracy side by side against alpha, end points named on top."""
-    import numpy as np
-
-    from ..plot import new_figure, plot_interpolation
-
-    n = len(pairs)
-    fig, axes = new_figure(aspect=0.36 * n + 0.06, nrows=n, ncols=2, sharex=True, squeeze=False)
-    for row, line in zip(axes, pairs.values()):
-        ends = _endpoint_labels(line)
-        for ax, metric in zip(row, ("loss", "accuracy")):
-            plot_interpolation(line, metric, endpoints=ends, ax=ax, legend=False)
-        _min_span(row[1], _MIN_ACCURACY_SPAN, top=100.0)
-    for ax in np.ravel(axes[:-1]):
-        ax.set_xlabel("")
-    return fig
-
-
-#: Accuracy axes span at least this many points: one example in a thousand must not look like a cliff.
-_MIN_ACCURACY_SPAN = 2.0
-
-
-def _min_span(ax: Any, span: float, top: float) -> None:
-    """Widen the y range of ``ax`` to ``span`` around its centre, not past ``top`` (plus a margin)."""
-    lo, hi = ax.get_ylim()
-    if hi - lo >= span:
-        return
-    margin = 0.05 * span
-    hi = min((lo + hi + span) / 2, top + margin)
-    ax.set_ylim(hi - span, hi)
 
 
 def curvature_trajectory_table(found: dict[str, dict[str, Any]]) -> pd.DataFrame:
@@ -269,7 +267,7 @@ def curvature_trajectory_table(found: dict[str, dict[str, Any]]) -> pd.DataFrame
     run folder come from the checkpoint, as stored by ``sharpscope analyze``; ``last.pt``/``best.pt``
     repeating an ``epoch_XXXX.pt`` count once. Empty when no run has two epochs.
     """
-    from ..plot.style import optimizer_key
+    from ..plot import optimizer_rank
 
     traces = found.get("hessian_trace", {})
     rows = []
@@ -290,72 +288,14 @@ def curvature_trajectory_table(found: dict[str, dict[str, Any]]) -> pd.DataFrame
     table = table[table["run_dir"].isin(epochs[epochs >= 2].index)].copy()
     if table.groupby("optimizer")["run_dir"].nunique().gt(1).any():
         table["optimizer"] = table["run_dir"].map(lambda d: Path(d).name)
-    rank = {k: i for i, k in enumerate(("sgd", "adam", "adamw", "sam", "asam", "fsam", "zsharp"))}
-    table["_rank"] = table["optimizer"].map(lambda o: rank.get(optimizer_key(o), len(rank)))
+    table["_rank"] = table["optimizer"].map(optimizer_rank)
     table = table.sort_values(["_rank", "optimizer", "epoch"]).drop(columns="_rank")
     return table.reset_index(drop=True)
-
-
-def _surface(run: str, result: Any) -> Any:
-    """The 3-D loss surface of one run (log loss), titled with the run."""
-    from ..plot import optimizer_label, plot_surface
-
-    ax = plot_surface(result, log=True)
-    ax.set_title(optimizer_label(run), pad=0)
-    return ax.figure
 
 
 def _percentile(found: dict[str, dict[str, Any]]) -> float | None:
     values = {round(float(z.percentile), 12) for z in found.get("gradient_zscores", {}).values()}
     return values.pop() if len(values) == 1 else None
-
-
-_METHOD_LABEL = {"sam": "SAM", "zsharp": "ZSharp", "zsharp_global": "ZSharp (global norm)", "asam": "ASAM",
-                 "random": "random"}
-
-
-def _alignment_figure(results: dict[str, Any]) -> Any:
-    """Two panels, ascent methods as rows and one bar per checkpoint: the cosine with the top-k
-    eigenspace and the loss increase at the common radius rho."""
-    from matplotlib.ticker import MaxNLocator
-
-    from ..plot import new_figure, plot_alignment
-
-    frames = []
-    for run, result in results.items():
-        df = result.to_dataframe()
-        df["method"] = df["method"].map(lambda m: _METHOD_LABEL.get(m, m))
-        df["optimizer"] = run
-        frames.append(df)
-    table = pd.concat(frames, ignore_index=True)
-    k = int(next(iter(results.values())).settings.get("k", 0))
-    rho = next(iter(results.values())).settings.get("rho")
-    n_rows = table["method"].nunique()
-    n_runs = max(table["optimizer"].nunique(), 1)
-    fig, axes = new_figure(aspect=min(0.15 + 0.02 * n_rows * (n_runs + 1), 1.0), ncols=2, sharey=True)
-    plot_alignment(table, "cos_subspace", category="method", ax=axes[0],
-                   xlabel=rf"$\|V_{{{k}}}^\top e\| / \|e\|$" + f"\n(top-{k} eigenspace)")
-    # Put a power of ten in the label, not as an offset text that collides with it.
-    peak = float(np.nanmax(np.abs(table["loss_increase"]))) if len(table) else 0.0
-    exponent = int(np.floor(np.log10(peak))) if peak > 0 and np.isfinite(peak) else 0
-    exponent = exponent if exponent < -1 or exponent > 2 else 0
-    table["loss_increase_scaled"] = table["loss_increase"] / 10.0**exponent
-    unit = rf" $[\times 10^{{{exponent}}}]$" if exponent else ""
-    plot_alignment(table, "loss_increase_scaled", category="method", ax=axes[1],
-                   xlabel="$L(w + e) - L(w)$" + unit + "\n" + rf"($\|e\| = {rho:g}$)")
-    axes[1].set_ylabel("")
-    axes[0].set_ylabel("Ascent direction")
-    for ax in axes:  # few ticks: the panels are narrow in a one-column figure
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
-    handles, labels = axes[0].get_legend_handles_labels()
-    for ax in axes:
-        if ax.get_legend() is not None:
-            ax.get_legend().remove()
-    if handles:
-        # the bars are models, the rows ascent rules: say which is which
-        fig.legend(handles, labels, loc="outside upper center", ncols=min(len(handles) + 1, 7),
-                   title="Model trained with:", alignment="left")
-    return fig
 
 
 # --- the command ---------------------------------------------------------------------------------------

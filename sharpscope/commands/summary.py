@@ -82,12 +82,10 @@ def summary_table(results_dir: str | Path) -> pd.DataFrame:
 
 
 def _run_order(row: dict[str, Any]) -> tuple[int, str]:
-    """Baselines first (SGD, Adam, SAM, ...), ZSharp last, then other runs by name."""
-    from ..plot.style import optimizer_key
+    """Runs in :data:`~sharpscope.optim.OPTIMIZER_ORDER` (baselines first, ZSharp last), then by name."""
+    from ..plot.style import optimizer_rank
 
-    rank = ("sgd", "adam", "adamw", "sam", "asam", "fsam", "zsharp")
-    key = optimizer_key(row.get("optimizer") or row["run"])
-    return (rank.index(key) if key in rank else len(rank), row["run"])
+    return (optimizer_rank(row.get("optimizer") or row["run"]), row["run"])
 
 
 def _cell(value: Any, column: str) -> str:

@@ -7,6 +7,7 @@ top to bottom, where the names stay horizontal and legible at column width.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,11 +46,13 @@ def bar_axes(n_rows: int, n_series: int, ax: Axes | None, width: float | None = 
 
 def grouped_barh(df: pd.DataFrame, category: str, value: str, *, hue: str | None, ax: Axes | None,
                  log: bool = False, hatch_mask: pd.Series | None = None, xlabel: str = "",
-                 order: Sequence[str] | None = None, error: str | None = None, color: str = "#0072B2") -> Axes:
+                 order: Sequence[str] | None = None, error: str | None = None, single_color: str = "#0072B2",
+                 **kwargs: Any) -> Axes:
     """Draw ``value`` per ``category`` (rows) and ``hue`` (bars within a row); return the Axes.
 
     ``hatch_mask`` marks rows to draw hatched (e.g. ZSharp's fallback layers); ``error`` names a
-    column of symmetric error bars.
+    column of symmetric error bars; ``single_color`` colours the bars when there is no ``hue``.
+    ``kwargs`` go to ``ax.barh`` and win over these defaults (``color=`` colours every bar).
     """
     categories = list(order) if order is not None else ordered_unique(df[category])
     series = ordered_unique(df[hue]) if hue is not None and hue in df.columns else [None]
@@ -61,11 +64,11 @@ def grouped_barh(df: pd.DataFrame, category: str, value: str, *, hue: str | None
         part = df if s is None else df[df[hue] == s]
         part = part[part[category].isin(rows)]
         y = np.array([rows[c] for c in part[category]], dtype=float) - 0.4 + height * (j + 0.5)
-        color = colors.get(s, color)
         xerr = part[error].to_numpy(float) if error is not None and error in part.columns else None
-        bars = ax.barh(y, part[value].to_numpy(float), height=height * 0.92, color=color, xerr=xerr,
-                       error_kw={"elinewidth": 0.6, "capsize": 1.2, "ecolor": "0.25"},
-                       label=optimizer_label(s) if s is not None else None, linewidth=0)
+        bars = ax.barh(y, part[value].to_numpy(float), **{
+            "height": height * 0.92, "color": colors.get(s, single_color), "xerr": xerr,
+            "error_kw": {"elinewidth": 0.6, "capsize": 1.2, "ecolor": "0.25"},
+            "label": optimizer_label(s) if s is not None else None, "linewidth": 0, **kwargs})
         if hatch_mask is not None:
             for bar, flag in zip(bars, hatch_mask.loc[part.index].to_numpy(bool)):
                 if flag:

@@ -4,17 +4,48 @@ Plot functions accept a tidy :class:`pandas.DataFrame`, a result object (anythin
 ``.to_dataframe()``), a list of records, or a mapping ``label -> any of those`` (the label becomes
 a column, e.g. ``optimizer``). Missing columns are a :class:`~sharpscope.errors.UserInputError`
 naming the argument, the columns needed and the columns found.
+
+Every plot function takes what it draws as its first argument, named ``data`` (as seaborn does);
+:func:`data_argument` keeps the names it had before working as deprecated keyword aliases.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+import functools
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from ..errors import UserInputError
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def data_argument(*old_names: str) -> Callable[[_F], _F]:
+    """Let a plot function's ``data`` also be passed as ``old_name=...`` (its former keyword name).
+
+    The old name still works and warns (``DeprecationWarning``); giving the data twice is a
+    ``TypeError``, as Python says for any argument given twice.
+    """
+    def decorate(func: _F) -> _F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old in old_names:
+                if old not in kwargs:
+                    continue
+                if args or "data" in kwargs:
+                    raise TypeError(f"{func.__name__}() got the data twice: as 'data' and as {old!r}")
+                warnings.warn(f"{func.__name__}({old}=...) is deprecated; pass the data first or as data=...",
+                              DeprecationWarning, stacklevel=2)
+                kwargs["data"] = kwargs.pop(old)
+            return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def to_frame(obj: Any, arg: str) -> pd.DataFrame:

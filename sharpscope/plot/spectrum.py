@@ -8,6 +8,9 @@ is drawn on a log density axis, with the top-k eigenvalues (from Lanczos) marked
 Over training, the top eigenvalue is compared with 2/eta: full-batch gradient descent with learning
 rate eta is stable on a quadratic only while lambda_max < 2/eta (Cohen et al. 2021, "Gradient descent
 on neural networks typically occurs at the edge of stability").
+
+Every function takes what it draws as ``data`` and passes further keyword arguments on to the
+matplotlib call that draws it (``plot`` for curves, ``barh``/``bar`` for bars).
 """
 
 from __future__ import annotations
@@ -23,8 +26,16 @@ from matplotlib.figure import Figure
 
 from ..errors import UserInputError
 from ._bars import grouped_barh
-from ._data import labelled_frame, ordered_unique, require_columns, require_finite, to_frame
-from .style import figure_axes, new_figure, optimizer_label, optimizer_marker, series_colors
+from ._data import data_argument, labelled_frame, ordered_unique, require_columns, require_finite, to_frame
+from .style import (
+    figure_axes,
+    legend_columns,
+    new_figure,
+    optimizer_label,
+    optimizer_marker,
+    series_colors,
+    short_label,
+)
 
 __all__ = ["plot_density", "plot_curvature_trajectory", "plot_curvature_trajectories", "plot_layer_curvature",
            "plot_sharpness_summary"]
@@ -74,21 +85,23 @@ def _as_mapping(obj: Any, label: str | None) -> dict[str, Any]:
     return {label or "": obj}
 
 
-def plot_density(density: Any, *, eigenvalues: Any = None, top_k: int | None = None, label: str | None = None,
-                 floor: float = 1e-6, ax: Axes | None = None) -> Axes:
+@data_argument("density")
+def plot_density(data: Any, *, eigenvalues: Any = None, top_k: int | None = None, label: str | None = None,
+                 floor: float = 1e-6, ax: Axes | None = None, **kwargs: Any) -> Axes:
     """Eigenvalue density on a log density axis with the top-k eigenvalues marked.
 
-    ``density``: a ``DensityResult`` (``.grid``, ``.density``), a DataFrame with columns
-    ``eigenvalue, density``, or a mapping ``{optimizer: either}`` to overlay several models.
+    ``data`` (formerly ``density=``): a ``DensityResult`` (``.grid``, ``.density``), a DataFrame with
+    columns ``eigenvalue, density``, or a mapping ``{optimizer: either}`` to overlay several models.
     ``eigenvalues``: an ``EigenResult``, an array, or a mapping with the same keys; each is marked
     by a triangle above the curve (at most ``top_k`` per model). Densities below ``floor`` times the
     peak are clipped to it, so the log axis shows the bulk and the outliers without empty decades.
+    ``kwargs`` go to ``ax.plot`` for every density curve.
     """
     if not 0 < floor < 1:
         raise UserInputError(f"floor must be in (0, 1), got {floor}")
     if top_k is not None and top_k < 1:
         raise UserInputError(f"top_k must be >= 1, got {top_k}")
-    curves = _as_mapping(density, label)
+    curves = _as_mapping(data, label)
     marks = _as_mapping(eigenvalues, label) if eigenvalues is not None else {}
     unknown = set(marks) - set(curves)
     if unknown:
@@ -98,10 +111,10 @@ def plot_density(density: Any, *, eigenvalues: Any = None, top_k: int | None = N
     colors = series_colors(curves)
     peak = 0.0
     for name, obj in curves.items():
-        grid, dens = _density_arrays(obj, f"density[{name!r}]" if name else "density")
+        grid, dens = _density_arrays(obj, f"data[{name!r}]" if name else "data")
         peak = max(peak, float(dens.max()))
         dens = np.where(dens > 0, dens, np.nan)  # log axis: zero density lies below the floor
-        ax.plot(grid, dens, color=colors[name], label=optimizer_label(name) or None)
+        ax.plot(grid, dens, **{"color": colors[name], "label": optimizer_label(name) or None, **kwargs})
         ax.fill_between(grid, floor * np.nanmax(dens), dens, where=np.isfinite(dens), color=colors[name],
                         alpha=0.12, linewidth=0)
     if not peak > 0:
@@ -128,10 +141,11 @@ def plot_density(density: Any, *, eigenvalues: Any = None, top_k: int | None = N
                 label=f"top-{shown} eigenvalues ({'PyHessian' if backends == {'pyhessian'} else 'Lanczos'})")
     ax.set_xlabel(r"Eigenvalue $\lambda$")
     ax.set_ylabel("Spectral density")
-    handles = ax.get_legend_handles_labels()[0]
+    handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncols=min(len(handles), 4),
-                  borderaxespad=0.0, handlelength=1.5, columnspacing=1.2)
+        labels = [short_label(label) for label in labels]
+        ax.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.0, 1.01), borderaxespad=0.0,
+                  ncols=legend_columns(labels, ax.figure.get_figwidth()), handlelength=1.5, columnspacing=1.2)
     return ax
 
 
@@ -144,13 +158,13 @@ def _trajectory_frame(data: Any, arg: str) -> pd.DataFrame:
 
 def plot_curvature_trajectory(data: Any, quantity: str = "lambda_max", *, x: str = "epoch",
                               lr: float | Mapping[str, float] | None = None, log: bool = False,
-                              ax: Axes | None = None, legend: bool = True) -> Axes:
+                              ax: Axes | None = None, legend: bool = True, **kwargs: Any) -> Axes:
     """``quantity`` (``lambda_max`` or ``trace``) across checkpoints, one line per optimizer.
 
     ``data``: a tidy DataFrame with columns ``x`` (e.g. ``epoch`` or ``step``), ``quantity``, and
     optionally ``optimizer`` and ``{quantity}_stderr`` (drawn as a +-1 s.e. band); or a mapping
     ``{optimizer: DataFrame}``. ``lr`` draws the stability threshold 2/lr (one learning rate, or one
-    per optimizer in its colour); it is only drawn for ``lambda_max``.
+    per optimizer in its colour); it is only drawn for ``lambda_max``. ``kwargs`` go to ``ax.plot``.
     """
     if quantity not in _QUANTITY_LABEL:
         raise UserInputError(f"quantity must be one of {list(_QUANTITY_LABEL)}, got {quantity!r}")
@@ -166,7 +180,8 @@ def plot_curvature_trajectory(data: Any, quantity: str = "lambda_max", *, x: str
     for i, name in enumerate(optimizers):
         run = df[df["optimizer"] == name].sort_values(x)
         xs, ys = run[x].to_numpy(float), run[column].to_numpy(float)
-        ax.plot(xs, ys, color=colors[name], marker=optimizer_marker(name, i), label=optimizer_label(name) or None)
+        ax.plot(xs, ys, **{"color": colors[name], "marker": optimizer_marker(name, i),
+                           "label": optimizer_label(name) or None, **kwargs})
         if err in run.columns:
             se = run[err].to_numpy(float)
             ax.fill_between(xs, ys - se, ys + se, color=colors[name], alpha=0.18, linewidth=0)
@@ -197,12 +212,15 @@ def plot_curvature_trajectory(data: Any, quantity: str = "lambda_max", *, x: str
 
 
 def plot_curvature_trajectories(data: Any, *, x: str = "epoch", lr: float | Mapping[str, float] | None = None,
-                                fig: Figure | None = None) -> Figure:
-    """Two panels: top eigenvalue (with 2/lr) and trace over training, with one shared legend."""
+                                fig: Figure | None = None, **kwargs: Any) -> Figure:
+    """Two panels: top eigenvalue (with 2/lr) and trace over training, with one shared legend.
+
+    ``data`` as in :func:`plot_curvature_trajectory`; ``kwargs`` go to ``ax.plot``.
+    """
     df = _trajectory_frame(data, "data")
     fig, axes = figure_axes(fig, 0.42, ncols=2)
-    plot_curvature_trajectory(df, "lambda_max", x=x, lr=lr, ax=axes[0], legend=False)
-    plot_curvature_trajectory(df, "trace", x=x, ax=axes[1], legend=False)
+    plot_curvature_trajectory(df, "lambda_max", x=x, lr=lr, ax=axes[0], legend=False, **kwargs)
+    plot_curvature_trajectory(df, "trace", x=x, ax=axes[1], legend=False, **kwargs)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside upper center", ncols=min(len(handles), 6))
@@ -210,14 +228,15 @@ def plot_curvature_trajectories(data: Any, *, x: str = "epoch", lr: float | Mapp
 
 
 def plot_layer_curvature(data: Any, value: str | None = None, *, hue: str = "optimizer", log: bool | None = None,
-                         ax: Axes | None = None) -> Axes:
+                         ax: Axes | None = None, **kwargs: Any) -> Axes:
     """Per-layer curvature as horizontal bars, layers top to bottom in model order.
 
-    ``data``: the ``layer_curvature`` DataFrame (one row per parameter tensor: ``layer``,
-    ``top_eigenvalue``, ``trace``, ``trace_stderr``, ...) or a mapping ``{optimizer: DataFrame}`` to
+    ``data``: the ``layer_curvature`` result or its table (one row per parameter tensor: ``layer``,
+    ``top_eigenvalue``, ``trace``, ``trace_stderr``, ...) or a mapping ``{optimizer: either}`` to
     compare models side by side. ``value`` defaults to ``top_eigenvalue`` (the top eigenvalue of the
     tensor's diagonal Hessian block); ``trace`` is drawn with its standard error.
     ``log`` (default: on when all values are positive and span more than two decades).
+    ``kwargs`` go to ``ax.barh``.
     """
     df = labelled_frame(data, "data", "optimizer")
     if value is None:
@@ -232,7 +251,7 @@ def plot_layer_curvature(data: Any, value: str | None = None, *, hue: str = "opt
              "trace": r"Trace of the block $\mathrm{tr}(H_{ll})$"}.get(value, value.replace("_", " "))
     stderr = f"{value}_stderr"
     return grouped_barh(df, "layer", value, hue=hue if hue in df.columns else None, ax=ax, log=log,
-                        xlabel=label, error=stderr if stderr in df.columns else None)
+                        xlabel=label, error=stderr if stderr in df.columns else None, **kwargs)
 
 
 _SUMMARY_LABEL = {
@@ -244,20 +263,22 @@ _SUMMARY_LABEL = {
 }
 
 
-def plot_sharpness_summary(table: Any, quantities: Any = ("lambda_max", "trace", "sharpness_worst",
-                                                            "sharpness_average"), *,
-                           label: str = "run", fig: Figure | None = None) -> Figure:
+@data_argument("table")
+def plot_sharpness_summary(data: Any, quantities: Any = ("lambda_max", "trace", "sharpness_worst",
+                                                           "sharpness_average"), *,
+                           label: str = "run", fig: Figure | None = None, **kwargs: Any) -> Figure:
     """One small panel per quantity, one bar per model in its optimizer colour (+-1 s.e. where known).
 
-    ``table``: one row per model, with a ``label`` column (default ``run``; an optimizer name keeps
-    its palette colour) and numeric columns named in ``quantities``; a column ``<q>_stderr``, when
-    present, is drawn as an error bar. Quantities absent from ``table`` are skipped.
+    ``data`` (formerly ``table=``): one row per model, with a ``label`` column (default ``run``; an
+    optimizer name keeps its palette colour) and numeric columns named in ``quantities``; a column
+    ``<q>_stderr``, when present, is drawn as an error bar. Quantities absent from ``data`` are
+    skipped. ``kwargs`` go to ``ax.bar``.
     """
-    df = to_frame(table, "table")
-    require_columns(df, [label], "table")
+    df = to_frame(data, "data")
+    require_columns(df, [label], "data")
     shown = [q for q in quantities if q in df.columns and df[q].notna().any()]
     if not shown:
-        raise UserInputError(f"table has none of the columns {list(quantities)}; it has {list(df.columns)}")
+        raise UserInputError(f"data has none of the columns {list(quantities)}; it has {list(df.columns)}")
     names = [str(n) for n in df[label]]
     colors = series_colors(names)
     fig, axes = figure_axes(fig, 0.36 if len(shown) > 2 else 0.5, ncols=len(shown))
@@ -267,11 +288,12 @@ def plot_sharpness_summary(table: Any, quantities: Any = ("lambda_max", "trace",
         err = df[f"{q}_stderr"].to_numpy(float) if f"{q}_stderr" in df.columns else None
         if err is not None and not np.isfinite(err).any():
             err = None
-        ax.bar(positions, np.nan_to_num(values), width=0.7, color=[colors[n] for n in names], linewidth=0,
-               yerr=None if err is None else np.nan_to_num(err),
-               error_kw={"elinewidth": 0.6, "capsize": 1.5, "ecolor": "0.25"})
-        ax.set_xticks(positions, [optimizer_label(n) for n in names], rotation=0 if len(names) <= 4 else 45,
-                      ha="center" if len(names) <= 4 else "right")
+        ax.bar(positions, np.nan_to_num(values), **{
+            "width": 0.7, "color": [colors[n] for n in names], "linewidth": 0,
+            "yerr": None if err is None else np.nan_to_num(err),
+            "error_kw": {"elinewidth": 0.6, "capsize": 1.5, "ecolor": "0.25"}, **kwargs})
+        ax.set_xticks(positions, [short_label(optimizer_label(n), 24) for n in names], rotation=0 if len(names) <= 4 else 45,
+                      ha="center" if len(names) <= 4 else "right", rotation_mode="anchor")
         ax.tick_params(axis="x", length=0)
         ax.grid(axis="x", visible=False)
         ax.set_title(_SUMMARY_LABEL.get(q, q.replace("_", " ")), fontsize="medium")

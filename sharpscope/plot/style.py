@@ -37,6 +37,7 @@ __all__ = [
     "optimizer_marker",
     "optimizer_label",
     "optimizer_key",
+    "optimizer_rank",
     "style",
     "figure_width",
     "new_figure",
@@ -93,6 +94,15 @@ def optimizer_key(name: str) -> str:
     return _ALIASES.get(key, key)
 
 
+def optimizer_rank(name: str) -> int:
+    """Position of optimizer ``name`` in :data:`sharpscope.optim.OPTIMIZER_ORDER` (baselines first,
+    ZSharp last), for sorting runs; names that are not a known optimizer come after all of them."""
+    from ..optim import OPTIMIZER_ORDER  # lazily: the order is defined once, next to the optimizers
+
+    key = optimizer_key(name)
+    return OPTIMIZER_ORDER.index(key) if key in OPTIMIZER_ORDER else len(OPTIMIZER_ORDER)
+
+
 def optimizer_color(name: str, index: int = 0) -> str:
     """The fixed colour of optimizer ``name``; other series get the ``index``-th spare colour."""
     key = optimizer_key(name)
@@ -111,6 +121,30 @@ def optimizer_label(name: str) -> str:
     anything longer (``"ZSharp (p=0.9)"``) unchanged."""
     key = re.sub(r"[^a-z0-9]", "", str(name).lower())
     return _OPTIMIZER_LABELS.get(_ALIASES.get(key, key), str(name))
+
+
+def short_label(label: str, max_chars: int = 28) -> str:
+    """``label`` when it has at most ``max_chars`` characters, else its end after an ellipsis: run
+    names that are whole paths would squeeze a figure's panels to nothing."""
+    label = str(label)
+    return label if len(label) <= max_chars else "\u2026" + label[-(max_chars - 1):]
+
+
+def legend_columns(labels: Sequence[str], width: float, max_columns: int = 4) -> int:
+    """The most legend columns (at most ``max_columns``) whose entries fit across ``width`` inches.
+
+    Matplotlib fills a legend column by column; each column is as wide as its longest label (taken
+    as 0.5 em per character, measured on the serif font) plus the handle and the spacing (3.5 em),
+    and the frame's padding adds 1 em.
+    """
+    size = mpl.font_manager.FontProperties(size=mpl.rcParams["legend.fontsize"]).get_size_in_points()
+    lengths = [len(str(label)) for label in labels] or [1]
+    for ncols in range(min(max_columns, len(lengths)), 1, -1):
+        rows = -(-len(lengths) // ncols)
+        columns = [lengths[i:i + rows] for i in range(0, len(lengths), rows)]
+        if (1.0 + sum(0.5 * max(c) + 3.5 for c in columns)) * size / 72.0 <= width:
+            return ncols
+    return 1
 
 
 def series_colors(names: Iterable[str]) -> dict[str, str]:

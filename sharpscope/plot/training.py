@@ -2,7 +2,8 @@
 
 A history is one JSON object per epoch with ``epoch, step, lr, train_loss, train_acc, test_loss,
 test_acc`` (the training loop's ``metrics.jsonl``). Accuracies given as fractions in [0, 1] are
-drawn in percent.
+drawn in percent. The functions take the histories as ``data`` and pass further keyword arguments
+on to ``ax.plot``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..errors import UserInputError
-from ._data import choose, labelled_frame, ordered_unique, require_columns, to_frame
+from ._data import choose, data_argument, labelled_frame, ordered_unique, require_columns, to_frame
 from .style import figure_axes, new_figure, optimizer_label, optimizer_marker, series_colors
 
 __all__ = ["read_history", "plot_training_curve", "plot_training_curves"]
@@ -29,13 +30,11 @@ _SPLIT_STYLE = {"train": "--", "test": "-"}
 
 
 def read_history(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a ``metrics.jsonl`` file (or a run folder holding one) into a DataFrame, one row per line."""
+    """Alias of :func:`sharpscope.train.metrics.read_metrics`: ``metrics.jsonl`` (or a run folder
+    holding one) as a DataFrame, one row per epoch (no rows for a run with no finished epoch)."""
     from ..train.metrics import read_metrics
 
-    records = read_metrics(path)
-    if records.empty:
-        raise UserInputError(f"{path} holds no epochs: nothing to draw")
-    return records
+    return read_metrics(path)
 
 
 def _history_frame(obj: Any, arg: str) -> pd.DataFrame:
@@ -58,25 +57,27 @@ def _accuracy_scale(df: pd.DataFrame, columns: Sequence[str]) -> float:
     return 100.0 if values.size and np.nanmax(values) <= 1.0 else 1.0
 
 
-def plot_training_curve(histories: Any, metric: str = "loss", *, splits: Sequence[str] = ("train", "test"),
+@data_argument("histories")
+def plot_training_curve(data: Any, metric: str = "loss", *, splits: Sequence[str] = ("train", "test"),
                         x: str = "epoch", log: bool | None = None, ax: Axes | None = None,
-                        legend: bool = True) -> Axes:
+                        legend: bool = True, **kwargs: Any) -> Axes:
     """One panel: ``metric`` ("loss" or "acc") against ``x`` for each optimizer and split.
 
-    ``histories``: a mapping ``{optimizer: metrics.jsonl path | run folder | DataFrame | records}``
-    or one tidy DataFrame with an ``optimizer`` column and columns ``{split}_{metric}``.
-    Test curves are solid, train curves dashed; each optimizer keeps its palette colour.
-    ``log`` puts the y axis on a log scale (default: for a loss that spans more than a decade).
+    ``data`` (formerly ``histories=``): a mapping ``{optimizer: metrics.jsonl path | run folder |
+    DataFrame | records | Checkpoint}`` or one tidy DataFrame with an ``optimizer`` column and
+    columns ``{split}_{metric}``. Test curves are solid, train curves dashed; each optimizer keeps
+    its palette colour. ``log`` puts the y axis on a log scale (default: for a loss that spans more
+    than a decade). ``kwargs`` go to ``ax.plot`` for every curve.
     """
     choose(metric, tuple(_METRICS), "metric")
     for s in splits:
         choose(s, tuple(_SPLIT_STYLE), "splits")
-    df = _histories(histories)
+    df = _histories(data, "data")
     columns = [f"{s}_{metric}" for s in splits]
     present = [c for c in columns if c in df.columns]
     if not present:
-        raise UserInputError(f"histories have none of the columns {columns}; they have {list(df.columns)}")
-    require_columns(df, [x], "histories")
+        raise UserInputError(f"data has none of the columns {columns}; it has {list(df.columns)}")
+    require_columns(df, [x], "data")
     if ax is None:
         _, ax = new_figure()
     scale = _accuracy_scale(df, present) if metric == "acc" else 1.0
@@ -88,9 +89,11 @@ def plot_training_curve(histories: Any, metric: str = "loss", *, splits: Sequenc
             col = f"{split}_{metric}"
             if col not in run.columns or run[col].isna().all():
                 continue
-            ax.plot(run[x], run[col] * scale, color=colors[name], linestyle=_SPLIT_STYLE[split],
-                    marker=optimizer_marker(name, i) if len(run) <= 30 else None, markevery=max(1, len(run) // 10),
-                    markersize=3, label=f"{optimizer_label(name)} ({split})")
+            ax.plot(run[x], run[col] * scale, **{
+                "color": colors[name], "linestyle": _SPLIT_STYLE[split],
+                "marker": optimizer_marker(name, i) if len(run) <= 30 else None,
+                "markevery": max(1, len(run) // 10), "markersize": 3,
+                "label": f"{optimizer_label(name)} ({split})", **kwargs})
     if log is None:  # log only when the loss falls by more than a decade; else linear reads better
         values = df[present].to_numpy(float)
         log = metric == "loss" and np.nanmin(values) > 0 and np.nanmax(values) / np.nanmin(values) > 10
@@ -119,19 +122,21 @@ def _legend(ax: Axes, optimizers: list[str], colors: dict[str, str], splits: Seq
         target.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 6))
 
 
-def plot_training_curves(histories: Any, metrics: Sequence[str] = ("loss", "acc"), *,
+@data_argument("histories")
+def plot_training_curves(data: Any, metrics: Sequence[str] = ("loss", "acc"), *,
                          splits: Sequence[str] = ("train", "test"), x: str = "epoch",
-                         fig: Figure | None = None) -> Figure:
+                         fig: Figure | None = None, **kwargs: Any) -> Figure:
     """Side-by-side panels of :func:`plot_training_curve`, one per metric, with one shared legend
-    above the panels (so no legend covers a curve)."""
+    above the panels (so no legend covers a curve). ``data`` (formerly ``histories=``) as there;
+    ``kwargs`` go to ``ax.plot``."""
     if isinstance(metrics, str):
         metrics = (metrics,)
     if not metrics:
         raise UserInputError("metrics must name at least one of 'loss', 'acc'")
-    df = _histories(histories)
+    df = _histories(data, "data")
     fig, axes = figure_axes(fig, 0.42 if len(metrics) > 1 else 0.62, ncols=len(metrics))
     for ax, metric in zip(axes, metrics):
-        plot_training_curve(df, metric, splits=splits, x=x, ax=ax, legend=False)
+        plot_training_curve(df, metric, splits=splits, x=x, ax=ax, legend=False, **kwargs)
     optimizers = ordered_unique(df["optimizer"])
     _legend(axes[0], optimizers, series_colors(optimizers), splits, df, metrics[0], target=fig)
     return fig

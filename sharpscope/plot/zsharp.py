@@ -10,13 +10,22 @@ ZSharp (Yun 2025, arXiv 2505.02369) standardises each weight tensor's gradient,
   :math:`\|e_l\|^2 / \sum_k \|e_k\|^2`, next to its share of the squared gradient norm
   (which is exactly SAM's perturbation share, since SAM's :math:`e \propto g`);
 * mask statistics over training as a layer x step heatmap;
-* alignment/curvature tables as grouped bars.
+* alignment/curvature tables as grouped bars, and the alignment of each ascent rule with the top
+  Hessian eigenspace.
+
+How many entries the filter keeps: of ``n`` distinct values, ``|z| > Q_p(|z|)`` keeps
+:math:`n - 1 - \lfloor p (n - 1) \rfloor` (the linear-interpolation quantile sits between two
+order statistics), so ``p = 0.95`` keeps 5 % only of large tensors and more of small ones (2 of 22
+entries, 9 %); ties at the threshold keep fewer.
 
 Inputs are tidy tables. Mask statistics have the columns of ``ZSharp.mask_stats``
 (``layer, numel, kept, kept_fraction, threshold, grad_norm, perturbation_norm, fallback``), and a
 training log (``masks.csv``) adds ``step`` (and ``epoch``). Z-scores are a table with columns
 ``layer`` and ``z`` (one row per sampled gradient entry), optionally ``threshold`` (the cut
 :math:`\tau` in Z units, per layer) and ``optimizer``.
+
+Every function takes its table or result as ``data`` and passes further keyword arguments on to
+the matplotlib call that draws it (``stairs``/``plot``, ``barh``, ``pcolormesh``).
 """
 
 from __future__ import annotations
@@ -34,7 +43,15 @@ from matplotlib.patches import Patch
 
 from ..errors import UserInputError
 from ._bars import grouped_barh, short_layer_name
-from ._data import choose, labelled_frame, ordered_unique, require_columns, require_finite, to_frame
+from ._data import (
+    choose,
+    data_argument,
+    labelled_frame,
+    ordered_unique,
+    require_columns,
+    require_finite,
+    to_frame,
+)
 from .style import OKABE_ITO, figure_axes, figure_width, new_figure, optimizer_color, optimizer_label
 
 __all__ = [
@@ -42,7 +59,9 @@ __all__ = [
     "plot_mask_summary",
     "plot_mask_heatmap",
     "plot_alignment",
+    "plot_alignment_summary",
     "read_mask_log",
+    "rule_kept_fraction",
 ]
 
 _NORMAL_STYLE = {"color": "0.25", "linestyle": "--", "linewidth": 0.8}
@@ -56,7 +75,8 @@ _VALUE_LABEL = {
 
 
 def read_mask_log(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a ZSharp mask log (``masks.csv``, or a run folder holding one); see ``load_mask_log``."""
+    """Alias of :func:`sharpscope.analysis.masks.load_mask_log`: a ZSharp mask log (``masks.csv``,
+    or a run folder holding one) as a tidy DataFrame."""
     from ..analysis.masks import load_mask_log
 
     return load_mask_log(path)
@@ -146,7 +166,7 @@ def _normal_pdf(x: np.ndarray) -> np.ndarray:
 
 def plot_zscore_distributions(data: Any, *, percentile: float | None = 0.95, layers: Sequence[str] | None = None,
                               max_layers: int = 12, kind: str = "grid", bins: int = 60, log: bool = True,
-                              fig: Figure | None = None) -> Figure:
+                              fig: Figure | None = None, **kwargs: Any) -> Figure:
     r"""Per-layer histograms of gradient Z-scores against :math:`\mathcal N(0, 1)`, threshold marked.
 
     ``data``: a table with columns ``layer, z`` (and optionally ``threshold``, ``optimizer``), a
@@ -157,7 +177,8 @@ def plot_zscore_distributions(data: Any, *, percentile: float | None = 0.95, lay
     :math:`\pm\tau` and the kept tails are shaded (a ``threshold`` column, when present, wins).
     ``layers``: which layers to draw (default: the first ``max_layers`` in model order).
     ``kind``: ``"grid"`` (small multiples, log density by default) or ``"ridge"`` (one row per
-    layer, shared z axis, linear density).
+    layer, shared z axis, linear density). ``kwargs`` go to the call drawing each histogram
+    (``ax.stairs`` in the grid, ``ax.plot`` in the ridge).
     """
     choose(kind, ("grid", "ridge"), "kind")
     if percentile is not None and not 0.0 < percentile < 1.0:
@@ -177,15 +198,15 @@ def plot_zscore_distributions(data: Any, *, percentile: float | None = 0.95, lay
     edges = np.linspace(-lim, lim, bins + 1)
     grid_x = np.linspace(-lim, lim, 400)
     if kind == "grid":
-        return _zscore_grid(df, names, series, edges, grid_x, percentile, log, fig)
-    return _zscore_ridge(df, names, series, edges, grid_x, percentile, fig)
+        return _zscore_grid(df, names, series, edges, grid_x, percentile, log, fig, kwargs)
+    return _zscore_ridge(df, names, series, edges, grid_x, percentile, fig, kwargs)
 
 
 def _series_color(name: str | None, i: int) -> str:
     return optimizer_color(name, i) if name is not None else OKABE_ITO["vermillion"]
 
 
-def _zscore_grid(df, names, series, edges, grid_x, percentile, log, fig) -> Figure:
+def _zscore_grid(df, names, series, edges, grid_x, percentile, log, fig, kwargs) -> Figure:
     n = len(names)
     width = figure_width()
     ncols = min(n, 2 if width < 4 else 4)
@@ -202,7 +223,8 @@ def _zscore_grid(df, names, series, edges, grid_x, percentile, log, fig) -> Figu
                 continue
             own, hist, tau = found
             color = _series_color(s, i)
-            ax.stairs(hist, own, color=color, linewidth=0.9, fill=False, label=optimizer_label(s) if s else None)
+            ax.stairs(hist, own, **{"color": color, "linewidth": 0.9, "fill": False,
+                                    "label": optimizer_label(s) if s else None, **kwargs})
             if tau is not None:
                 if len(series) == 1:  # overlaid runs: shading would stack into mud; the +-tau lines say it
                     kept = np.where((own[:-1] >= tau) | (own[1:] <= -tau), hist, 0.0)
@@ -241,7 +263,7 @@ def _zscore_legend(fig: Figure, series: list, percentile: float | None) -> None:
     fig.legend(handles=handles, loc="outside upper center", ncols=min(ncols, 5))
 
 
-def _zscore_ridge(df, names, series, edges, grid_x, percentile, fig) -> Figure:
+def _zscore_ridge(df, names, series, edges, grid_x, percentile, fig, kwargs) -> Figure:
     n = len(names)
     width = figure_width()
     fig, (ax,) = figure_axes(fig, (0.5 + 0.28 * n) / width, width=width)
@@ -268,7 +290,7 @@ def _zscore_ridge(df, names, series, edges, grid_x, percentile, fig) -> Figure:
             ax.fill_between(mid, base, base + hist * scale, color="white", zorder=3 * row, linewidth=0)
             ax.fill_between(mid, base, base + hist * scale, color=color, alpha=0.08, zorder=3 * row + 1,
                             linewidth=0)
-            ax.plot(mid, base + hist * scale, color=color, linewidth=0.9, zorder=3 * row + 1)
+            ax.plot(mid, base + hist * scale, **{"color": color, "linewidth": 0.9, "zorder": 3 * row + 1, **kwargs})
             if tau is not None:
                 if len(series) == 1:
                     kept = np.abs(mid) > tau
@@ -290,10 +312,27 @@ def _zscore_ridge(df, names, series, edges, grid_x, percentile, fig) -> Figure:
 
 # --- mask statistics -------------------------------------------------------------------------
 
-def _mask_table(stats: Any, arg: str = "stats") -> pd.DataFrame:
-    df = labelled_frame(stats, arg, "optimizer", convert=_mask_frame)
+def _mask_table(data: Any, arg: str = "data") -> pd.DataFrame:
+    df = labelled_frame(data, arg, "optimizer", convert=_mask_frame)
     require_columns(df, ["layer"], arg)
+    if "step" not in df.columns and "batch" in df.columns:  # mask_statistics: one row per batch and layer
+        df = df.rename(columns={"batch": "step"})
     return df
+
+
+def rule_kept_fraction(numel: Any, percentile: float) -> np.ndarray:
+    r"""The fraction of ``numel`` distinct values that ``|z| > Q_p(|z|)`` keeps: :math:`(n - 1 -
+    \lfloor p (n - 1) \rfloor) / n`, with the position :math:`p (n - 1)` rounded as ZSharp's
+    own quantile rounds it (float32). ``p = 0.95`` gives 9.1 % of 22 entries, 5.1 % of 216, 5.0 % of 4096."""
+    from ..optim.zscore import quantile_position  # lazily: the rule is defined once, with the optimizer
+
+    if not 0.0 < float(percentile) < 1.0:
+        raise UserInputError(f"percentile must be in (0, 1), got {percentile}")
+    sizes = np.atleast_1d(np.asarray(numel, dtype=np.int64))
+    if np.any(sizes < 1):
+        raise UserInputError(f"numel must be positive tensor sizes, got {sizes[sizes < 1][:3].tolist()}")
+    kept = [n - 1 - quantile_position(percentile, int(n))[0] for n in sizes]
+    return np.asarray(kept, dtype=float) / sizes
 
 
 def _per_layer(df: pd.DataFrame, columns: Sequence[str], group: Sequence[str]) -> pd.DataFrame:
@@ -304,18 +343,23 @@ def _per_layer(df: pd.DataFrame, columns: Sequence[str], group: Sequence[str]) -
                            kind="stable")
 
 
-def plot_mask_summary(stats: Any, *, percentile: float | None = None, fig: Figure | None = None) -> Figure:
+@data_argument("stats")
+def plot_mask_summary(data: Any, *, percentile: float | None = None, fig: Figure | None = None,
+                      **kwargs: Any) -> Figure:
     r"""Two panels per layer: the kept fraction, and the share of the squared perturbation norm.
 
-    ``stats``: ``ZSharp.mask_stats`` (or the optimizer itself), a ``masks.csv`` log or path (then
-    averaged over the logged steps), or a mapping ``{label: either}`` to compare runs.
+    ``data`` (formerly ``stats=``): ``ZSharp.mask_stats`` (or the optimizer itself), a ``masks.csv``
+    log or path, a ``mask_statistics`` result (per-step or per-batch rows are averaged), or a mapping
+    ``{label: either}`` to compare runs.
     Right panel: ZSharp's share :math:`\|e_l\|^2 / \sum_k \|e_k\|^2` next to the gradient's share
     :math:`\|g_l\|^2 / \sum_k \|g_k\|^2`, which is SAM's perturbation share. Layers where the mask was
-    empty and ZSharp fell back to SAM are hatched. ``percentile`` draws the nominal kept fraction
-    :math:`1 - p`.
+    empty and ZSharp fell back to SAM are hatched. ``percentile`` marks on each layer the fraction
+    the rule keeps of its ``numel`` distinct values, :func:`rule_kept_fraction` (more than
+    :math:`1 - p` for small tensors); without a ``numel`` column, a line at :math:`1 - p`.
+    ``kwargs`` go to ``ax.barh``.
     """
-    df = _mask_table(stats)
-    require_columns(df, ["kept_fraction", "grad_norm", "perturbation_norm"], "stats")
+    df = _mask_table(data)
+    require_columns(df, ["kept_fraction", "grad_norm", "perturbation_norm"], "data")
     if percentile is not None and not 0.0 < percentile < 1.0:
         raise UserInputError(f"percentile must be in (0, 1), got {percentile}")
     group = ["optimizer"] if "optimizer" in df.columns else []
@@ -324,9 +368,10 @@ def plot_mask_summary(stats: Any, *, percentile: float | None = None, fig: Figur
     keys = [*group, "step"] if "step" in df.columns else group  # shares per step, then averaged
     for sq, share in (("grad_sq", "grad_share"), ("pert_sq", "pert_share")):
         df[share] = df[sq] / (df.groupby(keys)[sq].transform("sum") if keys else df[sq].sum())
-    layer = _per_layer(df, ["kept_fraction", "grad_share", "pert_share", "fallback"], group)
+    columns = ["kept_fraction", "grad_share", "pert_share", "fallback"] + (["numel"] if "numel" in df else [])
+    layer = _per_layer(df, columns, group)
     for col in ("kept_fraction", "grad_share", "pert_share"):
-        require_finite(layer[col].to_numpy(float), f"stats[{col!r}]")
+        require_finite(layer[col].to_numpy(float), f"data[{col!r}]")
         layer[col] = layer[col] * 100.0
     layer["fell_back"] = layer["fallback"] > 0
     n_layers = layer["layer"].nunique()
@@ -334,10 +379,9 @@ def plot_mask_summary(stats: Any, *, percentile: float | None = None, fig: Figur
     fig, axes = figure_axes(fig, (0.75 + n_layers * 0.2) / width, ncols=2, width=width, sharey=True)
     hue = "optimizer" if group else None
     grouped_barh(layer, "layer", "kept_fraction", hue=hue, ax=axes[0], xlabel="Kept fraction (%)",
-                 hatch_mask=layer["fell_back"], color=optimizer_color("zsharp"))
+                 hatch_mask=layer["fell_back"], single_color=optimizer_color("zsharp"), **kwargs)
     if percentile is not None:
-        axes[0].axvline(100.0 * (1.0 - percentile), color="0.3", linestyle=":", linewidth=0.8,
-                        label=rf"$1 - p$ = {100 * (1 - percentile):g}%")
+        _mark_rule(axes[0], layer, percentile)
     shares = pd.concat([
         layer.assign(source="SAM (gradient share)", share=layer["grad_share"]),
         layer.assign(source="ZSharp" if not group else layer["optimizer"], share=layer["pert_share"]),
@@ -346,7 +390,7 @@ def plot_mask_summary(stats: Any, *, percentile: float | None = None, fig: Figur
         first = ordered_unique(layer["optimizer"])[0]
         shares = shares[(shares["source"] != "SAM (gradient share)") | (shares["optimizer"] == first)]
     grouped_barh(shares, "layer", "share", hue="source", ax=axes[1], xlabel="Share of squared norm (%)",
-                 order=ordered_unique(layer["layer"]))
+                 order=ordered_unique(layer["layer"]), **kwargs)
     for ax in axes:
         if ax.get_legend() is not None:
             ax.get_legend().remove()
@@ -357,22 +401,38 @@ def plot_mask_summary(stats: Any, *, percentile: float | None = None, fig: Figur
     return fig
 
 
-def plot_mask_heatmap(log: Any, value: str = "kept_fraction", *, x: str = "step", cmap: str = "cividis",
-                      ax: Axes | None = None) -> Axes:
+def _mark_rule(ax: Axes, layer: pd.DataFrame, percentile: float) -> None:
+    """On each row, the kept fraction the rule gives for the layer's size; or one line at 1 - p."""
+    if "numel" not in layer.columns or not np.isfinite(layer["numel"].to_numpy(float)).all():
+        ax.axvline(100.0 * (1.0 - percentile), color="0.3", linestyle=":", linewidth=0.8,
+                   label=rf"$1 - p$ = {100 * (1 - percentile):g}% (large tensors)")
+        return
+    rows = {name: i for i, name in enumerate(ordered_unique(layer["layer"]))}
+    per_layer = layer.drop_duplicates("layer")
+    rule = 100.0 * rule_kept_fraction(per_layer["numel"].round().astype(np.int64), percentile)
+    ax.plot(rule, [rows[name] for name in per_layer["layer"]], linestyle="none", marker="|", markersize=9,
+            markeredgewidth=1.2, color="0.15", zorder=4,
+            label=rf"rule for $p = {percentile:g}$: $(n - 1 - \lfloor p(n - 1) \rfloor) / n$")
+
+
+@data_argument("log")
+def plot_mask_heatmap(data: Any, value: str = "kept_fraction", *, x: str = "step", cmap: str = "cividis",
+                      ax: Axes | None = None, **kwargs: Any) -> Axes:
     """A layer x step heatmap of a mask statistic logged during ZSharp training.
 
-    ``log``: the ``masks.csv`` training log (path, run folder or DataFrame with ``step``, ``layer``
-    and ``value``); ``value`` is any numeric mask column (``kept_fraction`` is drawn in percent).
-    Steps may be unevenly spaced; each cell spans the interval to the next logged step.
+    ``data`` (formerly ``log=``): the ``masks.csv`` training log (path, run folder or DataFrame
+    with ``step``, ``layer`` and ``value``); ``value`` is any numeric mask column (``kept_fraction``
+    is drawn in percent). Steps may be unevenly spaced; each cell spans the interval to the next
+    logged step. ``kwargs`` go to ``ax.pcolormesh``.
     """
-    df = _mask_frame(log, "log")
-    require_columns(df, ["layer", x, value], "log")
+    df = _mask_frame(data, "data")
+    require_columns(df, ["layer", x, value], "data")
     table = df.pivot_table(index="layer", columns=x, values=value, aggfunc="mean", sort=False)
     table = table.reindex(index=ordered_unique(df["layer"]))
     table = table.reindex(columns=np.sort(table.columns.to_numpy()))
     z = table.to_numpy(float) * (100.0 if value == "kept_fraction" else 1.0)
     if np.isnan(z).all():
-        raise UserInputError(f"log[{value!r}] is NaN everywhere: nothing to draw")
+        raise UserInputError(f"data[{value!r}] is NaN everywhere: nothing to draw")
     steps = table.columns.to_numpy(float)
     if steps.size > 1:
         edges = np.concatenate([[steps[0] - 0.5 * (steps[1] - steps[0])], 0.5 * (steps[1:] + steps[:-1]),
@@ -383,8 +443,8 @@ def plot_mask_heatmap(log: Any, value: str = "kept_fraction", *, x: str = "step"
     if ax is None:
         width = figure_width()
         _, ax = new_figure(aspect=min(max(0.6 + 0.16 * n, 1.4), 8.0) / width, width=width)
-    mesh = ax.pcolormesh(edges, np.arange(n + 1), np.ma.masked_invalid(z), cmap=cmap, shading="flat",
-                         rasterized=True)
+    mesh = ax.pcolormesh(edges, np.arange(n + 1), np.ma.masked_invalid(z),
+                         **{"cmap": cmap, "shading": "flat", "rasterized": True, **kwargs})
     ax.set_yticks(np.arange(n) + 0.5, [short_layer_name(name) for name in table.index])
     ax.set_ylim(n, 0)
     ax.tick_params(axis="y", length=0)
@@ -396,24 +456,27 @@ def plot_mask_heatmap(log: Any, value: str = "kept_fraction", *, x: str = "step"
     return ax
 
 
-def plot_alignment(table: Any, values: str | Sequence[str] | None = None, *, category: str = "layer",
-                   hue: str | None = "optimizer", ax: Axes | None = None, xlabel: str | None = None) -> Axes:
+@data_argument("table")
+def plot_alignment(data: Any, values: str | Sequence[str] | None = None, *, category: str = "layer",
+                   hue: str | None = "optimizer", ax: Axes | None = None, xlabel: str | None = None,
+                   **kwargs: Any) -> Axes:
     """Grouped horizontal bars for a per-layer alignment or curvature table.
 
-    ``table``: one row per ``category`` (default ``layer``) and optionally per ``hue`` (default
-    ``optimizer``). ``values``: the numeric column to draw, or several columns (then drawn side by
-    side, one colour per column; ``hue`` must then be absent). By default every numeric column
-    except counts. Cosine similarities lie in [-1, 1]; a zero line is drawn when values change sign.
+    ``data`` (formerly ``table=``): one row per ``category`` (default ``layer``) and optionally per
+    ``hue`` (default ``optimizer``). ``values``: the numeric column to draw, or several columns (then
+    drawn side by side, one colour per column; ``hue`` must then be absent). By default every numeric
+    column except counts. Cosine similarities lie in [-1, 1]; a zero line is drawn when values change
+    sign. ``kwargs`` go to ``ax.barh``.
     """
-    df = labelled_frame(table, "table", "optimizer")
-    require_columns(df, [category], "table")
+    df = labelled_frame(data, "data", "optimizer")
+    require_columns(df, [category], "data")
     if values is None:
         values = [c for c in df.select_dtypes("number").columns if c not in ("numel", "kept", "step", "epoch")]
     if isinstance(values, str):
         values = [values]
-    require_columns(df, values, "table")
+    require_columns(df, values, "data")
     if not values:
-        raise UserInputError("table has no numeric column to draw; pass values=...")
+        raise UserInputError("data has no numeric column to draw; pass values=...")
     if len(values) > 1:
         if hue is not None and hue in df.columns and df[hue].nunique() > 1:
             raise UserInputError(f"draw several values for one {hue} at a time, or one value across {hue}s")
@@ -422,10 +485,70 @@ def plot_alignment(table: Any, values: str | Sequence[str] | None = None, *, cat
     else:
         hue_col = hue if hue is not None and hue in df.columns else None
         value_col = values[0]
-    require_finite(df[value_col].to_numpy(float), f"table[{value_col!r}]")
+    require_finite(df[value_col].to_numpy(float), f"data[{value_col!r}]")
     label = xlabel if xlabel is not None else (value_col.replace("_", " ") if len(values) == 1 else "Value")
-    ax = grouped_barh(df, category, value_col, hue=hue_col, ax=ax, xlabel=label)
+    ax = grouped_barh(df, category, value_col, hue=hue_col, ax=ax, xlabel=label, **kwargs)
     v = df[value_col].to_numpy(float)
     if v.min() < 0 < v.max():
         ax.axvline(0.0, color="0.3", linewidth=0.6)
     return ax
+
+
+#: Display names of the ascent rules compared by ``perturbation_alignment``.
+ASCENT_LABELS = {"sam": "SAM", "zsharp": "ZSharp", "zsharp_global": "ZSharp (global norm)", "asam": "ASAM",
+                 "random": "random"}
+
+
+def _first_settings(data: Any) -> dict[str, Any]:
+    items = data.values() if isinstance(data, Mapping) else [data]
+    return next((dict(v.settings) for v in items if isinstance(getattr(v, "settings", None), Mapping)), {})
+
+
+def _power_of_ten(values: np.ndarray) -> int:
+    """The exponent to put in an axis label instead of an offset text that collides with it (0: none)."""
+    peak = float(np.nanmax(np.abs(values))) if values.size else 0.0
+    exponent = int(np.floor(np.log10(peak))) if peak > 0 and np.isfinite(peak) else 0
+    return exponent if exponent < -1 or exponent > 2 else 0
+
+
+def plot_alignment_summary(data: Any, *, k: int | None = None, rho: float | None = None,
+                           fig: Figure | None = None, **kwargs: Any) -> Figure:
+    r"""Two panels, ascent rules as rows and one bar per model (the demo's ``alignment`` figure).
+
+    Left: :math:`\|V_k^\top e\| / \|e\|`, the part of each ascent direction :math:`e` in the top-k
+    Hessian eigenspace; right: the loss increase :math:`L(w + e) - L(w)` at the common radius
+    :math:`\|e\| = \rho`. ``data``: a ``perturbation_alignment`` result, its ``to_dataframe()``
+    table (``method, cos_subspace, loss_increase``), or a mapping ``{model label: either}`` to
+    compare models. ``k`` and ``rho`` default to the result's settings. ``kwargs`` go to ``ax.barh``.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    table = labelled_frame(data, "data", "optimizer")
+    require_columns(table, ["method", "cos_subspace", "loss_increase"], "data")
+    table["method"] = table["method"].map(lambda m: ASCENT_LABELS.get(m, m))
+    settings = _first_settings(data)
+    k = k if k is not None else settings.get("k")
+    rho = rho if rho is not None else settings.get("rho")
+    n_rows, n_runs = table["method"].nunique(), table["optimizer"].nunique() if "optimizer" in table else 1
+    fig, axes = figure_axes(fig, min(0.15 + 0.02 * n_rows * (n_runs + 1), 1.0), ncols=2, sharey=True)
+    space = rf"$\|V_{{{int(k)}}}^\top e\| / \|e\|$" + f"\n(top-{int(k)} eigenspace)" if k else \
+        r"$\|V^\top e\| / \|e\|$" + "\n(top eigenspace)"
+    plot_alignment(table, "cos_subspace", category="method", ax=axes[0], xlabel=space, **kwargs)
+    exponent = _power_of_ten(table["loss_increase"].to_numpy(float))
+    table["loss_increase_scaled"] = table["loss_increase"] / 10.0**exponent
+    unit = rf" $[\times 10^{{{exponent}}}]$" if exponent else ""
+    radius = "\n" + rf"($\|e\| = {float(rho):g}$)" if rho is not None else ""
+    plot_alignment(table, "loss_increase_scaled", category="method", ax=axes[1],
+                   xlabel="$L(w + e) - L(w)$" + unit + radius, **kwargs)
+    axes[1].set_ylabel("")
+    axes[0].set_ylabel("Ascent direction")
+    for ax in axes:  # few ticks: the panels are narrow in a one-column figure
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if handles:  # the bars are models, the rows ascent rules: say which is which
+        fig.legend(handles, labels, loc="outside upper center", ncols=min(len(handles) + 1, 7),
+                   title="Model trained with:", alignment="left")
+    return fig
