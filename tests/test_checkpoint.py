@@ -118,24 +118,21 @@ def test_wrong_architecture_names_the_mismatch(digits_run):
 
 
 _WRITER = textwrap.dedent("""
-    import io, sys, time, torch
+    import sys, time, torch
+    from sharpscope import _io
     from sharpscope.train.checkpoint import save_checkpoint
     path = sys.argv[1]
     save_checkpoint(path, {"state_dict": {"w": torch.zeros(1000)}, "epoch": 0})
-    real_save = torch.save
 
-    def half_written_save(obj, f, *args, **kwargs):
+    def half_written(target, payload):
         # Write the first half of the serialised bytes, then wait to be killed mid-write.
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        data = buffer.getvalue()
-        with open(f, "wb") as handle:
-            handle.write(data[: len(data) // 2])
+        with open(target, "wb") as handle:
+            handle.write(payload[: len(payload) // 2])
             handle.flush()
         print("mid-write", flush=True)
         time.sleep(120)
 
-    torch.save = half_written_save
+    _io._write_file = half_written
     save_checkpoint(path, {"state_dict": {"w": torch.ones(1000)}, "epoch": 1})
 """)
 
@@ -166,3 +163,103 @@ def test_save_refuses_a_directory_target(tmp_path):
     with pytest.raises(UserInputError, match="is a directory"):
         save_checkpoint(tmp_path / "last.pt", {"state_dict": {}})
     assert list((tmp_path / "last.pt").iterdir()) == []
+
+
+# ------------------------------------------------------------------ integrity and field checks
+
+
+def _float_member_offset(path, values: torch.Tensor) -> int:
+    """Byte offset in the file of the first element of the archive member holding ``values``'s bytes."""
+    raw = values.numpy().tobytes()
+    payload = path.read_bytes()
+    offset = payload.find(raw)
+    assert offset > 0 and payload.find(raw, offset + 1) < 0  # found once: the tensor's storage record
+    return offset
+
+
+def test_flipped_mantissa_bit_fails_the_archive_crc(tmp_path):
+    """One bit flipped inside a stored float tensor (the lowest mantissa bit of its first element):
+    torch.load alone accepts the file; load_checkpoint refuses it naming the file (zip CRC-32)."""
+    values = torch.arange(1.0, 257.0)
+    path = save_checkpoint(tmp_path / "c.pt", {"state_dict": {"net.0.weight": values}, "epoch": 1})
+    offset = _float_member_offset(path, values)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    flipped = torch.load(path, weights_only=True)["state_dict"]["net.0.weight"]
+    assert flipped[0].item() != 1.0 and torch.equal(flipped[1:], values[1:])  # the flip did land in the tensor
+    with pytest.raises(UserInputError, match=r"c\.pt'? is corrupted: archive member .* fails its CRC check") as info:
+        load_checkpoint(path, model=torch.nn.Linear(16, 16))
+    assert "\n" not in str(info.value)
+
+
+def test_tensor_digest_catches_a_change_in_a_valid_archive(digits_run, tmp_path):
+    """A checkpoint re-saved with one weight's mantissa bit flipped (valid zip, correct CRCs, stale
+    digest) is refused; the untouched file loads."""
+    out, _, _ = digits_run
+    raw = torch.load(out / "last.pt", weights_only=True)
+    assert raw["digest"]["algorithm"] == "sha256" and len(raw["digest"]["tensors"]) == 64
+    weight = raw["state_dict"]["linear.weight"]
+    weight.view(torch.int32).view(-1)[0] ^= 1  # lowest mantissa bit of one float32
+    torch.save(raw, tmp_path / "edited.pt")
+    with pytest.raises(UserInputError, match="do not match the SHA-256 digest stored in it"):
+        load_checkpoint(tmp_path / "edited.pt")
+    load_checkpoint(out / "last.pt")
+
+
+def test_checkpoint_of_sharpscope_0_1_without_digest_still_loads():
+    """tests/fixtures/run_v0_1/last.pt (written by 0.1.0, no digest field) loads with its weights and history."""
+    ckpt = load_checkpoint(os.path.join(os.path.dirname(__file__), "fixtures", "run_v0_1", "last.pt"))
+    assert "digest" not in ckpt.raw and ckpt.epoch == 1 and ckpt.spec["name"] == "mlp"
+    assert ckpt.history[0]["test_acc"] == pytest.approx(0.6833333333333333)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("epoch", "three", "epoch must be an integer >= 0; got 'three'"),
+    ("step", -4, "step must be an integer >= 0; got -4"),
+    ("history", "not a list", "history must be a list of per-epoch dicts"),
+    ("history", [1, 2], "history must be a list of per-epoch dicts"),
+    ("model_spec", {"name": "mlp", "num_classes": "10", "kwargs": {}}, "model_spec num_classes must be an integer"),
+    ("optimizer_config", ["sgd"], "optimizer_config must be a dict"),
+    ("best_test_acc", "high", "best_test_acc must be a finite number"),
+])
+def test_malformed_fields_are_one_line_errors(digits_run, tmp_path, field, value, match):
+    """A checkpoint with one field of the wrong type (tensors and digest intact) is refused naming the
+    file and the field, before anything uses the value."""
+    out, _, _ = digits_run
+    raw = torch.load(out / "last.pt", weights_only=True)
+    raw[field] = value
+    torch.save(raw, tmp_path / "bad.pt")
+    with pytest.raises(UserInputError, match=f"bad.pt'? has a malformed field: {match}") as info:
+        load_checkpoint(tmp_path / "bad.pt")
+    assert "\n" not in str(info.value)
+
+
+def _alarm(signum, frame):
+    raise TimeoutError("load_checkpoint blocked")
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    """A FIFO with no writer: open() would block for ever; the refusal comes at once (alarm after 10 s)."""
+    os.mkfifo(tmp_path / "pipe.pt")
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(10)
+    try:
+        with pytest.raises(UserInputError, match="is not a regular file"):
+            load_checkpoint(tmp_path / "pipe.pt")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_unreadable_checkpoint_names_the_path(digits_run, monkeypatch):
+    """An OS error while opening (here EACCES, simulated: the tests run as root) is one line naming the file."""
+    out, _, _ = digits_run
+    import sharpscope.train.checkpoint as module
+
+    def denied(path, mode="r", *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(module, "open", denied, raising=False)
+    with pytest.raises(UserInputError, match=r"cannot read checkpoint '.*last\.pt': Permission denied"):
+        load_checkpoint(out / "last.pt")

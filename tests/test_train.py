@@ -185,7 +185,7 @@ def test_cli_trains_and_resumes(tmp_path, capsys):
     (["--out", "{tmp}/file"], "is a file; give a folder"),
     (["--out", "{tmp}/empty", "--resume"], "nothing to resume"),
     (["--out", "{tmp}/trunc", "--resume"], "not a readable checkpoint"),
-    (["--rho", "-1", "--optimizer", "sam"], "rho must be > 0"),
+    (["--rho", "-1", "--optimizer", "sam"], "rho must be a number > 0; got -1.0"),
     (["--lr", "1e9", "--epochs", "1", "--out", "{tmp}/div"], "training diverged"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
@@ -200,3 +200,58 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "div" / "last.pt").exists()
+
+
+# ------------------------------------------------------------------------------------ divergence
+
+
+class _BreaksLater(torch.nn.Module):
+    """A small MLP that goes bad in epoch ``bad_epoch`` (counted by evaluation calls): its evaluation
+    output becomes NaN (``part="test"``) or one of its buffers becomes inf during training
+    (``part="weights"``) while the training loss stays finite."""
+
+    def __init__(self, part: str, bad_epoch: int = 2) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        self.register_buffer("scale", torch.ones(()))
+        self.part, self.bad_epoch, self.evaluations = part, bad_epoch, 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if not self.training:
+            self.evaluations += 1
+            if self.part == "test" and self.evaluations >= self.bad_epoch:
+                return out * float("nan")
+        elif self.part == "weights" and self.evaluations >= self.bad_epoch - 1:
+            self.scale.fill_(float("inf"))  # not used by the output: the training loss stays finite
+        return out
+
+
+@pytest.mark.parametrize("part, what", [("test", "test loss"), ("weights", r"weights \(scale\)")])
+def test_divergence_after_a_good_epoch_keeps_the_good_checkpoint(tmp_path, digits, part, what):
+    """A run whose test loss (or weights) turns non-finite in epoch 2 stops with one line, and the run
+    folder is that of epoch 1: last.pt is epoch 1 with a finite test loss, metrics.jsonl has one row,
+    no epoch_0002.pt (an independent check: what epoch 1 alone would have written)."""
+    train, test = digits
+    torch.manual_seed(0)
+    with pytest.raises(TrainingDiverged, match=f"training diverged: non-finite {what} in epoch 2; lower --lr") \
+            as info:
+        fit(_BreaksLater(part), train.subset(range(256)), test.subset(range(64)), optimizer="sgd", lr=0.05,
+            epochs=3, batch_size=64, save_every=1, progress=False, out=tmp_path)
+    assert "\n" not in str(info.value) and "last good checkpoint is kept" in str(info.value)
+    ckpt = load_checkpoint(tmp_path / "last.pt", model=_BreaksLater(part))
+    assert ckpt.epoch == 1 and math.isfinite(ckpt.history[-1]["test_loss"])
+    assert all(torch.isfinite(t).all() for t in ckpt.state_dict.values())
+    assert read_metrics(tmp_path)["epoch"].tolist() == [1]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["best.pt", "epoch_0001.pt", "last.pt"]
+
+
+def test_cli_huge_lr_exits_2_and_writes_no_diverged_checkpoint(tmp_path, capsys):
+    """`--lr 100` on digits: the train loss is finite in epoch 1 and NaN in epoch 2 (measured), so the
+    command fails with one line (exit 2) and last.pt is the finite epoch 1."""
+    out = tmp_path / "run"
+    assert main(["train", "--lr", "100", "--epochs", "3", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "training diverged: non-finite train loss in epoch 2" in err
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.epoch == 1 and math.isfinite(ckpt.history[0]["test_loss"])

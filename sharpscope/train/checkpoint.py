@@ -15,37 +15,51 @@ lists and dicts, so it loads with ``torch.load(weights_only=True)`` (no code run
 ``rng``                   torch (CPU and CUDA), numpy and python RNG states
 ``history``               one dict per epoch (the rows of ``metrics.jsonl``)
 ``config``                the full training configuration (dataset names included)
+``best_test_acc``         the best score so far; ``best_epoch`` the epoch that reached it
+``data``, ``metadata``    the training data's identity (names, size, classes) and facts about the run
+``digest``                ``{"algorithm": "sha256", "tensors": hex}``: SHA-256 of every tensor above (its
+                          path, dtype, shape and bytes, in order); absent in files of sharpscope 0.1
 ``torch_version``, ``device``, ``sharpscope_version``, ``saved_at``
 ========================  ===========================================================================
 
-Files are written atomically (temporary file + ``os.replace``): a process killed while saving
-leaves the previous checkpoint intact. :func:`load_checkpoint` also accepts a bare ``state_dict``
+Files are serialised in memory, then written atomically (temporary file + ``os.replace``): a
+process killed while saving leaves the previous checkpoint intact, and a full disk raises an
+``OSError`` naming the file. On load, the zip archive's CRC-32s and the tensor digest are checked
+(``torch.load`` checks neither), so a flipped bit is refused instead of analysed; the fields are
+checked for their types; a FIFO or device is refused before it is opened. :func:`load_checkpoint` also accepts a bare ``state_dict``
 (given ``model=`` or ``spec=``), a ``{"state_dict": ...}`` dict (PyTorch Lightning) and strips the
 ``module.`` (DDP), ``model.`` (Lightning) and ``_orig_mod.`` (``torch.compile``) prefixes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
 import random
+import stat
 import time
 import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_output
+from .._io import atomic_write_bytes
+from .._validate import integer, number
 from .._version import __version__
 from ..errors import UserInputError
 from ..models import build_model
 
 FORMAT = "sharpscope-checkpoint"
 FORMAT_VERSION = 1
+DIGEST_KEY = "digest"
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
@@ -84,16 +98,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
 
-def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    """Write a checkpoint atomically; ``payload`` gets the format fields and is moved to the CPU."""
+def _tensors(obj: Any, name: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a nested dict/list structure with its path, in a fixed (insertion) order."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _tensors(value, f"{name}/{key!r}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _tensors(value, f"{name}/{i}")
+
+
+def tensor_digest(obj: Any) -> str:
+    """SHA-256 of every tensor in ``obj``: its path, dtype, shape and raw bytes, in traversal order.
+
+    A key named ``"digest"`` at the top level is left out (it holds this value in a checkpoint).
+    """
+    if isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if k != DIGEST_KEY}
+    digest = hashlib.sha256()
+    for name, tensor in _tensors(obj):
+        t = tensor.detach()
+        t = (t.to_dense() if t.layout != torch.strided else t).cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
+    """The bytes of a checkpoint file: ``payload`` on the CPU, the format fields and a tensor digest."""
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, "torch_version": str(torch.__version__),
             "sharpscope_version": str(__version__), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     full.update(to_cpu(payload))
+    full[DIGEST_KEY] = {"algorithm": "sha256", "tensors": tensor_digest(full)}
+    buffer = io.BytesIO()
+    torch.save(full, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically; ``payload`` gets the format fields and is moved to the CPU.
+
+    The file is serialised in memory first, so a full disk raises an ``OSError`` naming ``path``
+    (not a torch error) and leaves the previous file in place.
+    """
     target = Path(path)
     if target.is_dir():
         raise UserInputError(f"cannot write checkpoint {str(target)!r}: it is a directory")
-    with atomic_output(target) as tmp:
-        torch.save(full, tmp)
+    atomic_write_bytes(target, checkpoint_bytes(payload))
     return target
 
 
@@ -156,24 +209,110 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
     return state_dict
 
 
-def _read(path: Path, map_location: Any) -> Any:
-    if not path.exists():
-        raise UserInputError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir():
-        raise UserInputError(f"checkpoint {str(path)!r} is a directory; give a .pt file (e.g. {path}/last.pt)")
+def _open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading, refusing what is not a regular file before ``open`` could block on it."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError,
-            AttributeError, KeyError, IndexError) as exc:
-        text = str(exc).strip()
-        if "Weights only load failed" in text:
-            raise UserInputError(f"{str(path)!r} holds Python objects that safe loading (weights_only=True) refuses, "
-                                 f"e.g. a pickled model; save model.state_dict() instead") from None
-        first_line = text.splitlines()[0] if text else ""
-        # Some loader errors are bare numbers or keys ("105"); name the exception type then.
-        reason = first_line if len(first_line) > 12 else f"{type(exc).__name__}: {first_line}".rstrip(": ")
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserInputError(f"checkpoint {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise UserInputError(f"cannot read checkpoint {str(path)!r}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise UserInputError(f"checkpoint {str(path)!r} is a directory; give a .pt file (e.g. {path}/last.pt)")
+    if not stat.S_ISREG(mode):
+        raise UserInputError(f"checkpoint {str(path)!r} is not a regular file (a FIFO, socket or device); "
+                             f"give a .pt file")
+    try:
+        return open(path, "rb")  # noqa: SIM115 (closed by the caller)
+    except OSError as exc:
+        raise UserInputError(f"cannot read checkpoint {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def _check_archive(handle: BinaryIO, path: Path) -> None:
+    """Check the CRC-32 of every member of a zip checkpoint (``torch.load`` does not)."""
+    if not zipfile.is_zipfile(handle):
+        return  # a legacy (pre-zip) torch file, or not a torch file: torch.load decides
+    handle.seek(0)
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, OSError) as exc:
         raise UserInputError(f"{str(path)!r} is not a readable checkpoint (truncated, corrupted or not a "
-                             f"torch file): {reason[:200]}") from None
+                             f"torch file): {_first_line(exc)}") from None
+    if bad is not None:
+        raise UserInputError(f"{str(path)!r} is corrupted: archive member {bad!r} fails its CRC check (the bytes "
+                             f"changed after saving); use another copy of the checkpoint")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first_line = text.splitlines()[0] if text else ""
+    # Some loader errors are bare numbers or keys ("105"); name the exception type then.
+    return (first_line if len(first_line) > 12 else f"{type(exc).__name__}: {first_line}".rstrip(": "))[:200]
+
+
+def _read(path: Path, map_location: Any) -> Any:
+    with _open_regular(path) as handle:
+        _check_archive(handle, path)
+        handle.seek(0)
+        try:
+            return torch.load(handle, map_location=map_location, weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError,
+                AttributeError, KeyError, IndexError) as exc:
+            if "Weights only load failed" in str(exc):
+                raise UserInputError(f"{str(path)!r} holds Python objects that safe loading (weights_only=True) "
+                                     f"refuses, e.g. a pickled model; save model.state_dict() instead") from None
+            raise UserInputError(f"{str(path)!r} is not a readable checkpoint (truncated, corrupted or not a "
+                                 f"torch file): {_first_line(exc)}") from None
+
+
+def _verify_digest(raw: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose tensors no longer match the digest stored at save time (absent before 0.2)."""
+    stored = raw.get(DIGEST_KEY)
+    if stored is None:
+        return
+    if stored.get("algorithm") != "sha256":
+        raise UserInputError(f"{str(path)!r} has a digest of unknown algorithm {stored.get('algorithm')!r}; "
+                             f"upgrade sharpscope")
+    if tensor_digest(raw) != stored.get("tensors"):
+        raise UserInputError(f"{str(path)!r} is corrupted: its tensors do not match the SHA-256 digest stored in "
+                             f"it (the bytes changed after saving); use another copy of the checkpoint")
+
+
+def _check_fields(raw: dict[str, Any], path: Path) -> None:
+    """Validate the fields of a sharpscope checkpoint (types a hand-edited or foreign file may break)."""
+    def kinds(key: str, allowed: tuple[type, ...], what: str) -> None:
+        value = raw.get(key)
+        if value is not None and not isinstance(value, allowed):
+            raise UserInputError(f"{key} must be {what}; got {type(value).__name__} {value!r:.60}")
+
+    try:
+        for key in ("format_version", "epoch", "step"):
+            if key in raw:
+                integer(raw[key], key, minimum=0)
+        for key in ("optimizer_config", "config", "optimizer_state", "scheduler_state", "rng", "data", "metadata",
+                    DIGEST_KEY, "model_spec"):
+            kinds(key, (dict,), "a dict")
+        kinds("history", (list,), "a list of per-epoch dicts")
+        if not all(isinstance(row, dict) for row in raw.get("history") or []):
+            raise UserInputError("history must be a list of per-epoch dicts")
+        if raw.get("best_test_acc") is not None:
+            number(raw["best_test_acc"], "best_test_acc")
+        if raw.get("best_epoch") is not None:
+            integer(raw["best_epoch"], "best_epoch", minimum=0)
+        if raw.get("model_spec") is not None:
+            _check_spec(raw["model_spec"])
+    except UserInputError as exc:
+        raise UserInputError(f"{str(path)!r} has a malformed field: {exc} (the file was edited or not written by "
+                             f"sharpscope)") from None
+
+
+def _check_spec(spec: dict[str, Any]) -> None:
+    if not isinstance(spec.get("name"), str):
+        raise UserInputError(f"model_spec name must be a string; got {spec.get('name')!r}")
+    integer(spec.get("num_classes"), "model_spec num_classes")
+    if not isinstance(spec.get("kwargs") or {}, dict):
+        raise UserInputError(f"model_spec kwargs must be a dict; got {spec.get('kwargs')!r:.60}")
 
 
 def _weights_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -228,19 +367,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu", mod
         UserInputError: missing, truncated or foreign file, or weights for another architecture.
     """
     path = Path(path)
-    obj = _read(path, map_location)
-    weights = _weights_of(obj, path)
-    raw = obj if isinstance(obj, dict) and obj.get("format") == FORMAT else {}
-    if raw and raw.get("format_version", 0) > FORMAT_VERSION:
-        raise UserInputError(f"{str(path)!r} has checkpoint format {raw['format_version']}, newer than this "
-                             f"sharpscope understands ({FORMAT_VERSION}); upgrade sharpscope")
+    weights, raw = read_checkpoint(path, map_location)
     spec = spec if spec is not None else raw.get("model_spec")
     if model is None and spec is not None:
-        try:
-            model = build_model(spec["name"], int(spec["num_classes"]), **dict(spec.get("kwargs") or {}))
-        except (KeyError, TypeError) as exc:
-            raise UserInputError(f"model spec {spec!r} is malformed ({exc}); expected name, num_classes, kwargs") \
-                from None
+        model = _build(spec)
     if model is not None:
         load_state_into(model, weights, f"checkpoint {str(path)!r}")
         if isinstance(map_location, (str, torch.device)):
@@ -252,6 +382,37 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu", mod
     else:
         raise UserInputError(f"{str(path)!r} is a bare state_dict: pass model= (an nn.Module) or spec= "
                              f"({{'name', 'num_classes', 'kwargs'}}) to load_checkpoint")
-    return Checkpoint(path=path, model=model, spec=spec, state_dict=weights, history=list(raw.get("history", [])),
-                      optimizer_config=dict(raw.get("optimizer_config", {})), epoch=int(raw.get("epoch", 0)),
+    return Checkpoint(path=path, model=model, spec=spec, state_dict=weights, history=list(raw.get("history") or []),
+                      optimizer_config=dict(raw.get("optimizer_config") or {}), epoch=int(raw.get("epoch", 0)),
                       step=int(raw.get("step", 0)), raw=raw)
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu"
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(weights, raw)`` of a checkpoint file, checked (archive CRCs, tensor digest, field types).
+
+    ``raw`` is the stored dict of a sharpscope checkpoint, or ``{}`` for a bare ``state_dict``.
+    """
+    path = Path(path)
+    obj = _read(path, map_location)
+    weights = _weights_of(obj, path)
+    raw = obj if isinstance(obj, dict) and obj.get("format") == FORMAT else {}
+    if raw:
+        _check_fields(raw, path)
+        if raw.get("format_version", 0) > FORMAT_VERSION:
+            raise UserInputError(f"{str(path)!r} has checkpoint format {raw['format_version']}, newer than this "
+                                 f"sharpscope understands ({FORMAT_VERSION}); upgrade sharpscope")
+        _verify_digest(raw, path)
+    return weights, raw
+
+
+def _build(spec: Any) -> nn.Module:
+    """The zoo model of a spec (``{"name", "num_classes", "kwargs"}``), with one-line errors."""
+    try:
+        _check_spec(spec)
+        return build_model(spec["name"], int(spec["num_classes"]), **dict(spec.get("kwargs") or {}))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UserInputError(f"model spec {spec!r:.200} is malformed ({exc}); expected name, num_classes, "
+                             f"kwargs") from None
+    except (RuntimeError, MemoryError) as exc:  # e.g. a spec too large to allocate
+        raise UserInputError(f"cannot build the model of spec {spec!r:.200}: {_first_line(exc)}") from None

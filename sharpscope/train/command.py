@@ -2,13 +2,16 @@
 
 Precedence of settings: :class:`TrainConfig` defaults < ``--preset paper`` < explicit flags.
 With ``--resume`` the run's stored configuration, model and dataset are used, and explicit flags
-(typically a larger ``--epochs``) override it.
+may override what does not change the weights (typically a larger ``--epochs``); another dataset or
+a flag that changes the run (``--lr``, ``--optimizer``, ...) is refused. A run killed at any instant
+resumes to the files of an uninterrupted run; a complete run is only checked and completed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,9 @@ from ..errors import UserInputError
 from ..models import MODEL_NAMES, build_model, canonical_model_name
 from .checkpoint import load_checkpoint
 from .config import AMP_MODES, BASE_NAMES, OPTIMIZER_NAMES, PAPER_PRESET, SCHEDULES, TrainConfig
+from .layout import RunLayout
 from .loop import fit
+from .run_folder import RunFolder
 
 # flag destination -> TrainConfig field (all default to None so that "not given" is visible).
 _CONFIG_FLAGS = ("optimizer", "base", "lr", "momentum", "weight_decay", "rho", "percentile", "epochs", "batch_size",
@@ -111,57 +116,84 @@ def _check_names(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_names(args)
-    stored: dict[str, Any] = {}
     if args.resume:
-        if args.out is None:
-            raise UserInputError("--resume needs --out, the run folder holding last.pt")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the run")
-        if not (out / "last.pt").is_file():
-            raise UserInputError(f"nothing to resume: {str(out / 'last.pt')!r} does not exist")
-        ckpt = load_checkpoint(out / "last.pt")
-        stored = ckpt.raw
-        if ckpt.spec is None:
-            raise UserInputError(f"{str(out / 'last.pt')!r} has no model spec; resume it from Python with fit()")
-        base_config = TrainConfig.from_dict(stored.get("config", {}))
-        dataset = args.dataset or stored.get("metadata", {}).get("dataset", "digits")
-        data_root = args.data_root or stored.get("metadata", {}).get("data_root")
+        out, stored, epochs_done = _stored_run(args)
+        dataset, data_root = _resumed_dataset(args, stored)
+        config = _config_from(args, TrainConfig.from_dict(stored.get("config") or {}))
     else:
-        base_config = TrainConfig()
-        dataset = args.dataset or "digits"
-        data_root = args.data_root
-    dataset = canonical_dataset_name(dataset)
-    config = _config_from(args, base_config)
-    if not args.resume:
+        epochs_done, dataset, data_root = 0, canonical_dataset_name(args.dataset or "digits"), args.data_root
+        config = _config_from(args, TrainConfig())
         name = canonical_model_name(args.model or ("mlp" if dataset == "digits" else "resnet20"))
-        out = Path(args.out or f"runs/{dataset}-{name}-{config.optimizer}-s{config.seed}")
-        if out.exists() and not out.is_dir():
-            raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the run")
-        if (out / "last.pt").exists():  # fail before reading a large dataset
-            raise UserInputError(f"--out {str(out)!r} already holds a run (last.pt); pass --resume to continue it "
-                                 f"or choose another folder")
+        out = _fresh_out(args, dataset, name, config)
     train_data = load_dataset(dataset, root=data_root, train=True)
     test_data = load_dataset(dataset, root=data_root, train=False)
+    torch.manual_seed(config.seed)  # the initialisation is part of the run's seed
     if args.resume:
-        spec = stored["model_spec"]
-        if args.model is not None and canonical_model_name(args.model) != spec["name"]:
-            raise UserInputError(f"--model {args.model} differs from the run's model {spec['name']}; drop --model")
-        model = build_model(spec["name"], spec["num_classes"], **spec["kwargs"])
+        model = build_model(stored["model_spec"]["name"], stored["model_spec"]["num_classes"],
+                            **dict(stored["model_spec"].get("kwargs") or {}))
     else:
-        torch.manual_seed(config.seed)  # the initialisation is part of the run's seed
         model = build_model(name, train_data.num_classes, **_model_kwargs(name, train_data))
+    result = fit(model, train_data, test_data, config, out=out, resume=bool(args.resume), on_epoch=_reporter(args),
+                 metadata={"dataset": dataset, "data_root": str(data_root) if data_root is not None else None})
+    if epochs_done == config.epochs:
+        print(f"sharpscope train: the run in {out} already had its {epochs_done} epochs; nothing trained, its files "
+              f"were checked and completed", file=sys.stderr, flush=True)
+    last = result.history[-1] if result.history else {}
+    best = result.best_test_acc if result.best_test_acc is not None else float("nan")
+    print(f"done: {config.optimizer} on {dataset}, {last.get('epoch', 0)} epochs, test acc "
+          f"{last.get('test_acc', float('nan')):.4f} (best {best:.4f}); run folder {out}")
+    return 0
 
+
+def _stored_run(args: argparse.Namespace) -> tuple[Path, dict[str, Any], int]:
+    """``(run folder, stored run description, epochs done)`` from ``last.pt``, else from ``config.json``
+    (a run killed before its first epoch was committed starts over)."""
+    if args.out is None:
+        raise UserInputError("--resume needs --out, the run folder holding last.pt")
+    layout = RunLayout(args.out)
+    if layout.folder.exists() and not layout.folder.is_dir():
+        raise UserInputError(f"--out {str(layout.folder)!r} is a file; give a folder for the run")
+    if layout.last.exists():
+        ckpt = load_checkpoint(layout.last)
+        stored, epochs_done = ckpt.raw, ckpt.epoch
+    else:
+        document = RunFolder(layout.folder).read_config()
+        if document is None:
+            raise UserInputError(f"nothing to resume: {str(layout.last)!r} does not exist")
+        stored, epochs_done = document, 0
+    if not isinstance(stored.get("model_spec"), dict):
+        raise UserInputError(f"the run in {str(layout.folder)!r} has no model spec; resume it from Python with fit()")
+    if args.model is not None and canonical_model_name(args.model) != stored["model_spec"].get("name"):
+        raise UserInputError(f"--model {args.model} differs from the run's model {stored['model_spec'].get('name')}; "
+                             f"drop --model")
+    return layout.folder, stored, epochs_done
+
+
+def _resumed_dataset(args: argparse.Namespace, stored: dict[str, Any]) -> tuple[str, Any]:
+    """The run's dataset and data root (a ``--dataset`` other than the run's is refused before any loading)."""
+    metadata = stored.get("metadata") or {}
+    dataset = canonical_dataset_name(metadata.get("dataset") or "digits")
+    if args.dataset is not None and canonical_dataset_name(args.dataset) != dataset:
+        raise UserInputError(f"--dataset {args.dataset} differs from the run's dataset {dataset}; drop --dataset to "
+                             f"resume (or start a new run in another --out)")
+    return dataset, args.data_root or metadata.get("data_root")
+
+
+def _fresh_out(args: argparse.Namespace, dataset: str, name: str, config: TrainConfig) -> Path:
+    layout = RunLayout(args.out or f"runs/{dataset}-{name}-{config.optimizer}-s{config.seed}")
+    if layout.folder.exists() and not layout.folder.is_dir():
+        raise UserInputError(f"--out {str(layout.folder)!r} is a file; give a folder for the run")
+    if layout.last.exists():  # fail before reading a large dataset
+        raise UserInputError(f"--out {str(layout.folder)!r} already holds a run (last.pt); pass --resume to continue "
+                             f"it or choose another folder")
+    return layout.folder
+
+
+def _reporter(args: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
     def report(row: dict[str, Any]) -> None:
         if not args.quiet:
             print(f"epoch {row['epoch']:>4}  lr {row['lr']:.3g}  train loss {row['train_loss']:.4f} "
                   f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}  "
                   f"{row['images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
 
-    result = fit(model, train_data, test_data, config, out=out, resume=bool(args.resume), on_epoch=report,
-                 metadata={"dataset": dataset, "data_root": str(data_root) if data_root is not None else None})
-    last = result.history[-1] if result.history else {}
-    print(f"done: {config.optimizer} on {dataset}, {last.get('epoch', 0)} epochs, test acc "
-          f"{last.get('test_acc', float('nan')):.4f} (best {result.best_test_acc:.4f}); run folder {out}")
-    return 0
-
+    return report

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validate import choice, integer, number, positive_int, positive_number
 from ..errors import UserInputError
 
 OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adam", "adamw", "sam", "asam", "zsharp", "fsam")
@@ -76,31 +77,31 @@ class TrainConfig:
         return float(self.rho) if self.rho is not None else DEFAULT_RHO[self.optimizer]
 
     def validate(self) -> TrainConfig:
-        """Raise :class:`UserInputError` naming the first bad field."""
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise UserInputError(message)
-
-        need(self.optimizer in OPTIMIZER_NAMES, f"unknown optimizer {self.optimizer!r}; choose one of: "
-                                                f"{', '.join(OPTIMIZER_NAMES)}")
-        need(self.base in BASE_NAMES, f"unknown base optimizer {self.base!r}; choose one of: {', '.join(BASE_NAMES)}")
-        need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-        need(self.amp in AMP_MODES, f"unknown amp mode {self.amp!r}; choose one of: {', '.join(AMP_MODES)}")
-        need(self.base_lr > 0 and math.isfinite(self.base_lr), f"lr must be a positive number, got {self.lr}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
-        need(self.rho is None or self.rho > 0, f"rho must be > 0, got {self.rho}")
-        need(0 < self.percentile < 1, f"percentile must be in (0, 1), e.g. 0.95; got {self.percentile}")
-        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        need(self.step_size >= 1, f"step_size must be >= 1, got {self.step_size}")
-        need(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
-        need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
-        need(self.log_mask_every >= 0, f"log_mask_every must be >= 0, got {self.log_mask_every}")
-        need(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}")
+        """Raise :class:`UserInputError` naming the first bad field (one line)."""
+        choice(self.optimizer, "optimizer", OPTIMIZER_NAMES)
+        choice(self.base, "base optimizer", BASE_NAMES)
+        choice(self.schedule, "schedule", SCHEDULES)
+        choice(self.amp, "amp mode", AMP_MODES)
+        positive_number(self.base_lr, "lr")
+        number(self.weight_decay, "weight_decay", minimum=0.0)
+        number(self.momentum, "momentum", minimum=0.0)
+        if self.momentum >= 1:
+            raise UserInputError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.rho is not None:
+            positive_number(self.rho, "rho")
+        if not 0 < number(self.percentile, "percentile") < 1:
+            raise UserInputError(f"percentile must be in (0, 1), e.g. 0.95; got {self.percentile}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "step_size"):
+            positive_int(getattr(self, name), name)
+        for name in ("log_mask_every", "save_every"):
+            integer(getattr(self, name), name, minimum=0)
+        integer(self.seed, "seed", minimum=None)
+        number(self.warmup_epochs, "warmup_epochs", minimum=0.0)
+        number(self.gamma, "gamma", minimum=0.0, maximum=1.0, strict_minimum=True)
+        if not 0 <= number(self.label_smoothing, "label_smoothing", minimum=0.0) < 1:
+            raise UserInputError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.grad_clip is not None:
+            positive_number(self.grad_clip, "grad_clip")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +116,32 @@ class TrainConfig:
         if "betas" in kwargs:
             kwargs["betas"] = tuple(kwargs["betas"])
         return cls(**kwargs)
+
+
+#: Fields a resumed run may change: they do not change the weights it computes (they set its length,
+#: where and how fast it runs, and what it logs or keeps). Every other field defines the run.
+RESUMABLE_FIELDS: tuple[str, ...] = ("epochs", "eval_batch_size", "device", "compile", "channels_last",
+                                     "log_mask_every", "save_every", "progress")
+
+
+def _defining(config: TrainConfig) -> dict[str, Any]:
+    values = config.to_dict()
+    values["lr"], values["rho"] = config.base_lr, config.effective_rho  # None means the default value
+    return {k: v for k, v in values.items() if k not in RESUMABLE_FIELDS}
+
+
+def resume_conflicts(stored: dict[str, Any], current: TrainConfig) -> list[str]:
+    """``"lr (run: 0.05, now: 0.1)"`` for every run-defining field where ``current`` differs from ``stored``.
+
+    Raises:
+        UserInputError: ``stored`` is not a training configuration.
+    """
+    try:
+        old = _defining(TrainConfig.from_dict(stored))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise UserInputError(f"the stored training configuration is malformed ({exc})") from None
+    new = _defining(current)
+    return [f"{k} (run: {old[k]!r}, now: {new[k]!r})" for k in new if old.get(k) != new[k]]
 
 
 #: The recipe of the ZSharp paper's code (REFERENCE.md, "Training recipe"). Augmentation follows the dataset:

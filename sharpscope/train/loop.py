@@ -17,30 +17,40 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._io import atomic_write_text
 from .._progress import progress
+from ..analysis.evaluation import LossAndAccuracy, full_data_loss
 from ..data.dataset import TensorData
 from ..errors import UserInputError
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import SHARPNESS_AWARE, TrainConfig, build_optimizer, lr_factor
-from .metrics import MASKS_FILE, METRICS_FILE, MaskLog, write_metrics
+from .checkpoint import checkpoint_bytes, load_checkpoint, rng_state, set_rng_state
+from .config import (
+    RESUMABLE_FIELDS,
+    SHARPNESS_AWARE,
+    TrainConfig,
+    build_optimizer,
+    lr_factor,
+    resume_conflicts,
+)
+from .layout import RunLayout
+from .metrics import MaskLog
+from .run_folder import RunFolder
 
 
 class TrainingDiverged(UserInputError):
-    """The training loss became NaN or infinite (usually: learning rate or rho too large)."""
+    """The train or test loss or the weights became NaN or infinite (usually: learning rate or rho too large)."""
 
 
 @dataclass
@@ -77,27 +87,45 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
+class _EvalBatches(Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    """The evaluation batches of ``data`` in order, built on demand (never all held at once)."""
+
+    def __init__(self, data: TensorData, batch_size: int, device: torch.device, channels_last: bool) -> None:
+        self.data, self.batch_size, self.device, self.channels_last = data, batch_size, device, channels_last
+
+    def __len__(self) -> int:
+        return self.data.num_batches(self.batch_size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        x = self.data.normalized(self.data.inputs[rows].to(self.device))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.data.targets[rows].to(self.device)
+
+
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.float(), y)
+
+
 def evaluate(model: nn.Module, data: TensorData, batch_size: int = 1024, device: torch.device | None = None,
              amp: str = "off", channels_last: bool = False) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``data`` (eval mode inside, train flag restored)."""
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` (eval mode inside, train flag restored).
+
+    The loss is ``sum_b (n_b / N) CE_b`` (:func:`sharpscope.analysis.evaluation.full_data_loss`).
+    """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
     try:
-        for x, y in data.batches(batch_size, shuffle=False, augment=False, device=device):
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, amp):
-                out = model(x)
-            loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
-            correct += (out.argmax(1) == y).sum()
+        result = full_data_loss(model, _cross_entropy, _EvalBatches(data, batch_size, device, channels_last),
+                                with_accuracy=True, context=lambda: _autocast(device, amp))
     finally:
         model.train(was_training)
-    n = max(len(data), 1)
-    return float(loss_sum) / n, float(correct) / n
+    assert isinstance(result, LossAndAccuracy)
+    return result.loss, result.accuracy
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -156,22 +184,49 @@ class TrainStep:
         return loss.detach(), out.detach(), masks
 
 
-def _prepare_out(out: Path | None, resume: bool | str | Path) -> Path | None:
-    if out is None:
-        return None
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the run")
-    if not resume and (out / "last.pt").exists():
-        raise UserInputError(f"--out {str(out)!r} already holds a run (last.pt); pass --resume to continue it "
-                             f"or choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+@dataclass
+class _Run:
+    """The state one call of :func:`fit` works on: model, optimizer, data, logs and progress."""
+
+    model: nn.Module
+    config: TrainConfig
+    device: torch.device
+    spec: dict[str, Any] | None
+    metadata: dict[str, Any]
+    train_data: TensorData
+    test_data: TensorData | None
+    folder: RunFolder | None
+    optimizer: torch.optim.Optimizer = field(init=False)
+    optimizer_config: dict[str, Any] = field(init=False)
+    masks: MaskLog = field(init=False)
+    identity: dict[str, Any] = field(init=False)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epochs_done: int = 0
+    step: int = 0
+    best: float | None = None
+    best_epoch: int | None = None
+    forward: nn.Module | None = None
+    stepper: TrainStep | None = None
+
+    def __post_init__(self) -> None:
+        # numpy's and python's generators too: checkpoints store them, so they must not depend on the process.
+        torch.manual_seed(self.config.seed)
+        np.random.seed(self.config.seed % 2**32)
+        random.seed(self.config.seed)
+        self.model.to(self.device)
+        if self.config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer, self.optimizer_config = build_optimizer(self.model, self.config)
+        self.masks = MaskLog(self.folder.layout.masks if self.folder is not None else None)
+        self.identity = {"train": self.train_data.name,
+                         "test": self.test_data.name if self.test_data is not None else None,
+                         "train_size": len(self.train_data), "num_classes": self.train_data.num_classes}
 
 
 def fit(model: nn.Module, train_data: TensorData, test_data: TensorData | None = None,
         config: TrainConfig | None = None, *, out: str | Path | None = None, resume: bool | str | Path = False,
-        spec: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        **overrides: Any) -> FitResult:
+        spec: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None, **overrides: Any) -> FitResult:
     """Train ``model`` on ``train_data``, evaluating on ``test_data`` after every epoch.
 
     Args:
@@ -180,21 +235,41 @@ def fit(model: nn.Module, train_data: TensorData, test_data: TensorData | None =
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields
             (``fit(model, train, test, optimizer="zsharp", epochs=5)``).
         out: run folder for ``last.pt``, ``best.pt``, ``epoch_XXXX.pt``, ``metrics.jsonl``, ``masks.csv``
-            and ``config.json``; None keeps everything in memory.
-        resume: True continues from ``out/last.pt``; a path continues from that checkpoint. Training
-            then runs up to ``config.epochs`` in total.
+            and ``config.json``; None keeps everything in memory. One process at a time writes it.
+        resume: True continues the run in ``out`` (from ``last.pt``; from the start when it was
+            killed before its first epoch was committed) and first completes files a crash left
+            missing; a path continues from that checkpoint. Training then runs up to ``config.epochs``
+            in total; a run that already has them is only completed. The dataset and every setting
+            that changes the weights must be those of the run (:data:`~sharpscope.train.config.RESUMABLE_FIELDS`
+            may change).
         spec: model spec stored in checkpoints (default: ``model.sharpscope_spec`` set by
             :func:`sharpscope.models.build_model`), so :func:`sharpscope.load_checkpoint` can rebuild it.
         metadata: JSON-able facts about the run stored in checkpoints and ``config.json`` (e.g. dataset root).
-        on_epoch: called with each epoch's metrics row after its checkpoint is written.
+        on_epoch: called with each epoch's metrics row after its files are written.
 
     Returns:
         :class:`FitResult` with the model, the per-epoch history and the mask statistics.
 
     Raises:
-        UserInputError: bad configuration or run folder; :class:`TrainingDiverged` on a non-finite loss.
+        UserInputError: bad configuration, run folder or resume; :class:`TrainingDiverged` on a non-finite
+            loss or weights (nothing of that epoch is written). OSError: a file could not be written (full
+            disk, read-only folder); the message names it and the folder stays resumable.
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides).validate()
+    device, spec = _check_inputs(model, train_data, config, spec)
+    if out is None:
+        if resume is True:
+            raise UserInputError("resume=True needs out= (the run folder holding last.pt)")
+        run = _Run(model, config, device, spec, dict(metadata or {}), train_data, test_data, None)
+        return _fit(run, resume, on_epoch)
+    folder = RunFolder(Path(out))
+    with folder.locked():
+        run = _Run(model, config, device, spec, dict(metadata or {}), train_data, test_data, folder)
+        return _fit(run, resume, on_epoch)
+
+
+def _check_inputs(model: nn.Module, train_data: TensorData, config: TrainConfig, spec: dict[str, Any] | None
+                  ) -> tuple[torch.device, dict[str, Any] | None]:
     if len(train_data) == 0:
         raise UserInputError("the training data is empty")
     device = resolve_device(config.device)
@@ -202,110 +277,199 @@ def fit(model: nn.Module, train_data: TensorData, test_data: TensorData | None =
     if spec is not None and spec.get("num_classes") not in (None, train_data.num_classes):
         raise UserInputError(f"the model has {spec['num_classes']} outputs but {train_data.name} has "
                              f"{train_data.num_classes} classes")
-    out_dir = _prepare_out(Path(out) if out is not None else None, resume)
-    torch.manual_seed(config.seed)
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer, optimizer_config = build_optimizer(model, config)
+    return device, spec
 
-    history: list[dict[str, Any]] = []
-    start_epoch, step, best = 0, 0, None
-    masks = MaskLog(out_dir / MASKS_FILE if out_dir is not None else None)
-    if resume:
-        source = out_dir / "last.pt" if resume is True and out_dir is not None else Path(str(resume))
-        if resume is True and out_dir is None:
-            raise UserInputError("resume=True needs out= (the run folder holding last.pt)")
-        ckpt = load_checkpoint(source, map_location=device, model=model)
-        if ckpt.is_bare:
-            raise UserInputError(f"{str(source)!r} holds only weights; resuming needs a checkpoint written by fit")
-        saved = ckpt.optimizer_config
-        if (saved.get("name"), saved.get("base")) != (optimizer_config["name"], optimizer_config["base"]):
-            raise UserInputError(f"{str(source)!r} was trained with {saved.get('name')}/{saved.get('base')}, not "
-                                 f"{optimizer_config['name']}/{optimizer_config['base']}; resume with the same optimizer")
-        optimizer.load_state_dict(ckpt.optimizer_state)
-        start_epoch, step, history = ckpt.epoch, ckpt.step, list(ckpt.history)
-        best = ckpt.raw.get("best_test_acc")
-        set_rng_state(ckpt.rng)
-        masks.load(up_to_step=step)
-        model.train()
-        if start_epoch >= config.epochs:
-            raise UserInputError(f"{str(source)!r} already has {start_epoch} epochs; pass more --epochs to continue")
 
-    if device.type == "cuda":  # keep the uint8 images in device memory, augment there
-        train_data = train_data.to(device)
-        test_data = test_data.to(device) if test_data is not None else None
-    forward = torch.compile(model) if config.compile else model
-    stepper = TrainStep(model, forward, optimizer, config, device)
-    steps_per_epoch = train_data.num_batches(config.batch_size)
-    identity = {"train": train_data.name, "test": test_data.name if test_data is not None else None,
-                "train_size": len(train_data), "num_classes": train_data.num_classes}
-    if out_dir is not None:
-        atomic_write_text(out_dir / "config.json", json.dumps(
-            {"config": config.to_dict(), "model_spec": spec, "optimizer": optimizer_config, "data": identity,
-             "metadata": metadata or {}},
-            indent=2, default=str))
-
-    model.train()
-    for epoch in range(start_epoch, config.epochs):
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        batches = train_data.batches(config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
-                                     augment=config.augment, device=device)
-        bar = progress(batches, enabled=config.progress, total=steps_per_epoch,
-                       desc=f"epoch {epoch + 1}/{config.epochs}")
-        lr = config.base_lr
-        for i, (x, y) in enumerate(bar):
-            lr = config.base_lr * lr_factor(config, step, steps_per_epoch)
-            _set_lr(optimizer, lr)
-            if config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            log_masks = (config.optimizer == "zsharp" and config.log_mask_every > 0
-                         and step % config.log_mask_every == 0)
-            loss, logits, stats = stepper(x, y, log_masks)
-            if stats is not None:
-                masks.add(step, epoch, stats)
-            loss_sum += loss.double() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            step += 1
-            if config.progress and hasattr(bar, "set_postfix") and (i % 20 == 0 or i == steps_per_epoch - 1):
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{float(correct) / seen:.3f}",
-                                img_s=f"{seen / elapsed:.0f}", refresh=False)
-        train_loss, train_acc = float(loss_sum) / seen, float(correct) / seen  # synchronises the device
-        train_time = time.perf_counter() - start
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"training diverged: non-finite train loss in epoch {epoch + 1}; lower --lr "
-                                   f"(now {config.base_lr}) or --rho; the last good checkpoint is kept")
-        test_loss = test_acc = float("nan")
-        if test_data is not None:
-            test_loss, test_acc = evaluate(forward, test_data, config.eval_batch_size, device, config.amp,
-                                           config.channels_last)
-        history.append({"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                        "test_loss": test_loss, "test_acc": test_acc, "time_s": time.perf_counter() - start,
-                        "images_per_s": seen / max(train_time, 1e-9)})
-        score = test_acc if test_data is not None else train_acc
-        improved = best is None or score > best
-        best = score if improved else best
-        if out_dir is not None:
-            payload = {"model_spec": spec, "state_dict": model.state_dict(), "optimizer_config": optimizer_config,
-                       "optimizer_state": optimizer.state_dict(),
-                       "scheduler_state": {"schedule": config.schedule, "step": step, "lr": lr,
-                                           "steps_per_epoch": steps_per_epoch},
-                       "epoch": epoch + 1, "step": step, "rng": rng_state(), "history": history,
-                       "config": config.to_dict(), "data": identity, "best_test_acc": best,
-                       "device": str(device), "metadata": metadata or {}}
-            write_metrics(out_dir / METRICS_FILE, history)
-            masks.write()
-            save_checkpoint(out_dir / "last.pt", payload)
-            if improved:
-                save_checkpoint(out_dir / "best.pt", payload)
-            if config.save_every and (epoch + 1) % config.save_every == 0:
-                save_checkpoint(out_dir / f"epoch_{epoch + 1:04d}.pt", payload)
+def _fit(run: _Run, resume: bool | str | Path, on_epoch: Callable[[dict[str, Any]], None] | None) -> FitResult:
+    """Restore or start, complete the folder, then train the remaining epochs."""
+    _restore_or_start(run, resume)
+    _prepare_training(run)
+    for epoch in range(run.epochs_done, run.config.epochs):
+        row = _run_epoch(run, epoch)
         if on_epoch is not None:
-            on_epoch(history[-1])
-    return FitResult(model=model, history=history, best_test_acc=best if test_data is not None else None,
-                     out=out_dir, masks=masks.frame())
+            on_epoch(row)
+    return FitResult(model=run.model, history=run.history,
+                     best_test_acc=run.best if run.test_data is not None else None,
+                     out=run.folder.folder if run.folder is not None else None, masks=run.masks.frame())
+
+
+def _restore_or_start(run: _Run, resume: bool | str | Path) -> None:
+    """Load the checkpoint to resume from (if any), check it belongs to this run, and recover the folder."""
+    layout = run.folder.layout if run.folder is not None else None
+    if layout is not None and not resume and layout.last.exists():
+        raise UserInputError(f"--out {str(layout.folder)!r} already holds a run (last.pt); pass --resume to "
+                             f"continue it or choose another folder")
+    source = Path(str(resume)) if resume and resume is not True else None
+    if resume is True and layout is not None and layout.last.exists():
+        source = layout.last
+    raw: dict[str, Any] = {}
+    if source is not None:
+        raw = _restore(run, source)
+    elif resume is True:
+        _check_started_run(run)
+    if run.epochs_done > run.config.epochs:
+        raise UserInputError(f"{str(source)!r} already has {run.epochs_done} epochs, more than the {run.config.epochs}"
+                             f" asked for; pass --epochs {run.epochs_done} or more")
+    if run.folder is not None:
+        committed = layout is not None and source is not None and source.resolve() == layout.last.resolve()
+        run.folder.recover(layout.last.read_bytes() if committed else None, raw, run.config.save_every, run.masks)
+
+
+def _check_started_run(run: _Run) -> None:
+    """``resume`` of a run killed before its first epoch was committed: it starts over, if it is the same run."""
+    assert run.folder is not None
+    stored = run.folder.read_config()
+    if stored is None:
+        raise UserInputError(f"nothing to resume: {str(run.folder.layout.last)!r} does not exist (and no "
+                             f"{RunLayout.CONFIG} of a started run); start the run without --resume")
+    _check_same_run(run, stored.get("config"), stored.get("data"), str(run.folder.layout.config))
+
+
+def _restore(run: _Run, source: Path) -> dict[str, Any]:
+    """Load ``source`` into the model, optimizer, RNGs and logs of ``run``; return the stored dict."""
+    ckpt = load_checkpoint(source, map_location=run.device, model=run.model)
+    if ckpt.is_bare or ckpt.optimizer_state is None or ckpt.rng is None:
+        raise UserInputError(f"{str(source)!r} holds only weights; resuming needs a checkpoint written by fit")
+    saved = ckpt.optimizer_config
+    if (saved.get("name"), saved.get("base")) != (run.optimizer_config["name"], run.optimizer_config["base"]):
+        raise UserInputError(f"{str(source)!r} was trained with {saved.get('name')}/{saved.get('base')}, not "
+                             f"{run.optimizer_config['name']}/{run.optimizer_config['base']}; resume with the same "
+                             f"optimizer")
+    _check_same_run(run, ckpt.config, ckpt.raw.get("data"), str(source))
+    run.optimizer.load_state_dict(ckpt.optimizer_state)
+    run.epochs_done, run.step, run.history = ckpt.epoch, ckpt.step, list(ckpt.history)
+    run.best, run.best_epoch = ckpt.raw.get("best_test_acc"), ckpt.raw.get("best_epoch")
+    set_rng_state(ckpt.rng)
+    run.model.train()
+    return ckpt.raw
+
+
+def _check_same_run(run: _Run, stored_config: Any, stored_data: Any, where: str) -> None:
+    """Refuse to resume with another dataset or another setting that changes the weights."""
+    if stored_config:
+        conflicts = resume_conflicts(stored_config, run.config)
+        if conflicts:
+            raise UserInputError(f"cannot resume {where!r} with other settings: {'; '.join(conflicts)}; resume with "
+                                 f"the run's settings (only {', '.join(RESUMABLE_FIELDS)} may change) or start a "
+                                 f"new run")
+    if isinstance(stored_data, dict) and any(stored_data.get(k) != v for k, v in run.identity.items()):
+        def shown(d: dict[str, Any]) -> str:
+            return f"{d.get('train')} ({d.get('train_size')} examples, {d.get('num_classes')} classes)"
+
+        raise UserInputError(f"cannot resume {where!r} on other data: the run was trained on {shown(stored_data)}, "
+                             f"not {shown(run.identity)}; resume with the run's dataset")
+
+
+def _prepare_training(run: _Run) -> None:
+    """Data on the device, the (compiled) forward, the step, and ``config.json``."""
+    if run.device.type == "cuda":  # keep the uint8 images in device memory, augment there
+        run.train_data = run.train_data.to(run.device)
+        run.test_data = run.test_data.to(run.device) if run.test_data is not None else None
+    run.forward = torch.compile(run.model) if run.config.compile else run.model
+    run.stepper = TrainStep(run.model, run.forward, run.optimizer, run.config, run.device)
+    if run.folder is not None:
+        run.folder.write_config({"config": run.config.to_dict(), "model_spec": run.spec,
+                                 "optimizer": run.optimizer_config, "data": run.identity, "metadata": run.metadata})
+    run.model.train()
+
+
+def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
+    """Train, check for divergence, evaluate, and commit one epoch; return its metrics row."""
+    start = time.perf_counter()
+    train_loss, train_acc, lr, seen = _train_epoch(run, epoch, start)
+    train_time = time.perf_counter() - start
+    if not math.isfinite(train_loss):
+        raise _diverged(run, epoch, lr, "train loss")
+    bad = _non_finite_tensors(run.model)
+    if bad:
+        raise _diverged(run, epoch, lr, f"weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
+    test_loss = test_acc = float("nan")
+    if run.test_data is not None:
+        assert run.forward is not None
+        test_loss, test_acc = evaluate(run.forward, run.test_data, run.config.eval_batch_size, run.device,
+                                       run.config.amp, run.config.channels_last)
+        if not math.isfinite(test_loss):
+            raise _diverged(run, epoch, lr, "test loss")
+    row = {"epoch": epoch + 1, "step": run.step, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+           "test_loss": test_loss, "test_acc": test_acc, "time_s": time.perf_counter() - start,
+           "images_per_s": seen / max(train_time, 1e-9)}
+    _commit(run, row, lr)
+    return row
+
+
+def _train_epoch(run: _Run, epoch: int, start: float) -> tuple[float, float, float, int]:
+    """One pass over the shuffled training data: ``(mean loss, accuracy, last lr, examples seen)``."""
+    config, device = run.config, run.device
+    assert run.stepper is not None
+    steps_per_epoch = run.train_data.num_batches(config.batch_size)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    batches = run.train_data.batches(config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+                                     augment=config.augment, device=device)
+    bar = progress(batches, enabled=config.progress, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}")
+    lr = config.base_lr
+    for i, (x, y) in enumerate(bar):
+        lr = config.base_lr * lr_factor(config, run.step, steps_per_epoch)
+        _set_lr(run.optimizer, lr)
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        log_masks = config.optimizer == "zsharp" and config.log_mask_every > 0 and run.step % config.log_mask_every == 0
+        loss, logits, stats = run.stepper(x, y, log_masks)
+        if stats is not None:
+            run.masks.add(run.step, epoch, stats)
+        loss_sum += loss.double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        run.step += 1
+        if config.progress and hasattr(bar, "set_postfix") and (i % 20 == 0 or i == steps_per_epoch - 1):
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{float(correct) / seen:.3f}",
+                            img_s=f"{seen / elapsed:.0f}", refresh=False)
+    return float(loss_sum) / seen, float(correct) / seen, lr, seen  # float() synchronises the device
+
+
+def _non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating parameters and buffers holding NaN or inf (one device synchronisation)."""
+    named = [(n, t) for n, t in model.state_dict().items() if torch.is_floating_point(t)]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
+    return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+
+
+def _diverged(run: _Run, epoch: int, lr: float, what: str) -> TrainingDiverged:
+    if run.folder is None:
+        kept = "no checkpoint was written (no run folder)"
+    elif run.history:
+        kept = f"the last good checkpoint is kept ({str(run.folder.layout.last)!r}, epoch {run.history[-1]['epoch']})"
+    else:
+        kept = "no checkpoint was written (the first epoch diverged)"
+    return TrainingDiverged(f"training diverged: non-finite {what} in epoch {epoch + 1}; lower --lr (now {lr:g}) "
+                            f"or --rho; {kept}")
+
+
+def _commit(run: _Run, row: dict[str, Any], lr: float) -> None:
+    """Record the epoch in memory and, with a run folder, write its files in the commit order."""
+    epoch = row["epoch"]
+    run.history.append(row)
+    score = row["test_acc"] if run.test_data is not None else row["train_acc"]
+    improved = run.best is None or score > run.best
+    if improved:
+        run.best, run.best_epoch = score, epoch
+    run.epochs_done = epoch
+    if run.folder is not None:
+        run.folder.commit_epoch(checkpoint_bytes(_payload(run, lr)), epoch=epoch, improved=improved,
+                                save_every=run.config.save_every, history=run.history, masks=run.masks)
+
+
+def _payload(run: _Run, lr: float) -> dict[str, Any]:
+    """What a checkpoint stores (see :mod:`sharpscope.train.checkpoint`)."""
+    steps_per_epoch = run.train_data.num_batches(run.config.batch_size)
+    return {"model_spec": run.spec, "state_dict": run.model.state_dict(), "optimizer_config": run.optimizer_config,
+            "optimizer_state": run.optimizer.state_dict(),
+            "scheduler_state": {"schedule": run.config.schedule, "step": run.step, "lr": lr,
+                                "steps_per_epoch": steps_per_epoch},
+            "epoch": run.epochs_done, "step": run.step, "rng": rng_state(), "history": run.history,
+            "config": run.config.to_dict(), "data": run.identity, "best_test_acc": run.best,
+            "best_epoch": run.best_epoch, "device": str(run.device), "metadata": run.metadata}
