@@ -47,6 +47,11 @@ def fixed_threads(threads: int | None) -> Iterator[None]:
         _FIXED.reset(token)
 
 
+def fixed_thread_count() -> int | None:
+    """The count fixed by an enclosing :func:`fixed_threads` block (None: the policy decides)."""
+    return _FIXED.get()
+
+
 def _time_once(trial: Callable[[], Any], threads: int) -> float:
     torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -35,6 +35,7 @@ from .._progress import progress
 from ..analysis.evaluation import LossAndAccuracy, full_data_loss
 from ..data.dataset import TensorData
 from ..errors import UserInputError
+from ..threads import fixed_thread_count, forward_backward_trial, thread_policy
 from .checkpoint import checkpoint_bytes, load_checkpoint, rng_state, set_rng_state
 from .config import (
     RESUMABLE_FIELDS,
@@ -207,6 +208,7 @@ class _Run:
     best_epoch: int | None = None
     forward: nn.Module | None = None
     stepper: TrainStep | None = None
+    threads: int | None = None  # intra-op threads of the run's CPU work (None: not decided yet)
 
     def __post_init__(self) -> None:
         # numpy's and python's generators too: checkpoints store them, so they must not depend on the process.
@@ -284,13 +286,33 @@ def _fit(run: _Run, resume: bool | str | Path, on_epoch: Callable[[dict[str, Any
     """Restore or start, complete the folder, then train the remaining epochs."""
     _restore_or_start(run, resume)
     _prepare_training(run)
-    for epoch in range(run.epochs_done, run.config.epochs):
-        row = _run_epoch(run, epoch)
-        if on_epoch is not None:
-            on_epoch(row)
+    with _training_threads(run):
+        for epoch in range(run.epochs_done, run.config.epochs):
+            row = _run_epoch(run, epoch)
+            if on_epoch is not None:
+                on_epoch(row)
     return FitResult(model=run.model, history=run.history,
                      best_test_acc=run.best if run.test_data is not None else None,
                      out=run.folder.folder if run.folder is not None else None, masks=run.masks.frame())
+
+
+def _training_threads(run: _Run) -> contextlib.AbstractContextManager[int]:
+    """The thread policy for the run's CPU work (:mod:`sharpscope.threads`), decided once per run.
+
+    The count chosen when the run started is stored in its checkpoints and reused on ``--resume``
+    (unless fixed by the caller), because the bits of the results can depend on it.
+    """
+    if run.device.type != "cpu" or fixed_thread_count() is not None or run.threads is not None:
+        return _recording(run, thread_policy(None, run.threads if fixed_thread_count() is None else None))
+    x, y = next(iter(run.train_data.batches(run.config.batch_size, shuffle=False, augment=False, device=run.device)))
+    return _recording(run, thread_policy(forward_backward_trial(run.model, _cross_entropy, (x, y))))
+
+
+@contextlib.contextmanager
+def _recording(run: _Run, policy: contextlib.AbstractContextManager[int]) -> Any:
+    with policy as chosen:
+        run.threads = chosen
+        yield chosen
 
 
 def _restore_or_start(run: _Run, resume: bool | str | Path) -> None:
@@ -339,6 +361,8 @@ def _restore(run: _Run, source: Path) -> dict[str, Any]:
     run.optimizer.load_state_dict(ckpt.optimizer_state)
     run.epochs_done, run.step, run.history = ckpt.epoch, ckpt.step, list(ckpt.history)
     run.best, run.best_epoch = ckpt.raw.get("best_test_acc"), ckpt.raw.get("best_epoch")
+    if run.threads is None and isinstance(ckpt.raw.get("threads"), int) and ckpt.raw["threads"] >= 1:
+        run.threads = min(ckpt.raw["threads"], torch.get_num_threads())
     set_rng_state(ckpt.rng)
     run.model.train()
     return ckpt.raw
@@ -472,4 +496,5 @@ def _payload(run: _Run, lr: float) -> dict[str, Any]:
                                 "steps_per_epoch": steps_per_epoch},
             "epoch": run.epochs_done, "step": run.step, "rng": rng_state(), "history": run.history,
             "config": run.config.to_dict(), "data": run.identity, "best_test_acc": run.best,
-            "best_epoch": run.best_epoch, "device": str(run.device), "metadata": run.metadata}
+            "best_epoch": run.best_epoch, "device": str(run.device), "metadata": run.metadata,
+            "threads": run.threads}
