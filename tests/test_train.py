@@ -177,6 +177,19 @@ def test_cli_trains_and_resumes(tmp_path, capsys):
     assert ckpt.raw["metadata"]["dataset"] == "digits" and ckpt.spec["name"] == "mlp"
 
 
+def test_cli_accumulate_and_ascent_are_stored_and_define_the_run(tmp_path, capsys):
+    """--accumulate/--ascent reach the stored config; resuming with another --accumulate is refused (it changes
+    the bits: the micro-batch gradients are summed in another order), another --dist-timeout is allowed."""
+    out = tmp_path / "run"
+    assert main(["train", "--optimizer", "sam", "--epochs", "1", "--batch-size", "256", "--accumulate", "2",
+                 "--ascent", "global", "--out", str(out), "--quiet"]) == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.config["accumulate"] == 2 and ckpt.config["ascent"] == "global" and ckpt.raw["world_size"] == 1
+    assert main(["train", "--epochs", "2", "--accumulate", "3", "--out", str(out), "--resume", "--quiet"]) == 2
+    assert "accumulate (run: 2, now: 3)" in capsys.readouterr().err
+    assert main(["train", "--epochs", "2", "--dist-timeout", "60", "--out", str(out), "--resume", "--quiet"]) == 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "resnet21"], "unknown model 'resnet21'; choose one of: resnet20"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'; choose one of: digits"),
@@ -187,6 +200,8 @@ def test_cli_trains_and_resumes(tmp_path, capsys):
     (["--out", "{tmp}/trunc", "--resume"], "not a readable checkpoint"),
     (["--rho", "-1", "--optimizer", "sam"], "rho must be a number > 0; got -1.0"),
     (["--lr", "1e9", "--epochs", "1", "--out", "{tmp}/div"], "training diverged"),
+    (["--accumulate", "0"], "accumulate must be an integer"),
+    (["--dist-timeout", "-5"], "dist_timeout must be a number > 0"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     """Each mistake: exit code 2, one line on stderr naming the problem, no traceback, no checkpoint."""

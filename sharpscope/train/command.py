@@ -17,11 +17,21 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..data import DATASET_NAMES, TensorData, canonical_dataset_name, load_dataset
 from ..errors import UserInputError
 from ..models import MODEL_NAMES, build_model, canonical_model_name
 from .checkpoint import load_checkpoint
-from .config import AMP_MODES, BASE_NAMES, OPTIMIZER_NAMES, PAPER_PRESET, SCHEDULES, TrainConfig
+from .config import (
+    AMP_MODES,
+    ASCENT_MODES,
+    BASE_NAMES,
+    MASK_RANK_MODES,
+    OPTIMIZER_NAMES,
+    PAPER_PRESET,
+    SCHEDULES,
+    TrainConfig,
+)
 from .layout import RunLayout
 from .loop import fit
 from .run_folder import RunFolder
@@ -29,8 +39,9 @@ from .run_folder import RunFolder
 # flag destination -> TrainConfig field (all default to None so that "not given" is visible).
 _CONFIG_FLAGS = ("optimizer", "base", "lr", "momentum", "weight_decay", "rho", "percentile", "epochs", "batch_size",
                  "eval_batch_size", "schedule", "warmup_epochs", "step_size", "gamma", "label_smoothing", "grad_clip",
-                 "seed", "device", "amp", "log_mask_every", "save_every")
-_SWITCHES = ("compile", "bn_bypass", "channels_last")
+                 "seed", "device", "amp", "log_mask_every", "save_every", "accumulate", "ascent", "mask_ranks",
+                 "dist_timeout")
+_SWITCHES = ("compile", "bn_bypass", "channels_last", "sync_bn")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +88,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                        "(50; 0 disables)")
     run.add_argument("--save-every", type=int, default=None, help="also keep epoch_XXXX.pt every N epochs")
     run.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    dist = parser.add_argument_group("several processes (torchrun --nproc_per_node N -m sharpscope train ...)")
+    dist.add_argument("--accumulate", type=int, default=None,
+                      help="split each batch into K micro-batches (one ascent, one descent per step; default 1)")
+    dist.add_argument("--ascent", choices=ASCENT_MODES, default=None,
+                      help="SAM family under DDP: local (each replica ascends with its own gradient, default) or "
+                           "global (the all-reduced gradient: the ascent of one process on the whole batch)")
+    dist.add_argument("--sync-bn", action="store_true", default=None, help="DDP: SyncBatchNorm (CUDA only)")
+    dist.add_argument("--mask-ranks", choices=MASK_RANK_MODES, default=None,
+                      help="ZSharp masks.csv under DDP with local ascent: reduce (one row per layer: counts summed, "
+                           "norms and thresholds averaged over ranks; default) or per-rank (a row per rank)")
+    dist.add_argument("--dist-timeout", type=float, default=None,
+                      help="seconds a process waits for a dead or stuck peer before it stops (default 300)")
 
 
 def _model_kwargs(name: str, data: TensorData) -> dict[str, Any]:
@@ -115,6 +138,18 @@ def _check_names(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``sharpscope train``; under torchrun every process runs this, rank 0 alone prints and writes."""
+    try:
+        distributed.init_from_env(timeout_s=args.dist_timeout or TrainConfig.dist_timeout)
+        return _run(args)
+    except distributed.DistributedFailure as failure:
+        print(f"sharpscope train: {failure}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        distributed.destroy()
+
+
+def _run(args: argparse.Namespace) -> int:
     _check_names(args)
     if args.resume:
         out, stored, epochs_done = _stored_run(args)
@@ -133,8 +168,11 @@ def run(args: argparse.Namespace) -> int:
                             **dict(stored["model_spec"].get("kwargs") or {}))
     else:
         model = build_model(name, train_data.num_classes, **_model_kwargs(name, train_data))
-    result = fit(model, train_data, test_data, config, out=out, resume=bool(args.resume), on_epoch=_reporter(args),
+    reporter = _reporter(args) if distributed.is_main() else None
+    result = fit(model, train_data, test_data, config, out=out, resume=bool(args.resume), on_epoch=reporter,
                  metadata={"dataset": dataset, "data_root": str(data_root) if data_root is not None else None})
+    if not distributed.is_main():
+        return 0
     if epochs_done == config.epochs:
         print(f"sharpscope train: the run in {out} already had its {epochs_done} epochs; nothing trained, its files "
               f"were checked and completed", file=sys.stderr, flush=True)

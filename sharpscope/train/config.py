@@ -18,6 +18,10 @@ BASE_NAMES: tuple[str, ...] = ("sgd", "adam", "adamw")
 SHARPNESS_AWARE: tuple[str, ...] = ("sam", "asam", "zsharp", "fsam")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
 AMP_MODES: tuple[str, ...] = ("off", "bf16")
+#: ``local``: each DDP replica ascends with its own pass-1 gradient; ``global``: the all-reduced one.
+ASCENT_MODES: tuple[str, ...] = ("local", "global")
+#: ZSharp mask statistics under DDP with local ascent: ``reduce`` (one row per layer) or ``per-rank``.
+MASK_RANK_MODES: tuple[str, ...] = ("reduce", "per-rank")
 #: rho when none is given: the defaults of the reference implementations (REFERENCE.md).
 DEFAULT_RHO = {"sam": 0.05, "asam": 0.5, "zsharp": 0.05, "fsam": 0.05}
 
@@ -60,6 +64,11 @@ class TrainConfig:
     log_mask_every: int = 50  # ZSharp: mask statistics every this many steps (0: never)
     save_every: int = 0  # also keep epoch_XXXX.pt every this many epochs (0: never)
     progress: bool = True
+    accumulate: int = 1  # micro-batches per optimizer step (the batch is split; same maths, less memory)
+    ascent: str = "local"  # SAM family under DDP: local (per replica, m-sharpness) or global (all-reduced)
+    sync_bn: bool = False  # DDP: convert BatchNorm to SyncBatchNorm (needs CUDA/NCCL)
+    mask_ranks: str = "reduce"  # DDP + local ascent: masks.csv rows reduced over ranks, or per rank
+    dist_timeout: float = 300.0  # seconds a rank waits for a dead or stuck peer before it stops
 
     @property
     def base_lr(self) -> float:
@@ -82,6 +91,10 @@ class TrainConfig:
         choice(self.base, "base optimizer", BASE_NAMES)
         choice(self.schedule, "schedule", SCHEDULES)
         choice(self.amp, "amp mode", AMP_MODES)
+        choice(self.ascent, "ascent", ASCENT_MODES)
+        choice(self.mask_ranks, "mask_ranks", MASK_RANK_MODES)
+        positive_int(self.accumulate, "accumulate")
+        positive_number(self.dist_timeout, "dist_timeout")
         positive_number(self.base_lr, "lr")
         number(self.weight_decay, "weight_decay", minimum=0.0)
         number(self.momentum, "momentum", minimum=0.0)
@@ -121,7 +134,7 @@ class TrainConfig:
 #: Fields a resumed run may change: they do not change the weights it computes (they set its length,
 #: where and how fast it runs, and what it logs or keeps). Every other field defines the run.
 RESUMABLE_FIELDS: tuple[str, ...] = ("epochs", "eval_batch_size", "device", "compile", "channels_last",
-                                     "log_mask_every", "save_every", "progress")
+                                     "log_mask_every", "save_every", "progress", "mask_ranks", "dist_timeout")
 
 
 def _defining(config: TrainConfig) -> dict[str, Any]:

@@ -11,6 +11,20 @@ the paper's code.
 Reproducibility: batch order and augmentation of epoch ``e`` come from a generator seeded by
 ``(seed, e)``, and the checkpoint stores model, optimizer, schedule position and RNG states, so on
 the CPU ``epochs=2`` equals ``epochs=1`` followed by ``resume`` with ``epochs=2`` bit for bit.
+
+Several processes (``torchrun --nproc_per_node N -m sharpscope train ...``, or :func:`fit` inside any
+initialised ``torch.distributed`` group): the model is wrapped in ``DistributedDataParallel``;
+``batch_size`` is the global batch, each rank takes ``batch_size / N`` examples of every step from
+its padded strided shard of the epoch's shared permutation (:func:`rank_batches`); the step is
+:class:`TrainStep` (``ascent`` local or global, ``accumulate`` micro-batches); the test set is
+evaluated data-parallel and the metrics are reduced over ranks. Rank 0 alone owns the run folder
+(lock, recovery, every file, written atomically in the commit order of
+:mod:`sharpscope.train.run_folder`); the others wait at a barrier after each epoch. Checkpoints hold
+the bare model's weights (no ``module.`` prefix) plus every rank's RNG state (and, with local ascent,
+per-replica optimizer state such as F-SAM's momentum), so ``resume`` with the same number of
+processes is bit-exact; with another number it continues from rank 0's state. A failed collective (a
+peer died, or ``dist_timeout`` passed) raises :class:`sharpscope.distributed.DistributedFailure`
+(one line); nothing partial is left and ``resume`` continues from the last committed epoch.
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +44,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from .. import distributed as dist_
 from .._progress import progress
 from ..analysis.evaluation import LossAndAccuracy, full_data_loss
+from ..data.augment import random_crop_flip
 from ..data.dataset import TensorData
 from ..errors import UserInputError
 from ..threads import fixed_thread_count, forward_backward_trial, thread_policy
-from .checkpoint import checkpoint_bytes, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import checkpoint_bytes, load_checkpoint, rng_state, set_rng_state, to_cpu
 from .config import (
     RESUMABLE_FIELDS,
     SHARPNESS_AWARE,
@@ -107,8 +124,13 @@ class _EvalBatches(Sequence[tuple[torch.Tensor, torch.Tensor]]):
         return x, self.data.targets[rows].to(self.device)
 
 
+def _upcast(out: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (autocast) to float32 for the loss; float64 stays float64."""
+    return out if out.dtype in (torch.float32, torch.float64) else out.float()
+
+
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out.float(), y)
+    return F.cross_entropy(_upcast(out), y)
 
 
 def evaluate(model: nn.Module, data: TensorData, batch_size: int = 1024, device: torch.device | None = None,
@@ -142,13 +164,28 @@ class TrainStep:
     """One optimizer step on one batch (one or two passes); returns the first-pass loss and logits.
 
     ``step(x, y, log_masks)`` -> ``(loss, logits, mask_stats or None)``; used by :func:`fit` and the benchmark.
+
+    With ``config.accumulate = K`` the batch is split into K micro-batches :math:`x_k` of :math:`n_k`
+    examples; each pass accumulates :math:`\\sum_k (n_k/n) \\nabla L_k`, which is the gradient of the mean
+    loss over the whole batch (exactly, up to rounding, for a model without BatchNorm: with BatchNorm
+    each micro-batch is normalised with its own statistics and the running statistics are updated
+    K times). Pass 1 (at w) gives one ascent, pass 2 (at w + e, on the same micro-batches) one descent.
+
+    Under DDP (``ddp`` given), every micro-batch but the last runs under ``no_sync()``; with
+    ``config.ascent == "local"`` all of pass 1 does, so each replica ascends with its own gradient
+    (per-replica Z-scores and masks for ZSharp); with ``"global"`` the pass-1 gradient is all-reduced,
+    so the ascent is the one of a single process on the whole (global) batch. Pass 2 is always
+    all-reduced.
     """
 
     def __init__(self, model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
-                 config: TrainConfig, device: torch.device) -> None:
+                 config: TrainConfig, device: torch.device, ddp: DistributedDataParallel | None = None) -> None:
         self.model, self.forward, self.optimizer, self.config, self.device = model, forward, optimizer, config, device
         self.two_pass = config.optimizer in SHARPNESS_AWARE
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.ddp = ddp
+        self.accumulate = getattr(config, "accumulate", 1)
+        self.sync_ascent = getattr(config, "ascent", "local") == "global"
         if self.two_pass and config.bn_bypass:
             from ..optim.bn import frozen_running_stats
             self.second_pass_context = lambda: frozen_running_stats(model)
@@ -158,31 +195,84 @@ class TrainStep:
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with _autocast(self.device, self.config.amp):
             out = self.forward(x)
-        return F.cross_entropy(out.float(), y, label_smoothing=self.config.label_smoothing), out
+        return F.cross_entropy(_upcast(out), y, label_smoothing=self.config.label_smoothing), out
 
     def _clip(self) -> None:
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
 
+    def _sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        return self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+
+    def _pass(self, chunks: list[tuple[torch.Tensor, torch.Tensor]], n: int, sync: bool, keep_logits: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward/backward over the micro-batches: ``grad += sum_k (n_k / n) grad L_k``; DDP reduces on the
+        last one only, and only when ``sync``. Returns the weighted loss and (optionally) the logits."""
+        total: torch.Tensor | None = None
+        outs = []
+        for i, (xc, yc) in enumerate(chunks):
+            weight = len(yc) / n
+            with self._sync(sync and i == len(chunks) - 1):
+                loss, out = self._loss(xc, yc)
+                (loss if weight == 1.0 else loss * weight).backward()
+            part = loss.detach() if weight == 1.0 else loss.detach() * weight
+            total = part if total is None else total + part
+            if keep_logits:
+                outs.append(out.detach())
+        assert total is not None
+        return total, (torch.cat(outs) if keep_logits else None)
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, log_masks: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame | None]:
         self.optimizer.zero_grad(set_to_none=True)
-        loss, out = self._loss(x, y)
-        loss.backward()
+        k = max(1, min(self.accumulate, len(y)))
+        chunks = list(zip(torch.tensor_split(x, k), torch.tensor_split(y, k)))
+        loss, out = self._pass(chunks, len(y), sync=not self.two_pass or self.sync_ascent, keep_logits=True)
+        assert out is not None
         masks = None
         if not self.two_pass:
             self._clip()
             self.optimizer.step()
-            return loss.detach(), out.detach(), masks
+            return loss, out, masks
         self.optimizer.first_step(zero_grad=True)
         if log_masks:
-            masks = self.optimizer.mask_stats
+            masks = self._mask_stats()
         with self.second_pass_context():
-            loss2, _ = self._loss(x, y)
-        loss2.backward()
+            self._pass(chunks, len(y), sync=True, keep_logits=False)
         self._clip()  # clipping g (before the ascent) would do nothing: e is normalised
         self.optimizer.second_step(zero_grad=True)
-        return loss.detach(), out.detach(), masks
+        return loss, out, masks
+
+    def _mask_stats(self) -> pd.DataFrame:
+        """ZSharp's mask statistics; under DDP with local ascent reduced over the ranks (a collective)."""
+        stats = self.optimizer.mask_stats
+        if self.ddp is None or self.sync_ascent or not dist_.is_distributed():
+            return stats  # global ascent: every rank computed the single-process masks
+        return reduce_mask_stats(dist_.all_gather_object(stats), getattr(self.config, "mask_ranks", "reduce"))
+
+
+def reduce_mask_stats(frames: Sequence[pd.DataFrame], how: str = "reduce") -> pd.DataFrame:
+    """One mask-statistics frame from those of the ranks (local ascent: every replica has its own mask).
+
+    ``reduce``: one row per layer; ``numel`` and ``kept`` are summed over the ranks (so ``kept_fraction
+    = kept / numel`` is the mean of the replicas' kept fractions), ``threshold``, ``grad_norm`` and
+    ``perturbation_norm`` are the means over ranks, ``fallback`` is true if any replica fell back, and
+    ``ranks`` says how many replicas were pooled. ``per-rank``: the rows of every rank with a ``rank`` column.
+    """
+    frames = [f for f in frames if f is not None]
+    if how == "per-rank":
+        tagged = [f.assign(rank=r) for r, f in enumerate(frames)]
+        return pd.concat(tagged, ignore_index=True)
+    first = frames[0]
+    out = first.copy()
+    out["numel"] = sum(f["numel"].to_numpy() for f in frames)
+    out["kept"] = sum(f["kept"].to_numpy() for f in frames)
+    out["kept_fraction"] = out["kept"] / out["numel"]
+    for column in ("threshold", "grad_norm", "perturbation_norm"):
+        out[column] = np.mean([f[column].to_numpy(dtype=np.float64) for f in frames], axis=0)
+    out["fallback"] = np.any([f["fallback"].to_numpy(dtype=bool) for f in frames], axis=0)
+    out["ranks"] = len(frames)
+    return out
 
 
 @dataclass
@@ -209,10 +299,11 @@ class _Run:
     forward: nn.Module | None = None
     stepper: TrainStep | None = None
     threads: int | None = None  # intra-op threads of the run's CPU work (None: not decided yet)
+    ddp: DistributedDataParallel | None = None  # the DDP wrapper under torch.distributed (world size > 1)
 
     def __post_init__(self) -> None:
         # numpy's and python's generators too: checkpoints store them, so they must not depend on the process.
-        torch.manual_seed(self.config.seed)
+        torch.manual_seed(self.config.seed + dist_.rank())  # per-rank stream (dropout); rank 0 as one process
         np.random.seed(self.config.seed % 2**32)
         random.seed(self.config.seed)
         self.model.to(self.device)
@@ -264,6 +355,9 @@ def fit(model: nn.Module, train_data: TensorData, test_data: TensorData | None =
             raise UserInputError("resume=True needs out= (the run folder holding last.pt)")
         run = _Run(model, config, device, spec, dict(metadata or {}), train_data, test_data, None)
         return _fit(run, resume, on_epoch)
+    if not dist_.is_main():  # only rank 0 owns (locks, recovers, writes) the run folder
+        run = _Run(model, config, device, spec, dict(metadata or {}), train_data, test_data, None)
+        return _fit(run, resume, on_epoch)
     folder = RunFolder(Path(out))
     with folder.locked():
         run = _Run(model, config, device, spec, dict(metadata or {}), train_data, test_data, folder)
@@ -275,6 +369,10 @@ def _check_inputs(model: nn.Module, train_data: TensorData, config: TrainConfig,
     if len(train_data) == 0:
         raise UserInputError("the training data is empty")
     device = resolve_device(config.device)
+    if dist_.is_distributed():
+        _check_distributed(config, device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", dist_.local_rank())
     spec = spec if spec is not None else getattr(model, "sharpscope_spec", None)
     if spec is not None and spec.get("num_classes") not in (None, train_data.num_classes):
         raise UserInputError(f"the model has {spec['num_classes']} outputs but {train_data.name} has "
@@ -282,18 +380,43 @@ def _check_inputs(model: nn.Module, train_data: TensorData, config: TrainConfig,
     return device, spec
 
 
+def _check_distributed(config: TrainConfig, device: torch.device) -> None:
+    """Refuse settings that cannot work with ``world_size`` processes (one line each)."""
+    world = dist_.world_size()
+    if config.batch_size % world:
+        raise UserInputError(f"--batch-size {config.batch_size} is the global batch and must be divisible by the "
+                             f"{world} processes (each takes batch_size / {world}); pick a multiple of {world}")
+    if config.sync_bn and device.type != "cuda":
+        raise UserInputError("--sync-bn needs CUDA (SyncBatchNorm runs on GPUs with NCCL); drop it on the CPU")
+
+
 def _fit(run: _Run, resume: bool | str | Path, on_epoch: Callable[[dict[str, Any]], None] | None) -> FitResult:
     """Restore or start, complete the folder, then train the remaining epochs."""
-    _restore_or_start(run, resume)
-    _prepare_training(run)
-    with _training_threads(run):
-        for epoch in range(run.epochs_done, run.config.epochs):
-            row = _run_epoch(run, epoch)
-            if on_epoch is not None:
-                on_epoch(row)
+    with _distributed_failures():
+        _restore_or_start(run, resume)
+        _prepare_training(run)
+        with _training_threads(run):
+            for epoch in range(run.epochs_done, run.config.epochs):
+                row = _run_epoch(run, epoch)
+                if on_epoch is not None:
+                    on_epoch(row)
     return FitResult(model=run.model, history=run.history,
                      best_test_acc=run.best if run.test_data is not None else None,
                      out=run.folder.folder if run.folder is not None else None, masks=run.masks.frame())
+
+
+@contextlib.contextmanager
+def _distributed_failures() -> Any:
+    """Under torch.distributed, a collective that fails (a peer died, or the timeout passed) becomes one
+    :class:`~sharpscope.distributed.DistributedFailure` line instead of a traceback or a hang."""
+    try:
+        yield
+    except dist_.DistributedFailure:
+        raise
+    except RuntimeError as error:
+        if not dist_.is_distributed() or not dist_.is_collective_failure(error):
+            raise  # a bug or a computation error keeps its traceback
+        raise dist_.DistributedFailure(dist_.failure_line("training step", error)) from error
 
 
 def _training_threads(run: _Run) -> contextlib.AbstractContextManager[int]:
@@ -302,6 +425,9 @@ def _training_threads(run: _Run) -> contextlib.AbstractContextManager[int]:
     The count chosen when the run started is stored in its checkpoints and reused on ``--resume``
     (unless fixed by the caller), because the bits of the results can depend on it.
     """
+    if dist_.is_distributed() and run.threads is None and fixed_thread_count() is None and run.device.type == "cpu":
+        # every rank runs with rank 0's count (torchrun sets OMP_NUM_THREADS=1), so resume reproduces it
+        run.threads = int(dist_.broadcast_object(torch.get_num_threads()))  # type: ignore[arg-type]
     if run.device.type != "cpu" or fixed_thread_count() is not None or run.threads is not None:
         return _recording(run, thread_policy(None, run.threads if fixed_thread_count() is None else None))
     x, y = next(iter(run.train_data.batches(run.config.batch_size, shuffle=False, augment=False, device=run.device)))
@@ -316,7 +442,42 @@ def _recording(run: _Run, policy: contextlib.AbstractContextManager[int]) -> Any
 
 
 def _restore_or_start(run: _Run, resume: bool | str | Path) -> None:
-    """Load the checkpoint to resume from (if any), check it belongs to this run, and recover the folder."""
+    """Load the checkpoint to resume from (if any), check it belongs to this run, and recover the folder.
+
+    Under torch.distributed rank 0 does all of this and tells the others which checkpoint to load (a
+    path every rank can read) or the one-line error to raise; each rank then takes its own RNG (and,
+    with local ascent, its own optimizer) state from the checkpoint's per-rank list.
+    """
+    if not dist_.is_distributed():
+        _restore_or_start_here(run, resume)
+        return
+    error, source, raw = None, None, {}
+    if dist_.is_main():
+        try:
+            source, raw = _restore_or_start_here(run, resume)
+        except UserInputError as exc:
+            error = str(exc)
+    error, shared = dist_.broadcast_object((error, str(source) if source is not None else None))  # type: ignore[misc]
+    if error is not None:
+        raise UserInputError(error)
+    if shared is not None and not dist_.is_main():
+        raw = _restore(run, Path(shared))
+    _restore_rank_state(run, raw)
+
+
+def _restore_rank_state(run: _Run, raw: dict[str, Any]) -> None:
+    """This rank's RNG and per-replica optimizer state from a checkpoint written with the same world size."""
+    ranks = raw.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != dist_.world_size():
+        return
+    mine = ranks[dist_.rank()]
+    set_rng_state(mine["rng"])
+    if mine.get("optimizer") is not None:
+        run.optimizer.load_state_dict(mine["optimizer"])
+
+
+def _restore_or_start_here(run: _Run, resume: bool | str | Path) -> tuple[Path | None, dict[str, Any]]:
+    """:func:`_restore_or_start` in this process; returns the checkpoint loaded (or None) and its dict."""
     layout = run.folder.layout if run.folder is not None else None
     if layout is not None and not resume and layout.last.exists():
         raise UserInputError(f"--out {str(layout.folder)!r} already holds a run (last.pt); pass --resume to "
@@ -335,6 +496,7 @@ def _restore_or_start(run: _Run, resume: bool | str | Path) -> None:
     if run.folder is not None:
         committed = layout is not None and source is not None and source.resolve() == layout.last.resolve()
         run.folder.recover(layout.last.read_bytes() if committed else None, raw, run.config.save_every, run.masks)
+    return source, raw
 
 
 def _check_started_run(run: _Run) -> None:
@@ -389,8 +551,14 @@ def _prepare_training(run: _Run) -> None:
     if run.device.type == "cuda":  # keep the uint8 images in device memory, augment there
         run.train_data = run.train_data.to(run.device)
         run.test_data = run.test_data.to(run.device) if run.test_data is not None else None
-    run.forward = torch.compile(run.model) if run.config.compile else run.model
-    run.stepper = TrainStep(run.model, run.forward, run.optimizer, run.config, run.device)
+    forward: nn.Module = run.model
+    if dist_.is_distributed():
+        if run.config.sync_bn:
+            run.model = nn.SyncBatchNorm.convert_sync_batchnorm(run.model)  # same Parameter objects
+        ids = [run.device.index] if run.device.type == "cuda" else None
+        run.ddp = forward = DistributedDataParallel(run.model, device_ids=ids)
+    run.forward = torch.compile(forward) if run.config.compile else forward
+    run.stepper = TrainStep(run.model, run.forward, run.optimizer, run.config, run.device, run.ddp)
     if run.folder is not None:
         run.folder.write_config({"config": run.config.to_dict(), "model_spec": run.spec,
                                  "optimizer": run.optimizer_config, "data": run.identity, "metadata": run.metadata})
@@ -410,8 +578,7 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     test_loss = test_acc = float("nan")
     if run.test_data is not None:
         assert run.forward is not None
-        test_loss, test_acc = evaluate(run.forward, run.test_data, run.config.eval_batch_size, run.device,
-                                       run.config.amp, run.config.channels_last)
+        test_loss, test_acc = _evaluate_test(run)
         if not math.isfinite(test_loss):
             raise _diverged(run, epoch, lr, "test loss")
     row = {"epoch": epoch + 1, "step": run.step, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
@@ -421,20 +588,88 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     return row
 
 
+def _evaluate_test(run: _Run) -> tuple[float, float]:
+    """Test loss and accuracy; under DDP each rank evaluates a disjoint shard, weighted by its size."""
+    assert run.test_data is not None and run.forward is not None
+    config = run.config
+    if not dist_.is_distributed():
+        return evaluate(run.forward, run.test_data, config.eval_batch_size, run.device, config.amp,
+                        config.channels_last)
+    shard = run.test_data.subset(dist_.shard_indices(torch.arange(len(run.test_data)), uneven="keep"))
+    totals = torch.zeros(3, dtype=torch.float64)
+    if len(shard):
+        loss, acc = evaluate(run.model, shard, config.eval_batch_size, run.device, config.amp, config.channels_last)
+        totals += torch.tensor([loss * len(shard), acc * len(shard), len(shard)], dtype=torch.float64)
+    totals = _reduced(run, totals)
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+
+def _collective_device(run: _Run) -> torch.device:
+    return run.device if dist_.backend() == "nccl" else torch.device("cpu")
+
+
+def _reduced(run: _Run, values: torch.Tensor) -> torch.Tensor:
+    """The sum of ``values`` over ranks (one all-reduce; on the device NCCL needs), on the CPU."""
+    buffer = values.to(_collective_device(run), torch.float64)
+    return dist_.all_reduce_sum(buffer).cpu()
+
+
+def steps_per_epoch(data_size: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch: ``ceil(n / B)`` in one process; under DDP each rank holds
+    ``ceil(n / N)`` indices (padded shard) in batches of ``B / N``."""
+    if world_size <= 1:
+        return -(-data_size // batch_size)
+    shard = -(data_size // -world_size)
+    return -(shard // -(batch_size // world_size))
+
+
+def _steps_per_epoch(run: _Run) -> int:
+    return steps_per_epoch(len(run.train_data), run.config.batch_size, dist_.world_size())
+
+
+def rank_batches(data: TensorData, batch_size: int, seed: int, epoch: int, augment: bool | None,
+                 device: torch.device, rank: int | None = None, world_size: int | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's training batches of ``epoch`` under DDP.
+
+    Every rank draws the same permutation from the generator of ``(seed, epoch)`` (that of
+    :meth:`TensorData.batches`), takes its padded strided shard (:func:`sharpscope.distributed.shard_indices`)
+    and cuts it into batches of ``batch_size / N``, so the k-th batches of all ranks together are the
+    one-process k-th batch. Augmentation draws come from a generator of ``(seed, epoch, rank)``: they
+    differ between ranks and replay exactly.
+    """
+    r = dist_.rank() if rank is None else rank
+    n = dist_.world_size() if world_size is None else world_size
+    mine = dist_.shard_indices(dist_.epoch_permutation(len(data), seed, epoch), r, n, uneven="pad").to(data.inputs.device)
+    local = batch_size // n
+    augment = data.augment if augment is None else augment
+    g = torch.Generator().manual_seed(((int(seed) * 1_000_003 + int(epoch)) * 1_000_033 + r + 1) % (2**63))
+    for i in range(-(-len(mine) // local)):
+        idx = mine[i * local:(i + 1) * local]
+        x, y = data.inputs[idx].to(device, non_blocking=True), data.targets[idx].to(device, non_blocking=True)
+        if augment:
+            x = random_crop_flip(x, g)
+        yield data.normalized(x), y
+
+
 def _train_epoch(run: _Run, epoch: int, start: float) -> tuple[float, float, float, int]:
     """One pass over the shuffled training data: ``(mean loss, accuracy, last lr, examples seen)``."""
     config, device = run.config, run.device
     assert run.stepper is not None
-    steps_per_epoch = run.train_data.num_batches(config.batch_size)
+    steps = _steps_per_epoch(run)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    batches = run.train_data.batches(config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
-                                     augment=config.augment, device=device)
-    bar = progress(batches, enabled=config.progress, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}")
+    if dist_.is_distributed():
+        batches = rank_batches(run.train_data, config.batch_size, config.seed, epoch, config.augment, device)
+    else:
+        batches = run.train_data.batches(config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+                                         augment=config.augment, device=device)
+    bar = progress(batches, enabled=config.progress and dist_.is_main(), total=steps,
+                   desc=f"epoch {epoch + 1}/{config.epochs}")
     lr = config.base_lr
     for i, (x, y) in enumerate(bar):
-        lr = config.base_lr * lr_factor(config, run.step, steps_per_epoch)
+        lr = config.base_lr * lr_factor(config, run.step, steps)
         _set_lr(run.optimizer, lr)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -446,10 +681,14 @@ def _train_epoch(run: _Run, epoch: int, start: float) -> tuple[float, float, flo
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         run.step += 1
-        if config.progress and hasattr(bar, "set_postfix") and (i % 20 == 0 or i == steps_per_epoch - 1):
+        if config.progress and hasattr(bar, "set_postfix") and (i % 20 == 0 or i == steps - 1):
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{float(correct) / seen:.3f}",
                             img_s=f"{seen / elapsed:.0f}", refresh=False)
+    if dist_.is_distributed():  # the epoch's metrics over all ranks (padded duplicates included)
+        totals = _reduced(run, torch.stack([loss_sum, correct.double(),
+                                            torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+        return float(totals[0] / totals[2]), float(totals[1] / totals[2]), lr, int(totals[2])
     return float(loss_sum) / seen, float(correct) / seen, lr, seen  # float() synchronises the device
 
 
@@ -482,19 +721,33 @@ def _commit(run: _Run, row: dict[str, Any], lr: float) -> None:
     if improved:
         run.best, run.best_epoch = score, epoch
     run.epochs_done = epoch
+    ranks = _rank_states(run)
     if run.folder is not None:
-        run.folder.commit_epoch(checkpoint_bytes(_payload(run, lr)), epoch=epoch, improved=improved,
+        run.folder.commit_epoch(checkpoint_bytes(_payload(run, lr, ranks)), epoch=epoch, improved=improved,
                                 save_every=run.config.save_every, history=run.history, masks=run.masks)
+    dist_.barrier(run.config.dist_timeout)  # the others wait until rank 0 has committed the epoch
 
 
-def _payload(run: _Run, lr: float) -> dict[str, Any]:
-    """What a checkpoint stores (see :mod:`sharpscope.train.checkpoint`)."""
-    steps_per_epoch = run.train_data.num_batches(run.config.batch_size)
+def _rank_states(run: _Run) -> list[dict[str, Any]] | None:
+    """Under DDP, every rank's RNG state (and its optimizer state when replicas differ: local ascent with
+    per-replica optimizer state such as F-SAM's momentum), gathered on every rank; None in one process."""
+    if not dist_.is_distributed():
+        return None
+    own_state = (run.config.optimizer in SHARPNESS_AWARE and run.config.ascent == "local"
+                 and len(run.optimizer.state) > 0)
+    mine = {"rng": rng_state(), "optimizer": to_cpu(run.optimizer.state_dict()) if own_state else None}
+    return dist_.all_gather_object(mine)  # type: ignore[return-value]
+
+
+def _payload(run: _Run, lr: float, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What a checkpoint stores (see :mod:`sharpscope.train.checkpoint`); the weights are those of the bare
+    model (never a DDP ``module.`` prefix), ``ranks`` the per-rank states of a DDP run."""
+    steps = _steps_per_epoch(run)
     return {"model_spec": run.spec, "state_dict": run.model.state_dict(), "optimizer_config": run.optimizer_config,
             "optimizer_state": run.optimizer.state_dict(),
             "scheduler_state": {"schedule": run.config.schedule, "step": run.step, "lr": lr,
-                                "steps_per_epoch": steps_per_epoch},
+                                "steps_per_epoch": steps},
             "epoch": run.epochs_done, "step": run.step, "rng": rng_state(), "history": run.history,
             "config": run.config.to_dict(), "data": run.identity, "best_test_acc": run.best,
             "best_epoch": run.best_epoch, "device": str(run.device), "metadata": run.metadata,
-            "threads": run.threads}
+            "threads": run.threads, "world_size": dist_.world_size(), "ranks": ranks}
