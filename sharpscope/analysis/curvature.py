@@ -39,6 +39,16 @@ its parameters, buffers, ``.grad`` and ``requires_grad`` stay bit-for-bit as the
 modules' train/eval flags are switched for the duration of each HVP and restored afterwards.
 Used as a context manager, the whole block additionally runs under
 :func:`~sharpscope.analysis.batching.preserved_model_state`.
+
+Data-parallel (``distributed``, see :mod:`sharpscope.analysis.parallel`): each rank applies the
+weighted sum above to its share of the batches (with the global weights ``n_b / N``) and the ranks
+add their partial products with ONE all-reduce of ``dim + 1`` numbers per HVP (the product and a
+count of non-finite batch losses), so every rank holds the same ``H v``. One HVP then costs
+``compute / N + all-reduce(dim)``: a ring all-reduce moves about ``2 (N - 1) / N * dim`` numbers
+per rank, independent of the data size, so it scales while the per-rank compute (``n / N``
+examples, forward + double backward) dominates the transfer of the parameter vector. Nothing is
+copied to the host per batch: the loss of each batch is checked for finiteness with the product,
+one host synchronisation per HVP.
 """
 
 from __future__ import annotations
@@ -63,11 +73,11 @@ from .batching import (
     checked_loss,
     model_device,
     preserved_model_state,
-    require_finite,
     to_device,
     trainable_named_parameters,
 )
 from .evaluation import check_finite_parameters
+from .parallel import reduce_sum, shared_batches, use_ranks
 
 HVP_METHODS = ("auto", "func", "cached", "autograd")
 
@@ -128,6 +138,9 @@ class HessianOperator:
         hvp: ``"auto"`` (``"cached"`` for a single batch, else ``"func"``), ``"func"``, ``"cached"``
             or ``"autograd"`` -- see the module docstring.
         progress: show a progress bar over batches inside each HVP (useful for large DataLoaders).
+        distributed: split the batches over the ranks of ``torch.distributed`` and all-reduce every
+            product (``None``: when a process group with several ranks is initialised; every rank
+            must build the operator with the same arguments and call ``matvec`` the same number of times).
 
     Raises ``UserInputError`` for non-finite weights (naming the tensors), bad arguments or empty data.
 
@@ -146,14 +159,20 @@ class HessianOperator:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, params: Iterable[torch.Tensor] | None = None,
-                 dtype: torch.dtype | None = None, hvp: str = "auto", progress: bool = False) -> None:
+                 dtype: torch.dtype | None = None, hvp: str = "auto", progress: bool = False,
+                 distributed: bool | None = None) -> None:
         _check_arguments(model, loss_fn, hvp, dtype)
         check_finite_parameters(model)
         self.model = model
         self.loss_fn = loss_fn
-        self.progress = progress
         self.batches = as_batches(data)
         self.weights = batch_weights(self.batches)
+        #: Whether products are split over ranks and all-reduced.
+        self.distributed: bool = use_ranks(distributed)
+        self._local = shared_batches(self.batches, self.distributed)
+        from .. import distributed as dist
+
+        self.progress = progress and dist.is_main()
         self.device = model_device(model)
         self._snapshot(model, trainable_named_parameters(model, params), dtype)
         self.n_hvp = 0
@@ -184,19 +203,19 @@ class HessianOperator:
 
     def _choose_method(self, hvp: str) -> str:
         """The product method, fixed for the operator's life (see the module docstring)."""
-        wanted = ("cached" if len(self.batches) == 1 else "func") if hvp == "auto" else hvp
+        wanted = ("cached" if len(self._local) == 1 else "func") if hvp == "auto" else hvp
         if wanted != "func":
             return wanted
         probe = tuple(torch.ones_like(p) for p in self._params)
         first = [(self.batches[0], 1.0)]
         try:
             with _eval_flags(self.model):
-                self._hvp_func(probe, first)
+                self._hvp_func(probe, first, [])
             return "func"
         except _UNSUPPORTED as exc:
             unsupported = exc
         with _eval_flags(self.model):
-            self._hvp_autograd(probe, first)  # an error here is the model's own: it propagates
+            self._hvp_autograd(probe, first, [])  # an error here is the model's own: it propagates
         detail = (str(unsupported).strip().splitlines() or [""])[0][:200]
         self.fallback_reason = f"{type(unsupported).__name__}: {detail}"
         if hvp == "func":
@@ -251,25 +270,43 @@ class HessianOperator:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` of length ``dim``; returns a flat tensor (device, dtype)."""
         vs = tuple(self.unflatten(v))
+        losses: list[torch.Tensor] = []
         with _eval_flags(self.model):
             if self.method == "func":
-                out = self._hvp_func(vs, self._weighted_batches())
+                out = self._hvp_func(vs, self._weighted_batches(), losses)
             elif self.method == "cached":
-                out = self._hvp_cached(vs)
+                out = self._hvp_cached(vs, losses)
             else:
-                out = self._hvp_autograd(vs, self._weighted_batches())
-        flat = torch.cat([t.reshape(-1) for t in out])
-        if not bool(torch.isfinite(flat).all()):
-            raise FloatingPointError("the Hessian-vector product is not finite (NaN/inf); check the model, "
-                                     "the data and loss_fn, or use dtype=torch.float64")
+                out = self._hvp_autograd(vs, self._weighted_batches(), losses)
+        flat = self._reduced(out, losses)
         self.n_hvp += 1
+        return flat
+
+    def _reduced(self, out: list[torch.Tensor] | None, losses: list[torch.Tensor],
+                 what: str = "the Hessian-vector product") -> torch.Tensor:
+        """The flat sum over ranks of the local products, checked (one host synchronisation)."""
+        flat = (torch.cat([t.reshape(-1) for t in out]) if out is not None
+                else torch.zeros(self.dim, dtype=self.dtype, device=self.device))
+        bad = (torch.stack([(~torch.isfinite(loss)).sum() for loss in losses]).sum().to(flat.dtype).reshape(1)
+               if losses else torch.zeros(1, dtype=flat.dtype, device=flat.device))
+        payload = torch.cat([flat, bad])
+        reduce_sum([payload], self.distributed)
+        flat = payload[:-1]
+        ok = torch.stack([payload[-1] == 0, torch.isfinite(flat).all()]).tolist()
+        if not ok[0]:
+            raise FloatingPointError("the loss is not finite (NaN/inf); check the model, data and loss_fn")
+        if not ok[1]:
+            raise FloatingPointError(f"{what} is not finite (NaN/inf); check the model, "
+                                     "the data and loss_fn, or use dtype=torch.float64")
         return flat
 
     __matmul__ = matvec
 
     def gradient(self) -> torch.Tensor:
-        """The full-data gradient at ``w`` as a flat vector (used for the HVP/gradient cost ratio)."""
+        """The full-data gradient at ``w`` as a flat vector (used for the HVP/gradient cost ratio; summed
+        over ranks like :meth:`matvec` when the operator is data-parallel)."""
         total: list[torch.Tensor] | None = None
+        losses: list[torch.Tensor] = []
         with _eval_flags(self.model):
             for (x, y), weight in self._weighted_batches():
                 ps = [p.detach().requires_grad_(True) for p in self._params]
@@ -277,15 +314,14 @@ class HessianOperator:
                 gs = torch.autograd.grad(loss, ps, allow_unused=True)
                 gs = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, ps)]
                 total = _add_weighted(total, gs, weight)
-        assert total is not None
-        return torch.cat([t.reshape(-1) for t in total])
+                losses.append(loss.detach())
+        return self._reduced(total, losses, "the gradient")
 
     def _weighted_batches(self) -> Iterable[_Weighted]:
         from .._progress import progress
 
-        items = zip(self.batches, self.weights)
-        return progress(items, enabled=self.progress and len(self.batches) > 1, desc="HVP batches",
-                        total=len(self.batches))
+        return progress(self._local, enabled=self.progress and len(self._local) > 1, desc="HVP batches",
+                        total=len(self._local))
 
     def _inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = to_device((x, y), self.device)
@@ -301,8 +337,9 @@ class HessianOperator:
         loss = checked_loss(self.loss_fn(functional_call(self.model, tensors, (x,)), y))
         return loss
 
-    def _hvp_func(self, vs: tuple[torch.Tensor, ...], batches: Iterable[_Weighted]) -> list[torch.Tensor]:
-        """Forward-over-reverse: ``jvp(grad L_b, w, v)`` per batch, weighted."""
+    def _hvp_func(self, vs: tuple[torch.Tensor, ...], batches: Iterable[_Weighted],
+                  losses: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Forward-over-reverse: ``jvp(grad L_b, w, v)`` per batch, weighted (None for no batch)."""
         total: list[torch.Tensor] | None = None
         for (x, y), weight in batches:
             def grad_and_loss(ps: tuple[torch.Tensor, ...], x: torch.Tensor = x, y: torch.Tensor = y) -> Any:
@@ -311,38 +348,39 @@ class HessianOperator:
 
             g_fn = grad(grad_and_loss, has_aux=True)
             _, hv, loss = jvp(g_fn, (self._params,), (vs,), has_aux=True)
-            require_finite(loss.item(), "the loss")
+            losses.append(loss)
             total = _add_weighted(total, hv, weight)
-        assert total is not None
         return total
 
-    def _hvp_autograd(self, vs: tuple[torch.Tensor, ...], batches: Iterable[_Weighted]) -> list[torch.Tensor]:
+    def _hvp_autograd(self, vs: tuple[torch.Tensor, ...], batches: Iterable[_Weighted],
+                      losses: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Reverse-over-reverse on a gradient graph rebuilt for each batch."""
         total: list[torch.Tensor] | None = None
         for (x, y), weight in batches:
-            ps, gs = self._gradient_graph(x, y)
+            ps, gs, loss = self._gradient_graph(x, y)
+            losses.append(loss)
             hv = self._backward(ps, gs, vs, retain=False)
             total = _add_weighted(total, hv, weight)
-        assert total is not None
         return total
 
-    def _hvp_cached(self, vs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    def _hvp_cached(self, vs: tuple[torch.Tensor, ...], losses: list[torch.Tensor]) -> list[torch.Tensor] | None:
         if self._graph is None:
-            self._graph = [self._gradient_graph(x, y) for x, y in self.batches]
+            self._graph = [self._gradient_graph(x, y) for (x, y), _ in self._local]
         total: list[torch.Tensor] | None = None
-        for (ps, gs), weight in zip(self._graph, self.weights):
+        for (ps, gs, loss), (_, weight) in zip(self._graph, self._local):
+            losses.append(loss)
             hv = self._backward(ps, gs, vs, retain=True)
             total = _add_weighted(total, hv, weight)
-        assert total is not None
         return total
 
-    def _gradient_graph(self, x: torch.Tensor, y: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
+    def _gradient_graph(self, x: torch.Tensor, y: torch.Tensor
+                        ) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor]:
+        """Parameters, their gradient (with its graph) and the detached loss of one batch."""
         ps = tuple(p.detach().requires_grad_(True) for p in self._params)
         with torch.enable_grad():
             loss = self._loss(ps, x, y)
-            require_finite(loss.item(), "the loss")
             gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
-        return ps, gs
+        return ps, gs, loss.detach()
 
     @staticmethod
     def _backward(ps: tuple[torch.Tensor, ...], gs: tuple[Any, ...], vs: tuple[torch.Tensor, ...],

@@ -9,6 +9,10 @@
 - :func:`global_norm`: ``sqrt(sum_t ||t||^2)`` in float64.
 - :func:`check_finite_parameters` and :func:`check_model_accepts`: the two cheap checks every analysis
   runs before long work (non-finite weights; a model that cannot run on the data).
+
+``distributed=True`` (the helpers default to ``False``: training calls them on one rank) evaluates this
+rank's share of the batches with their global weights and sums over ranks with one all-reduce
+(:mod:`sharpscope.analysis.parallel`); every rank then holds the full-data value.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import UserInputError
-from .batching import Batch, LossFn, batch_weights, checked_loss, model_device, to_device
+from .batching import Batch, LossFn, checked_loss, model_device, to_device
+from .parallel import reduce_sum, shared_batches, use_ranks
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,32 @@ def _correct(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def weighted_loss_sums(model: nn.Module, loss_fn: LossFn, weighted: Sequence[tuple[Batch, float]], *,
+                       parameters: Mapping[str, torch.Tensor] | None = None, with_accuracy: bool = False,
+                       context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+                       ) -> torch.Tensor:
+    """``[sum_b w_b loss_b, correct predictions]`` over ``(batch, weight)`` pairs, float64 on the model's device.
+
+    The building block of :func:`full_data_loss` (and of a data-split landscape): no host synchronisation.
+    """
+    device = model_device(model)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for (x, y), weight in weighted:
+        x, y = to_device((x, y), device)
+        with (context() if context is not None else contextlib.nullcontext()):
+            out = _outputs(model, x, parameters)
+            loss = checked_loss(loss_fn(out, y))
+        sums[0] += loss.double() * weight
+        if with_accuracy:
+            sums[1] += _correct(out, y)
+    return sums
+
+
+@torch.no_grad()
 def full_data_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], *,
                    parameters: Mapping[str, torch.Tensor] | None = None, with_accuracy: bool = False,
                    context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-                   ) -> float | LossAndAccuracy:
+                   distributed: bool = False) -> float | LossAndAccuracy:
     """Mean of ``loss_fn`` over all ``batches`` (weighted by batch size), in the model's current mode.
 
     Args:
@@ -56,44 +83,40 @@ def full_data_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], 
             (``torch.func.functional_call``; the model itself is not written to).
         with_accuracy: also count ``argmax(outputs) == targets`` (return a :class:`LossAndAccuracy`).
         context: a factory of a context entered around each forward pass (e.g. autocast).
+        distributed: data-parallel over the ranks of ``torch.distributed`` (module docstring).
 
     The value may be non-finite; callers decide whether that is an error (an analysis at ``w``) or
     a result (a landscape point far from ``w``). Accumulation is in float64 on the model's device,
     with one host synchronisation at the end.
     """
-    device = model_device(model)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
-    for (x, y), weight in zip(batches, batch_weights(batches)):
-        x, y = to_device((x, y), device)
-        with (context() if context is not None else contextlib.nullcontext()):
-            out = _outputs(model, x, parameters)
-            loss = checked_loss(loss_fn(out, y))
-        total += loss.double() * weight
-        if with_accuracy:
-            correct += _correct(out, y)
-        n += len(x)
+    active = use_ranks(distributed) if distributed else False
+    sums = weighted_loss_sums(model, loss_fn, shared_batches(batches, active), parameters=parameters,
+                              with_accuracy=with_accuracy, context=context)
+    total, correct = reduce_sum([sums], active)[0].tolist()
     if not with_accuracy:
         return float(total)
+    n = sum(len(x) for x, _ in batches)
     return LossAndAccuracy(float(total), float(correct) / max(n, 1))
 
 
 def full_data_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
-                       params: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+                       params: Sequence[torch.Tensor], distributed: bool = False) -> tuple[float, list[torch.Tensor]]:
     """``(L(w), grad L(w))`` over all batches for ``params`` (zeros where a tensor gets no gradient).
 
-    Gradients come from ``torch.autograd.grad``, so ``.grad`` of every parameter is left alone.
+    Gradients come from ``torch.autograd.grad``, so ``.grad`` of every parameter is left alone. With
+    ``distributed`` the loss and the gradient are summed over ranks in one all-reduce.
     """
     device = model_device(model)
+    active = use_ranks(distributed) if distributed else False
     grads = [torch.zeros_like(p) for p in params]
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for (x, y), weight in zip(batches, batch_weights(batches)):
+    total = torch.zeros(1, dtype=torch.float64, device=device)
+    for (x, y), weight in shared_batches(batches, active):
         x, y = to_device((x, y), device)
         loss = checked_loss(loss_fn(model(x), y))
         g = torch.autograd.grad(loss * weight, list(params), allow_unused=True)
         torch._foreach_add_(grads, [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)])
         total += loss.detach().double() * weight
+    reduce_sum([total, *grads], active)  # one all-reduce (in float64 when the model is float32)
     return float(total), grads
 
 

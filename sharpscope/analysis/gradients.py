@@ -42,6 +42,7 @@ from scipy.special import erfc, ndtri
 from torch import nn
 
 from .. import _validate
+from .. import distributed as _dist
 from .._progress import progress as _progress
 from ..errors import UserInputError
 from ..optim.zscore import check_percentile, is_filtered, layer_zscores, zscore_mask
@@ -50,7 +51,6 @@ from .batching import (
     Batch,
     LossFn,
     as_batches,
-    batch_weights,
     checked_loss,
     model_device,
     preserved_model_state,
@@ -59,6 +59,7 @@ from .batching import (
     trainable_named_parameters,
 )
 from .evaluation import check_finite_parameters, check_model_accepts
+from .parallel import gather_in_order, my_indices, rank_and_world, reduce_sum, shared_batches, use_ranks
 from .results import DatasetResult, model_fingerprint, provenance, read_dataset, require_variables
 
 KIND = "gradient_zscores"
@@ -96,41 +97,63 @@ def select_parameters(model: nn.Module, include: str = "filtered",
 
 
 # --- gradients ---------------------------------------------------------------------------------------
+def _batch_gradient(model: nn.Module, loss_fn: LossFn, batch: Batch, named: Sequence[tuple[str, nn.Parameter]],
+                    device: torch.device) -> list[torch.Tensor | None]:
+    """The gradient of one batch's mean loss (``None`` for a tensor the loss does not reach), checked finite."""
+    x, y = to_device(batch, device)
+    with torch.enable_grad():
+        loss = checked_loss(loss_fn(model(x), y))
+        require_finite(loss.detach().item(), "the loss")
+        grads = list(torch.autograd.grad(loss, [p for _, p in named], allow_unused=True))
+    for (name, _), g in zip(named, grads):
+        if g is not None and not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(f"the gradient of {name} is not finite; check the model, data and loss_fn")
+    return [None if g is None else g.detach() for g in grads]
+
+
+def full_data_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
+                        named: Sequence[tuple[str, nn.Parameter]], show_progress: bool = True,
+                        desc: str = "gradients", distributed: bool = False) -> list[torch.Tensor | None]:
+    """``sum_b (n_b / n) grad L_b``: the gradient of the mean loss over all samples (``None``: unused tensor).
+
+    With ``distributed`` each rank sums its share of the batches (global weights) and one all-reduce adds
+    the shares and a count of the batches in which each tensor got a gradient (so ``None`` is decided
+    over all batches, as in one process).
+    """
+    device = model_device(model)
+    share = shared_batches(batches, distributed)
+    total = [torch.zeros_like(p) for _, p in named]
+    seen = torch.zeros(len(named), dtype=total[0].dtype if total else torch.float64, device=device)
+    for batch, weight in _progress(share, enabled=show_progress and len(share) > 1, desc=desc, total=len(share)):
+        for i, g in enumerate(_batch_gradient(model, loss_fn, batch, named, device)):
+            if g is not None:
+                total[i].add_(g, alpha=weight)
+                seen[i] += 1
+    reduce_sum([*total, seen], distributed)
+    return [t if bool(c > 0) else None for t, c in zip(total, seen.cpu())]
+
+
 def iter_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
                    named: Sequence[tuple[str, nn.Parameter]], full_data: bool = False,
-                   show_progress: bool = True, desc: str = "gradients",
+                   show_progress: bool = True, desc: str = "gradients", distributed: bool = False,
                    ) -> Iterator[list[torch.Tensor | None]]:
     """Yield the gradient of each batch's mean loss w.r.t. ``named`` (``None`` for an unused tensor).
 
     The caller holds the model in the state it wants (eval mode, under
     :func:`~sharpscope.analysis.batching.preserved_model_state`); ``.grad`` is not touched
     (``torch.autograd.grad``). With ``full_data`` a single list is yielded: the batch-size-weighted
-    mean of the batch gradients, i.e. the gradient of the mean loss over all samples.
+    mean of the batch gradients, i.e. the gradient of the mean loss over all samples
+    (:func:`full_data_gradients`). With ``distributed`` (an active split, see
+    :mod:`sharpscope.analysis.parallel`) only this rank's batches ``my_indices(len(batches))`` are
+    yielded, in order; with ``full_data`` the one gradient is summed over ranks.
     """
+    if full_data:
+        yield full_data_gradients(model, loss_fn, batches, named, show_progress, desc, distributed)
+        return
     device = model_device(model)
-    params = [p for _, p in named]
-    total: list[torch.Tensor | None] | None = None
-    weights = batch_weights(batches)
-    for batch, weight in _progress(zip(batches, weights), enabled=show_progress and len(batches) > 1,
-                                   desc=desc, total=len(batches)):
-        x, y = to_device(batch, device)
-        with torch.enable_grad():
-            loss = checked_loss(loss_fn(model(x), y))
-            require_finite(loss.detach().item(), "the loss")
-            grads = list(torch.autograd.grad(loss, params, allow_unused=True))
-        for (name, _), g in zip(named, grads):
-            if g is not None and not bool(torch.isfinite(g).all()):
-                raise FloatingPointError(f"the gradient of {name} is not finite; check the model, data and loss_fn")
-        grads = [None if g is None else g.detach() for g in grads]
-        if not full_data:
-            yield grads
-            continue
-        if total is None:
-            total = [None if g is None else weight * g for g in grads]
-        else:
-            total = [t if g is None else (weight * g if t is None else t + weight * g) for t, g in zip(total, grads)]
-    if full_data and total is not None:
-        yield total
+    mine = my_indices(len(batches), distributed)
+    for b in _progress(mine, enabled=show_progress and len(mine) > 1, desc=desc, total=len(mine)):
+        yield _batch_gradient(model, loss_fn, batches[b], named, device)
 
 
 # --- statistics of one tensor ------------------------------------------------------------------------
@@ -355,15 +378,28 @@ def _checked_levels(percentile: float, tails: Sequence[float], bins: int | Seque
 
 def _batch_statistics(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
                       named: Sequence[tuple[str, nn.Parameter]], edges_np: np.ndarray, percentile: float,
-                      tails: Sequence[float], full_data: bool, progress: bool,
+                      tails: Sequence[float], full_data: bool, progress: bool, distributed: bool = False,
                       ) -> list[list[dict[str, torch.Tensor] | None]]:
-    """:func:`zscore_statistics` of every selected tensor's gradient, per batch (``None``: no gradient)."""
-    per_batch: list[list[dict[str, torch.Tensor] | None]] = []
+    """:func:`zscore_statistics` of every selected tensor's gradient, per batch (``None``: no gradient).
+
+    With ``distributed`` each rank does its own batches and the statistics (on the CPU) are gathered in
+    batch order; the full-data gradient is summed over ranks and every rank computes its statistics.
+    """
+    n = 1 if full_data else len(batches)
+    mine = [0] if full_data else my_indices(n, distributed)
+    computed: dict[int, list[dict[str, torch.Tensor] | None]] | Exception = {}
     with preserved_model_state(model, train=False):
         edges = torch.as_tensor(edges_np, dtype=torch.float64, device=model_device(model))
-        for grads in iter_gradients(model, loss_fn, batches, named, full_data, progress, "Z-scores"):
-            per_batch.append([None if g is None else zscore_statistics(g, edges, percentile, tails) for g in grads])
-    return per_batch
+        grads_iter = iter_gradients(model, loss_fn, batches, named, full_data, progress, "Z-scores", distributed)
+        try:
+            for b, grads in zip(mine, grads_iter):
+                stats = [None if g is None else zscore_statistics(g, edges, percentile, tails) for g in grads]
+                computed[b] = [None if st is None else {k: v.cpu() for k, v in st.items()} for st in stats]
+        except Exception as exc:  # noqa: BLE001 - raised on every rank by gather_in_order
+            if not (distributed and not full_data):
+                raise
+            computed = exc
+    return gather_in_order(computed, n, distributed and not full_data)
 
 
 def _used_tensors(named: Sequence[tuple[str, nn.Parameter]], per_batch: list[list[dict[str, torch.Tensor] | None]]
@@ -417,7 +453,8 @@ def _zscore_dataset(names: list[str], numel: np.ndarray, stats: list[list[dict[s
 def gradient_zscores(model: nn.Module, loss_fn: LossFn, data: Any, bins: int | Sequence[float] = 160,
                      percentile: float = 0.95, full_data: bool = False, *,
                      z_range: tuple[float, float] = (-8.0, 8.0), tails: Sequence[float] = (2.0, 3.0, 4.0),
-                     include: str = "filtered", params: Any = None, progress: bool = True) -> ZScoreResult:
+                     include: str = "filtered", params: Any = None, progress: bool = True,
+                     distributed: bool | None = None) -> ZScoreResult:
     """Distributions of the layer-wise gradient Z-scores ZSharp filters, per layer and batch.
 
     Args:
@@ -432,7 +469,11 @@ def gradient_zscores(model: nn.Module, loss_fn: LossFn, data: Any, bins: int | S
         tails: levels ``t`` of the tail fractions ``P(|z| > t)``.
         include: ``"filtered"`` (tensors with ``ndim > 1``, what ZSharp filters) or ``"all"``.
         params: restrict to these parameter tensors.
-        progress: show a progress bar over batches.
+        progress: show a progress bar over batches (on rank 0).
+        distributed: split the batches over the ranks of ``torch.distributed`` (``None``: when a process
+            group with several ranks is initialised). Each batch's statistics are computed by one rank and
+            gathered in order (the full-data gradient is summed over ranks), so every rank holds the
+            single-process result: the same histograms, counts and thresholds.
 
     Returns:
         :class:`ZScoreResult` (``.to_dataframe()``, ``.histogram_dataframe()``, ``.save()``).
@@ -449,12 +490,14 @@ def gradient_zscores(model: nn.Module, loss_fn: LossFn, data: Any, bins: int | S
     batches = as_batches(data)
     check_finite_parameters(model)
     check_model_accepts(model, loss_fn, batches[0])
-    per_batch = _batch_statistics(model, loss_fn, batches, named, edges_np, percentile, tails, full_data, progress)
+    active = use_ranks(distributed)
+    per_batch = _batch_statistics(model, loss_fn, batches, named, edges_np, percentile, tails, full_data,
+                                  bool(progress) and _dist.is_main(), active)
     names, numel, stats = _used_tensors(named, per_batch)
     sizes = [len(x) for x, _ in batches]
     settings = {
         "percentile": percentile, "tails": tails, "full_data": bool(full_data), "include": include,
         "batch_sizes": sizes, "n_samples": int(sum(sizes)), "model_fingerprint": model_fingerprint(model),
-        "model_class": type(model).__name__, "provenance": provenance(),
+        "model_class": type(model).__name__, "world_size": rank_and_world(active)[1], "provenance": provenance(),
     }
     return ZScoreResult(_zscore_dataset(names, numel, stats, edges_np, tails), settings)

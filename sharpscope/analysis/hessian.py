@@ -46,6 +46,7 @@ from ..threads import analysis_threads
 from .batching import Batch, prepared_batches, trainable_named_parameters
 from .curvature import HessianOperator, LossFn
 from .lanczos import _error_bounds, krylov_basis, lanczos_quadrature, thick_restart_lanczos
+from .parallel import gather_in_order, my_indices, rank_and_world, reduce_sum, sum_int, use_ranks
 from .results import (
     Result,
     TableResult,
@@ -57,6 +58,8 @@ from .results import (
 )
 
 BACKENDS = ("sharpscope", "pyhessian")
+#: How the stochastic estimators use several ranks: split the data of every product, or the probes.
+SPLITS = ("data", "probes")
 TRACE_METHODS = ("hutch++", "hutchinson", "krylov")
 #: Most Lanczos steps one SLQ run may take: the full reorthogonalisation costs ``O(n_iter^2 dim)`` and the
 #: basis ``n_iter * dim`` numbers, while 80-100 steps already resolve a density (Ghorbani et al. use 90).
@@ -84,10 +87,25 @@ def _dimension(model: nn.Module, params: Iterable[torch.Tensor] | None) -> int:
     return int(dim)
 
 
-def _data_settings(op: HessianOperator) -> dict[str, Any]:
+def _data_settings(op: HessianOperator, split: str = "data", probes: bool = False) -> dict[str, Any]:
+    world = rank_and_world(op.distributed or probes)[1]
     return {"n_examples": int(sum(len(x) for x, _ in op.batches)), "n_batches": len(op.batches),
             "dim": op.dim, "dtype": str(op.dtype).replace("torch.", ""), "hvp": op.method,
-            "device": str(op.device)}
+            "device": str(op.device), "world_size": world, "split": split if world > 1 else None}
+
+
+def _main_only(progress: bool) -> bool:
+    """Progress bars are drawn by rank 0 alone."""
+    from .. import distributed as dist
+
+    return bool(progress) and dist.is_main()
+
+
+def _parallel_mode(distributed: bool | None, split: str) -> tuple[bool, bool]:
+    """``(data-parallel operator, probes split over ranks)`` for ``split`` in :data:`SPLITS`."""
+    choice(split, "split", SPLITS)
+    active = use_ranks(distributed)
+    return active and split == "data", active and split == "probes"
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -126,11 +144,12 @@ class _HvpProgress:
             self.bar.close()  # type: ignore[attr-defined]
 
 
-def _base_settings(model: nn.Module, seed: int, backend: str, op: HessianOperator | None) -> dict[str, Any]:
+def _base_settings(model: nn.Module, seed: int, backend: str, op: HessianOperator | None, split: str = "data",
+                   probes: bool = False) -> dict[str, Any]:
     settings: dict[str, Any] = {"seed": int(seed), "backend": backend, "model_fingerprint": model_fingerprint(model),
                                 "provenance": provenance()}
     if op is not None:
-        settings.update(_data_settings(op))
+        settings.update(_data_settings(op, split, probes))
     return settings
 
 
@@ -228,7 +247,7 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
                         tol: float = 1e-3, max_iter: int = 100, seed: int = 0, backend: str = "sharpscope",
                         params: Iterable[torch.Tensor] | None = None, dtype: torch.dtype | None = None,
                         hvp: str = "auto", max_basis: int | None = None, eigenvectors: bool = True,
-                        progress: bool = True) -> EigenResult:
+                        progress: bool = True, distributed: bool | None = None) -> EigenResult:
     """The ``k`` largest (``which="LA"``) or most negative (``"SA"``) eigenvalues of the loss Hessian.
 
     Args:
@@ -243,7 +262,11 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
         params, dtype, hvp: passed to the operator (a subset of tensors, float64, HVP method).
         max_basis: Lanczos basis size before a thick restart (default ``max(2k + 10, 20)``).
         eigenvectors: keep the eigenvectors in the result.
-        progress: show a progress bar.
+        progress: show a progress bar (on rank 0).
+        distributed: data-parallel over the ranks of ``torch.distributed`` (``None``: when a process group
+            with several ranks is initialised; :mod:`~sharpscope.analysis.parallel`). Each product is
+            all-reduced and Lanczos runs with the same seed on every rank, so every rank holds the same
+            result.
 
     Raises ``UserInputError`` for bad arguments, ``k`` above the number of parameters, non-finite weights
     or a model that cannot run on the data. Warns (``RuntimeWarning``) when the largest-magnitude
@@ -267,7 +290,8 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
                                      progress=progress)
     result, ritz = _lanczos_eigen(model, loss_fn, batches, k=k, which=which, tol=tol, max_iter=max_iter,
                                   seed=seed, params=params, dtype=dtype, hvp=hvp, max_basis=max_basis,
-                                  eigenvectors=eigenvectors, progress=progress)
+                                  eigenvectors=eigenvectors, progress=_main_only(progress),
+                                  distributed=use_ranks(distributed))
     if which == "LA":
         _warn_negative_dominant(ritz, float(result.eigenvalues[0]))
     if not result.converged:
@@ -280,10 +304,11 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
 def _lanczos_eigen(model: nn.Module, loss_fn: LossFn, batches: list[Batch], *, k: int, which: str, tol: float,
                    max_iter: int, seed: int, params: Iterable[torch.Tensor] | None, dtype: torch.dtype | None,
                    hvp: str, max_basis: int | None, eigenvectors: bool,
-                   progress: bool) -> tuple[EigenResult, np.ndarray]:
+                   progress: bool, distributed: bool) -> tuple[EigenResult, np.ndarray]:
     """Thick-restart Lanczos on the operator; the result and every Ritz value of the last projection."""
     start = time.perf_counter()
-    with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp) as op:
+    with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp,
+                         distributed=distributed) as op:
         bar = _HvpProgress(progress, max_iter, f"Lanczos top-{k} ({which})")
         try:
             out = thick_restart_lanczos(op.matvec, _gaussian(op.dim, _generator(seed), op), k=k, which=which,
@@ -355,13 +380,34 @@ class TraceResult(Result):
                        exact_part=float(meta["exact_part"]), settings=dict(meta["settings"]))
 
 
-def _hutchinson_samples(op: HessianOperator, Z: torch.Tensor, bar: _HvpProgress) -> np.ndarray:
-    out = []
-    for i in range(Z.shape[1]):
+def _hutchinson_samples(op: HessianOperator, Z: torch.Tensor, bar: _HvpProgress, probes: bool) -> np.ndarray:
+    """``z_i^T H z_i`` for every column; with ``probes`` each rank does its columns and the rest is summed in."""
+    out = torch.zeros(Z.shape[1], dtype=torch.float64)
+    for i in my_indices(Z.shape[1], probes):
         z = Z[:, i]
-        out.append(float(torch.dot(z, op.matvec(z))))
+        out[i] = float(torch.dot(z, op.matvec(z)))
         bar.step(op.n_hvp)
-    return np.asarray(out, dtype=np.float64)
+    return reduce_sum([out], probes)[0].numpy()  # x + 0 + ... + 0 = x: the gather is exact
+
+
+def _sketch(op: HessianOperator, S: torch.Tensor, probes: bool) -> torch.Tensor:
+    """``H S`` column by column (with ``probes``: each rank its columns, gathered exactly by a sum)."""
+    Y = torch.zeros_like(S)
+    for i in my_indices(S.shape[1], probes):
+        Y[:, i] = op.matvec(S[:, i])
+    return reduce_sum([Y], probes)[0]
+
+
+def _projected_trace(op: HessianOperator, Q: torch.Tensor, bar: _HvpProgress, probes: bool) -> float:
+    """``tr(Q^T H Q) = sum_i q_i^T H q_i``, added in column order whatever the split."""
+    terms = torch.zeros(Q.shape[1], dtype=torch.float64)
+    for i in my_indices(Q.shape[1], probes):
+        terms[i] = float(torch.dot(Q[:, i], op.matvec(Q[:, i])))
+        bar.step(op.n_hvp)
+    exact = 0.0
+    for t in reduce_sum([terms], probes)[0].tolist():
+        exact += t
+    return exact
 
 
 def _stderr(samples: np.ndarray) -> float:
@@ -378,63 +424,69 @@ def _check_trace_budget(n_samples: Any, method: Any) -> int:
 
 
 def _deflated(op: HessianOperator, exact: float, basis: torch.Tensor, n_rest: int, gen: torch.Generator,
-              bar: _HvpProgress, start: int, method: str) -> TraceResult:
+              bar: _HvpProgress, start: int, method: str, probes: bool) -> TraceResult:
     """``exact + tr((I - P) H (I - P))`` by Hutchinson, ``P`` the projector on the columns of ``basis``.
 
     When the basis spans the whole space the trace is ``exact`` with no error (method ``"exact"``).
     """
     if basis.shape[1] >= op.dim:
-        return TraceResult(estimate=exact, stderr=0.0, n_hvp=op.n_hvp - start, method="exact",
+        return TraceResult(estimate=exact, stderr=0.0, n_hvp=sum_int(op.n_hvp - start, probes), method="exact",
                            samples=np.zeros(0), exact_part=exact)
     G = _rademacher((op.dim, n_rest), gen, op)
     G = G - basis @ (basis.T @ G)
-    samples = _hutchinson_samples(op, G, bar)
+    samples = _hutchinson_samples(op, G, bar, probes)
     return TraceResult(estimate=exact + float(samples.mean()), stderr=_stderr(samples),
-                       n_hvp=op.n_hvp - start, method=method, samples=samples, exact_part=exact)
+                       n_hvp=sum_int(op.n_hvp - start, probes), method=method, samples=samples, exact_part=exact)
 
 
 def _hutchinson_trace(op: HessianOperator, n_samples: int, gen: torch.Generator, bar: _HvpProgress,
-                      start: int) -> TraceResult:
+                      start: int, probes: bool) -> TraceResult:
     """``mean_i z_i^T H z_i`` over ``n_samples`` Rademacher probes."""
-    samples = _hutchinson_samples(op, _rademacher((op.dim, n_samples), gen, op), bar)
-    return TraceResult(estimate=float(samples.mean()), stderr=_stderr(samples), n_hvp=op.n_hvp - start,
-                       method="hutchinson", samples=samples)
+    samples = _hutchinson_samples(op, _rademacher((op.dim, n_samples), gen, op), bar, probes)
+    return TraceResult(estimate=float(samples.mean()), stderr=_stderr(samples),
+                       n_hvp=sum_int(op.n_hvp - start, probes), method="hutchinson", samples=samples)
 
 
 def _krylov_trace(op: HessianOperator, n_samples: int, gen: torch.Generator, bar: _HvpProgress,
-                  start: int) -> TraceResult:
+                  start: int, probes: bool) -> TraceResult:
     """``tr(V^T H V)`` of a Krylov basis (half the budget) plus Hutchinson on the deflated rest."""
+    if probes:
+        raise UserInputError("split='probes' does not apply to method='krylov' (its Krylov basis is built one "
+                             "product after the other); use split='data' or method='hutch++'")
     V, T, _ = krylov_basis(lambda u: _tick(op.matvec(u), bar, op), _rademacher((op.dim,), gen, op),
                            n_samples // 2)
-    return _deflated(op, float(np.trace(T)), V.T, n_samples - V.shape[0], gen, bar, start, "krylov")
+    return _deflated(op, float(np.trace(T)), V.T, n_samples - V.shape[0], gen, bar, start, "krylov", probes)
 
 
 def _hutchpp_trace(op: HessianOperator, n_samples: int, gen: torch.Generator, bar: _HvpProgress,
-                   start: int) -> TraceResult:
+                   start: int, probes: bool) -> TraceResult:
     """Hutch++: ``Q = orth(H S)`` (a third), ``tr(Q^T H Q)`` (a third), Hutchinson on the rest."""
     n_sketch = n_samples // 3
     S = _rademacher((op.dim, min(n_sketch, op.dim)), gen, op)
-    Y = torch.stack([op.matvec(S[:, i]) for i in range(S.shape[1])], dim=1)
+    Y = _sketch(op, S, probes)
     bar.step(op.n_hvp)
     Q, _ = torch.linalg.qr(Y)
-    exact = 0.0
-    for i in range(Q.shape[1]):
-        exact += float(torch.dot(Q[:, i], op.matvec(Q[:, i])))
-        bar.step(op.n_hvp)
-    return _deflated(op, exact, Q, n_samples - 2 * n_sketch, gen, bar, start, "hutch++")
+    exact = _projected_trace(op, Q, bar, probes)
+    return _deflated(op, exact, Q, n_samples - 2 * n_sketch, gen, bar, start, "hutch++", probes)
 
 
 _TRACE_ESTIMATORS = {"hutchinson": _hutchinson_trace, "krylov": _krylov_trace, "hutch++": _hutchpp_trace}
 
 
 def trace_estimate(op: HessianOperator, n_samples: int, method: str = "hutch++", seed: int = 0,
-                   progress: bool = False) -> TraceResult:
-    """Trace of the operator's Hessian with ``n_samples`` Hessian-vector products (see :func:`hessian_trace`)."""
+                   progress: bool = False, split_probes: bool = False) -> TraceResult:
+    """Trace of the operator's Hessian with ``n_samples`` Hessian-vector products (see :func:`hessian_trace`).
+
+    ``split_probes``: every rank of ``torch.distributed`` draws the same probes (same seed) and computes
+    the products of its share of them (probe ``i`` on rank ``i mod N``); the products are gathered so
+    every rank holds the result a single process gets with the same probes. ``op`` should then not be
+    data-parallel itself. ``n_hvp`` counts the products of all ranks.
+    """
     n_samples = _check_trace_budget(n_samples, method)
     start = op.n_hvp
-    bar = _HvpProgress(progress, n_samples, f"trace ({method})", offset=start)
+    bar = _HvpProgress(_main_only(progress), n_samples, f"trace ({method})", offset=start)
     try:
-        return _TRACE_ESTIMATORS[method](op, n_samples, _generator(seed), bar, start)
+        return _TRACE_ESTIMATORS[method](op, n_samples, _generator(seed), bar, start, split_probes)
     finally:
         bar.close()
 
@@ -443,7 +495,7 @@ def trace_estimate(op: HessianOperator, n_samples: int, method: str = "hutch++",
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, n_samples: int = 60, method: str = "hutch++",
                   seed: int = 0, backend: str = "sharpscope", params: Iterable[torch.Tensor] | None = None,
                   dtype: torch.dtype | None = None, hvp: str = "auto", tol: float = 1e-3,
-                  progress: bool = True) -> TraceResult:
+                  progress: bool = True, distributed: bool | None = None, split: str = "data") -> TraceResult:
     """Estimate ``tr(H)`` with ``n_samples`` Hessian-vector products and report a standard error.
 
     Args:
@@ -458,9 +510,16 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, n_samples: int =
         seed: seeds the Rademacher probes.
         backend: ``"pyhessian"`` runs PyHessian's Hutchinson with its own stopping rule
             (relative change below ``tol``, at most ``n_samples`` probes).
+        distributed: use the ranks of ``torch.distributed`` (``None``: when a process group with several
+            ranks is initialised).
+        split: with several ranks, ``"data"`` splits the batches of every product (all-reduced), ``"probes"``
+            gives each rank its share of the independent probes (each rank then needs all the data; the
+            sketch/exact/Hutchinson products of Hutch++ are each divided among the ranks and gathered).
+            Either way every rank holds the estimate one process computes with the same probes.
     """
     _check_backend(backend)
     seed = integer(seed, "seed", minimum=None)
+    data_parallel, probes = _parallel_mode(distributed, split)
     if backend == "pyhessian":  # its Hutchinson loop: at most n_samples probes, any number >= 1
         _pyhessian_options(params, dtype)
         n_samples = positive_int(n_samples, "n_samples")
@@ -473,9 +532,10 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, n_samples: int =
 
         return pyhessian_trace(model, loss_fn, batches, max_iter=n_samples, tol=tol, seed=seed, progress=progress)
     start = time.perf_counter()
-    with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp) as op:
-        result = trace_estimate(op, n_samples, method, seed, progress)
-        result.settings = _base_settings(model, seed, backend, op)
+    with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp,
+                         distributed=data_parallel) as op:
+        result = trace_estimate(op, n_samples, method, seed, progress, split_probes=probes)
+        result.settings = _base_settings(model, seed, backend, op, split, probes)
     result.settings.update({"n_samples": n_samples, "method": method, "seconds": time.perf_counter() - start})
     return result
 
@@ -621,7 +681,8 @@ def _check_n_iter(n_iter: Any, dim: int) -> int:
 def hessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int = 80, n_runs: int = 1,
                     sigma: float | None = None, grid: int | np.ndarray = 1000, seed: int = 0,
                     backend: str = "sharpscope", params: Iterable[torch.Tensor] | None = None,
-                    dtype: torch.dtype | None = None, hvp: str = "auto", progress: bool = True) -> DensityResult:
+                    dtype: torch.dtype | None = None, hvp: str = "auto", progress: bool = True,
+                    distributed: bool | None = None, split: str = "data") -> DensityResult:
     """Spectral density of the Hessian by stochastic Lanczos quadrature (``n_runs * n_iter`` HVPs).
 
     Args:
@@ -631,8 +692,11 @@ def hessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int = 
         sigma: Gaussian width in eigenvalue units; default 1 % of the range of the nodes.
         grid: number of grid points over the range of the nodes (+-5 sigma), or the grid itself.
         backend: ``"pyhessian"`` runs PyHessian's ``density`` (with ``torch.eig`` replaced by ``eigh``).
+        distributed, split: as in :func:`hessian_trace`; ``split="probes"`` runs probe ``r`` on rank
+            ``r mod N`` (every rank draws all probes from the same seed) and gathers the runs in order.
     """
     _check_backend(backend)
+    data_parallel, probes = _parallel_mode(distributed, split)
     n_runs = positive_int(n_runs, "n_runs")
     seed = integer(seed, "seed", minimum=None)
     if backend == "pyhessian":
@@ -645,10 +709,11 @@ def hessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int = 
         return pyhessian_density(model, loss_fn, batches, n_iter=n_iter, n_runs=n_runs, sigma=sigma, grid=grid,
                                  seed=seed, progress=progress)
     start = time.perf_counter()
-    with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp) as op:
-        runs = _slq_runs(op, n_iter, n_runs, _generator(seed), progress)
-        settings = _base_settings(model, seed, backend, op)
-        n_hvp = op.n_hvp
+    with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp,
+                         distributed=data_parallel) as op:
+        runs = _slq_runs(op, n_iter, n_runs, _generator(seed), _main_only(progress), probes)
+        settings = _base_settings(model, seed, backend, op, split, probes)
+        n_hvp = sum_int(op.n_hvp, probes)
     nodes = [r.nodes for r in runs]
     weights = [r.weights for r in runs]
     values, sigma = _density_grid(nodes, sigma, grid)
@@ -659,14 +724,20 @@ def hessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int = 
 
 
 def _slq_runs(op: HessianOperator, n_iter: int, n_runs: int, gen: torch.Generator,
-              progress: bool) -> list[Any]:
-    """``n_runs`` Lanczos quadratures from normalised Rademacher probes."""
-    bar = _HvpProgress(progress, n_runs * min(n_iter, op.dim), "SLQ")
+              progress: bool, probes: bool = False) -> list[Any]:
+    """``n_runs`` Lanczos quadratures from normalised Rademacher probes (with ``probes``: run ``r`` on rank
+    ``r mod N``, every rank drawing every probe so that run ``r`` uses the probe one process would)."""
+    mine = set(my_indices(n_runs, probes))
+    bar = _HvpProgress(progress, len(mine) * min(n_iter, op.dim), "SLQ")
+    runs = {}
     try:
-        return [lanczos_quadrature(lambda u: _tick(op.matvec(u), bar, op), _rademacher((op.dim,), gen, op), n_iter)
-                for _ in range(n_runs)]
+        for r in range(n_runs):
+            probe = _rademacher((op.dim,), gen, op)
+            if r in mine:
+                runs[r] = lanczos_quadrature(lambda u: _tick(op.matvec(u), bar, op), probe, n_iter)
     finally:
         bar.close()
+    return gather_in_order(runs, n_runs, probes)
 
 
 def _tick(out: torch.Tensor, bar: _HvpProgress, op: HessianOperator) -> torch.Tensor:
@@ -733,7 +804,7 @@ def _block_curvature(op: HessianOperator, name: str, shape: torch.Size, seed: in
 def layer_curvature(model: nn.Module, loss_fn: LossFn, data: Any, tol: float = 1e-3, max_iter: int = 100,
                     n_trace_samples: int = 30, seed: int = 0, dtype: torch.dtype | None = None,
                     hvp: str = "auto", layers: Callable[[str, torch.Tensor], bool] | None = None,
-                    progress: bool = True) -> LayerCurvatureResult:
+                    progress: bool = True, distributed: bool | None = None) -> LayerCurvatureResult:
     """Top eigenvalue and trace of each diagonal block ``H_tt`` of the Hessian (one per parameter tensor).
 
     The block of tensor ``t`` is the Hessian of the loss w.r.t. ``t`` alone, the other tensors held fixed.
@@ -743,7 +814,8 @@ def layer_curvature(model: nn.Module, loss_fn: LossFn, data: Any, tol: float = 1
 
     Returns a :class:`LayerCurvatureResult`, one row per tensor: ``layer, shape, numel, top_eigenvalue,
     top_error_bound, top_converged, trace, trace_stderr, trace_method, n_hvp``; it reads like that
-    DataFrame, with the settings in ``.settings`` (and ``.attrs["settings"]``).
+    DataFrame, with the settings in ``.settings`` (and ``.attrs["settings"]``). ``distributed``: every
+    block's products are data-parallel as in :func:`hessian_eigenvalues`.
     """
     max_iter = positive_int(max_iter, "max_iter")
     n_trace_samples = integer(n_trace_samples, "n_trace_samples", minimum=4)
@@ -754,8 +826,10 @@ def layer_curvature(model: nn.Module, loss_fn: LossFn, data: Any, tol: float = 1
     start = time.perf_counter()
     fingerprint = model_fingerprint(model)
     rows = []
-    for i, (name, p) in enumerate(progress_bar(named, enabled=progress, desc="layers", total=len(named))):
-        with HessianOperator(model, loss_fn, batches, params=[p], dtype=dtype, hvp=hvp) as op:
+    active = use_ranks(distributed)
+    for i, (name, p) in enumerate(progress_bar(named, enabled=_main_only(progress), desc="layers",
+                                               total=len(named))):
+        with HessianOperator(model, loss_fn, batches, params=[p], dtype=dtype, hvp=hvp, distributed=active) as op:
             rows.append(_block_curvature(op, name, p.shape, seed + i, tol, max_iter, n_trace_samples))
             data_settings = _data_settings(op)
     data_settings.pop("dim", None)

@@ -16,8 +16,9 @@ add ``y d_2``; tensors that are zero in every direction are not touched), then o
 over ``data`` (:func:`~sharpscope.analysis.evaluation.full_data_loss`, the user metrics computed on
 the same outputs). With ``points_per_call > 1`` several points share one ``torch.func.vmap`` pass
 and their values stay on the device until the end of a round of points. Grid points can be
-shared among the processes of an initialised ``torch.distributed`` group (point ``k`` of a round
-goes to rank ``k % world_size``; the values are all-reduced at the end of each round).
+shared among the processes of an initialised ``torch.distributed`` group (``split="points"``: point ``k``
+of a round goes to rank ``k % world_size``), or every point split over the ranks' shares of the data
+(``split="data"``); either way the values are all-reduced at the end of each round.
 
 BatchNorm policy ``bn``: ``"eval"`` (the default) uses the running statistics stored in the model;
 ``"recalibrate"`` re-estimates them at every point from ``recalibration_batches`` batches (exact
@@ -75,7 +76,9 @@ from .evaluation import (
     full_data_loss,
     global_norm,
     offset_parameters,
+    weighted_loss_sums,
 )
+from .parallel import shared_batches
 from .results import (
     DatasetResult,
     model_fingerprint,
@@ -93,6 +96,9 @@ __all__ = [
 KIND = "landscape"
 BN_POLICIES = ("eval", "recalibrate")
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: How a grid uses several ranks: points dealt round-robin, or every point on every rank's share of the data.
+SPLITS = ("points", "data")
 
 
 class Landscape(DatasetResult):
@@ -215,6 +221,7 @@ class GridOptions:
     distributed: bool | None = None
     progress: bool = True
     points_per_call: int = 1
+    split: str = "points"
 
     def checked(self) -> GridOptions:
         """A copy with every option validated (one :class:`UserInputError` line for a bad one)."""
@@ -229,6 +236,7 @@ class GridOptions:
             metrics=_check_metrics(self.metrics), checkpoint_path=self.checkpoint_path,
             checkpoint_every=None if every is None else _validate.positive_int(every, "checkpoint_every (grid points)"),
             distributed=self.distributed, progress=bool(self.progress), points_per_call=ppc,
+            split=_validate.choice(self.split, "split", SPLITS),
         )
 
 
@@ -360,10 +368,12 @@ class _Evaluator:
     """``[loss, accuracy, *metrics]`` of the current weights over all batches (float64, on the device)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], options: GridOptions,
-                 classification: bool) -> None:
+                 classification: bool, data_split: bool = False) -> None:
         self.model, self.loss_fn, self.classification = model, loss_fn, classification
         self.device = model_device(model)
         self.batches = [to_device(b, self.device) for b in batches]
+        # split="data": this rank's share with global weights; its partial sums are all-reduced per round
+        self.share = shared_batches(self.batches, True) if data_split else None
         self.n = float(sum(len(x) for x, _ in self.batches))
         self.metrics = dict(options.metrics or {})
         self.bn_modules = [m for m in model.modules()
@@ -386,6 +396,10 @@ class _Evaluator:
         if self.recalibrate:
             self._recalibrate()
         tap = _MetricTap(self.loss_fn, self.metrics, self.n, self.device)
+        if self.share is not None:
+            sums = weighted_loss_sums(self.model, tap, self.share, with_accuracy=self.classification)
+            accuracy = sums[1:] / self.n if self.classification else torch.full_like(sums[1:], math.nan)
+            return torch.cat([sums[:1], accuracy, tap.total])
         value = full_data_loss(self.model, tap, self.batches, with_accuracy=self.classification)
         loss, accuracy = (value.loss, value.accuracy) if isinstance(value, LossAndAccuracy) else (value, math.nan)
         head = torch.tensor([loss, accuracy], dtype=torch.float64, device=self.device)
@@ -490,9 +504,9 @@ class _VmapEvaluator:
             return torch.func.functional_call(ev.model, (params, self.fixed), (x,))
 
         total = torch.zeros(len(coords), 2 + len(ev.metrics), dtype=torch.float64, device=ev.device)
-        for x, y in ev.batches:
+        weighted = ev.share if ev.share is not None else [(b, len(b[0]) / ev.n) for b in ev.batches]
+        for (x, y), w in weighted:
             outs = torch.func.vmap(forward, in_dims=(0, None))(stacked, x)
-            w = len(x) / ev.n
             for p, out in enumerate(outs):
                 total[p, 0] += checked_loss(ev.loss_fn(out, y)).double() * w
                 if ev.classification:
@@ -583,10 +597,11 @@ def _rounds(todo: np.ndarray, options: GridOptions, total_points: int) -> list[n
 
 def _evaluate_round(grid: _GridState, chunk: np.ndarray, evaluate: Callable, options: GridOptions,
                     rank: int, world: int, tick: Callable[[], None]) -> np.ndarray:
-    """The values of the points of one round; row ``k`` is computed by rank ``k % world``, summed over ranks."""
+    """The values of the points of one round, summed over ranks: row ``k`` is computed by rank ``k % world``
+    (``split="points"``), or every row by every rank on its share of the data (``split="data"``)."""
     results = torch.zeros(len(chunk), len(grid.metric_names), dtype=torch.float64,
                           device=evaluate.ev.device)
-    mine = list(range(rank, len(chunk), world))
+    mine = list(range(len(chunk))) if _data_split(options, world) else list(range(rank, len(chunk), world))
     for start in range(0, len(mine), options.points_per_call):
         ks = mine[start:start + options.points_per_call]
         results[ks] = evaluate([grid.point(chunk[k]) for k in ks])
@@ -611,9 +626,14 @@ def _all_reduce(results: torch.Tensor) -> torch.Tensor:
     return torch.where(flags > 0, torch.full_like(summed, math.nan), summed).to(results.device)
 
 
+def _data_split(options: GridOptions, world: int) -> bool:
+    return options.split == "data" and world > 1
+
+
 def _point_evaluator(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], options: GridOptions,
-                     setter: Callable[[Sequence[float]], None]) -> _Sequential | _VmapEvaluator:
-    evaluator = _Evaluator(model, loss_fn, batches, options, _is_classification(model, batches[0]))
+                     setter: Callable[[Sequence[float]], None], world: int = 1) -> _Sequential | _VmapEvaluator:
+    evaluator = _Evaluator(model, loss_fn, batches, options, _is_classification(model, batches[0]),
+                           _data_split(options, world))
     if options.points_per_call > 1 and getattr(setter, "names", None):
         return _VmapEvaluator(evaluator, setter)  # type: ignore[arg-type]
     return _Sequential(evaluator, setter)
@@ -632,11 +652,12 @@ def _run_grid(model: nn.Module, loss_fn: Callable, data: Any, coords: dict[str, 
     grid = _GridState(coords, _grid_settings(model, loss_fn, batches, settings, options), path)
     rank, world = _dist_info(options.distributed)
     rounds = _rounds(np.flatnonzero(~grid.done), options, grid.size)
-    bar = _progress(range(sum(len(c[rank::world]) for c in rounds)), enabled=options.progress and rank == 0,
+    per_rank = (lambda c: c) if _data_split(options, world) else (lambda c: c[rank::world])
+    bar = _progress(range(sum(len(per_rank(c)) for c in rounds)), enabled=options.progress and rank == 0,
                     desc=f"{settings['slice']} slice")
     ticks = iter(bar)  # advanced once per point evaluated here
     with preserved_model_state(model, train=False):
-        evaluate = _point_evaluator(model, loss_fn, batches, options, make_setter())
+        evaluate = _point_evaluator(model, loss_fn, batches, options, make_setter(), world)
         with _bn_momentum_kept(evaluate.ev.bn_modules):
             for chunk in rounds:
                 values = _evaluate_round(grid, chunk, evaluate, options, rank, world, lambda: next(ticks, None))
@@ -696,7 +717,8 @@ def landscape_1d(model: nn.Module, loss_fn: Callable, data: Any,
                  normalization: str = "filter", ignore: str = "biasbn", seed: int = 0, bn: str = "eval",
                  recalibration_batches: int = 10, metrics: Mapping[str, Metric] | None = None,
                  checkpoint_path: str | os.PathLike[str] | None = None, checkpoint_every: int | None = None,
-                 distributed: bool | None = None, progress: bool = True, points_per_call: int = 1) -> Landscape:
+                 distributed: bool | None = None, progress: bool = True, points_per_call: int = 1,
+                 split: str = "points") -> Landscape:
     """Loss and accuracy along ``w + x d`` for every ``x`` in ``steps`` (dim ``"x"``).
 
     Args:
@@ -713,8 +735,11 @@ def landscape_1d(model: nn.Module, loss_fn: Callable, data: Any,
         checkpoint_path: save progress here and resume from it if it exists (a file made with
             another model, data, loss function, metrics or settings is refused).
         checkpoint_every: points between saves (default: every 5 % of the grid).
-        distributed: share the points among the ranks of ``torch.distributed`` (default: when
-            a process group is initialised).
+        distributed: use the ranks of ``torch.distributed`` (default: when a process group is initialised).
+        split: with several ranks, ``"points"`` deals the grid points round-robin (each rank evaluates
+            whole points on all the data); ``"data"`` evaluates every point on every rank over its share
+            of the batches (global weights ``n_b / n``, partial sums all-reduced once per round) -- for
+            points too large for one rank. The values are the same either way.
         progress: show a progress bar.
         points_per_call: evaluate this many points per forward call with ``torch.func.vmap`` over
             stacked weights (memory grows with it; useful on a GPU when one point leaves it idle;
@@ -725,7 +750,7 @@ def landscape_1d(model: nn.Module, loss_fn: Callable, data: Any,
     dirs = _prepare_directions(model, None if direction is None else [direction], 1, normalization, ignore, seed)
     settings = {"slice": "1d", "seed": int(seed), **_direction_settings(dirs, model)}
     options = GridOptions(bn, recalibration_batches, metrics, checkpoint_path, checkpoint_every, distributed,
-                          progress, points_per_call)
+                          progress, points_per_call, split)
     return _run_grid(model, loss_fn, data, {"x": x}, lambda: _LinearSetter(model, dirs), settings, options)
 
 
@@ -736,7 +761,8 @@ def landscape_2d(model: nn.Module, loss_fn: Callable, data: Any,
                  normalization: str = "filter", ignore: str = "biasbn", seed: int = 0, bn: str = "eval",
                  recalibration_batches: int = 10, metrics: Mapping[str, Metric] | None = None,
                  checkpoint_path: str | os.PathLike[str] | None = None, checkpoint_every: int | None = None,
-                 distributed: bool | None = None, progress: bool = True, points_per_call: int = 1) -> Landscape:
+                 distributed: bool | None = None, progress: bool = True, points_per_call: int = 1,
+                 split: str = "points") -> Landscape:
     """Loss and accuracy over ``w + x[i] d_1 + y[j] d_2``: ``result.loss[i, j]`` (dims ``("x", "y")``).
 
     ``x`` and ``y`` are coordinate arrays of any lengths (or numbers of points on ``[-1, 1]``);
@@ -750,7 +776,7 @@ def landscape_2d(model: nn.Module, loss_fn: Callable, data: Any,
     dirs = _prepare_directions(model, directions, 2, normalization, ignore, seed)
     settings = {"slice": "2d", "seed": int(seed), **_direction_settings(dirs, model)}
     options = GridOptions(bn, recalibration_batches, metrics, checkpoint_path, checkpoint_every, distributed,
-                          progress, points_per_call)
+                          progress, points_per_call, split)
     return _run_grid(model, loss_fn, data, {"x": xs, "y": ys}, lambda: _LinearSetter(model, dirs), settings,
                      options)
 
@@ -760,7 +786,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, loss_fn: Callable, data:
                 alphas: int | Sequence[float] = 21, *, include_buffers: bool = True, bn: str = "eval",
                 recalibration_batches: int = 10, metrics: Mapping[str, Metric] | None = None,
                 checkpoint_path: str | os.PathLike[str] | None = None, checkpoint_every: int | None = None,
-                distributed: bool | None = None, progress: bool = True) -> Landscape:
+                distributed: bool | None = None, progress: bool = True, split: str = "points") -> Landscape:
     """Loss and accuracy along ``(1 - alpha) w_a + alpha w_b`` (dim ``"alpha"``).
 
     ``alphas`` are the coordinates (values outside ``[0, 1]`` extrapolate), or a number of points on
@@ -781,6 +807,6 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, loss_fn: Callable, data:
         "directions_fingerprint": line.fingerprint(),
     }
     options = GridOptions(bn, recalibration_batches, metrics, checkpoint_path, checkpoint_every, distributed,
-                          progress)
+                          progress, split=split)
     return _run_grid(model_a, loss_fn, data, {"alpha": a},
                      lambda: _LerpSetter(model_a, model_b, include_buffers), settings, options)

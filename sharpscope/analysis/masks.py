@@ -50,6 +50,7 @@ from .batching import Batch, LossFn, as_batches, preserved_model_state, trainabl
 from .directions import tensor_variables, tensors_from_variables
 from .evaluation import check_finite_parameters, check_model_accepts, full_data_loss, global_norm
 from .gradients import iter_gradients
+from .parallel import gather_in_order, my_indices, rank_and_world, use_ranks
 from .results import (
     DatasetResult,
     Result,
@@ -156,6 +157,13 @@ class ZSharpMasks(Result, Mapping[str, torch.Tensor]):
         return cls(tensors_from_variables(ds, specs, "m", path), settings)
 
 
+def _on_main(progress: bool) -> bool:
+    """Progress bars are drawn by rank 0 alone."""
+    from .. import distributed as dist
+
+    return bool(progress) and dist.is_main()
+
+
 def _check_scope(threshold_scope: str) -> str:
     return _validate.choice(threshold_scope, "threshold_scope", ("tensor", "global"))
 
@@ -173,18 +181,20 @@ def _checked_model_and_data(model: nn.Module, loss_fn: LossFn, data: Any, params
 
 @analysis_threads
 def zsharp_masks(model: nn.Module, loss_fn: LossFn, data: Any, percentile: float = 0.95, *,
-                 threshold_scope: str = "tensor", params: Any = None) -> ZSharpMasks:
+                 threshold_scope: str = "tensor", params: Any = None, distributed: bool | None = None) -> ZSharpMasks:
     """The masks ``ZSharp.first_step`` would use on the gradient of the mean loss over ``data``.
 
     For a single batch this is exactly the mask of a training step on that batch (model in eval
     mode). Returns a :class:`ZSharpMasks` (a mapping ``{parameter name: bool tensor shaped like the
     parameter}``) for every filtered tensor (``ndim > 1``) that has a gradient; the model is left as found.
+    ``distributed``: the gradient is summed over the ranks' shares of the batches (``None``: when a process
+    group with several ranks is initialised).
     """
     percentile = check_percentile(percentile)
     _check_scope(threshold_scope)
     named, batches = _checked_model_and_data(model, loss_fn, data, params)
     with preserved_model_state(model, train=False):
-        grads = next(iter_gradients(model, loss_fn, batches, named, True, False))
+        grads = next(iter_gradients(model, loss_fn, batches, named, True, False, distributed=use_ranks(distributed)))
     names, present, filtered = _filtered_with_grad(named, grads)
     filters = zscore_masks([present[i] for i in filtered], percentile, threshold_scope)
     settings = {"percentile": percentile, "threshold_scope": threshold_scope,
@@ -266,19 +276,32 @@ class MaskStatisticsResult(TableResult):
 
 
 def _per_batch_table(model: nn.Module, loss_fn: LossFn, batches: list[Batch], named: list[tuple[str, nn.Parameter]],
-                     rho: float, percentile: float, threshold_scope: str, progress: bool,
+                     rho: float, percentile: float, threshold_scope: str, progress: bool, distributed: bool = False,
                      ) -> tuple[pd.DataFrame, dict[str, list[torch.Tensor]]]:
-    """One row per (batch, filtered tensor) and every batch's masks (model in eval mode, left as found)."""
+    """One row per (batch, filtered tensor) and every batch's masks (model in eval mode, left as found).
+
+    With ``distributed`` each rank does its own batches; rows and masks are gathered in batch order.
+    """
+    computed: dict[int, tuple[pd.DataFrame, list[tuple[str, torch.Tensor]]]] | Exception = {}
+    mine = my_indices(len(batches), distributed)
+    with preserved_model_state(model, train=False):
+        grads_iter = iter_gradients(model, loss_fn, batches, named, False, progress, "masks", distributed)
+        try:
+            for b, grads in zip(mine, grads_iter):
+                names, present, filtered = _filtered_with_grad(named, grads)
+                frame, batch_masks = _batch_rows(names, present, filtered, rho, percentile, threshold_scope)
+                frame.insert(0, "batch", b)
+                computed[b] = (frame, [(names[i], mask) for i, mask in zip(filtered, batch_masks)])
+        except Exception as exc:  # noqa: BLE001 - raised on every rank by gather_in_order
+            if not distributed:
+                raise
+            computed = exc
     frames: list[pd.DataFrame] = []
     masks: dict[str, list[torch.Tensor]] = {}
-    with preserved_model_state(model, train=False):
-        for b, grads in enumerate(iter_gradients(model, loss_fn, batches, named, False, progress, "masks")):
-            names, present, filtered = _filtered_with_grad(named, grads)
-            frame, batch_masks = _batch_rows(names, present, filtered, rho, percentile, threshold_scope)
-            frame.insert(0, "batch", b)
-            frames.append(frame)
-            for i, mask in zip(filtered, batch_masks):
-                masks.setdefault(names[i], []).append(mask)
+    for frame, batch_masks in gather_in_order(computed, len(batches), distributed):
+        frames.append(frame)
+        for name, mask in batch_masks:
+            masks.setdefault(name, []).append(mask)
     table = pd.concat(frames, ignore_index=True)
     dead = sorted(set(table.loc[table["energy_kept"].isna(), "layer"]))
     if dead:
@@ -318,7 +341,7 @@ def _summary(table: pd.DataFrame, masks: dict[str, list[torch.Tensor]]) -> tuple
 @analysis_threads
 def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: float = 0.95, *,
                     rho: float = 0.05, threshold_scope: str = "tensor", per_batch: bool = False,
-                    params: Any = None, progress: bool = True) -> MaskStatisticsResult:
+                    params: Any = None, progress: bool = True, distributed: bool | None = None) -> MaskStatisticsResult:
     """Per-layer statistics of ZSharp's mask on the batches of ``data`` (model in eval mode).
 
     For each batch the gradient of its mean loss is filtered exactly as ``ZSharp.first_step``
@@ -332,7 +355,10 @@ def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: fl
         threshold_scope: ``"tensor"`` (official) or ``"global"``, as in :class:`~sharpscope.optim.ZSharp`.
         per_batch: return one row per (batch, layer) instead of the summary over batches.
         params: restrict to these parameter tensors (ZSharp built on the same subset).
-        progress: show a progress bar over batches.
+        progress: show a progress bar over batches (on rank 0).
+        distributed: split the batches over the ranks of ``torch.distributed`` (``None``: when a process
+            group with several ranks is initialised); each batch is done by one rank and the rows and
+            masks are gathered in order, so every rank holds the single-process table (same counts).
 
     Returns:
         A :class:`MaskStatisticsResult` (reads like a DataFrame). With ``per_batch=False``, one row
@@ -349,9 +375,11 @@ def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: fl
     rho = _check_rho(rho)
     _check_scope(threshold_scope)
     named, batches = _checked_model_and_data(model, loss_fn, data, params)
-    table, masks = _per_batch_table(model, loss_fn, batches, named, rho, percentile, threshold_scope, progress)
+    table, masks = _per_batch_table(model, loss_fn, batches, named, rho, percentile, threshold_scope,
+                                    _on_main(progress), use_ranks(distributed))
     settings: dict[str, Any] = {"percentile": percentile, "rho": rho, "threshold_scope": threshold_scope,
                                 "n_batches": len(batches), "per_batch": bool(per_batch),
+                                "world_size": rank_and_world(use_ranks(distributed))[1],
                                 "model_fingerprint": model_fingerprint(model), "provenance": provenance()}
     if per_batch:
         return MaskStatisticsResult(table, settings)
@@ -536,10 +564,11 @@ class AlignmentResult(DatasetResult):
 
 
 def _full_loss(model: nn.Module, loss_fn: LossFn, batches: list[Batch], names: list[str],
-               values: list[torch.Tensor] | None) -> float:
+               values: list[torch.Tensor] | None, distributed: bool = False) -> float:
     """Mean loss over all batches with the named parameters replaced by ``values`` (model untouched)."""
     parameters = None if values is None else dict(zip(names, values))
-    total = float(full_data_loss(model, loss_fn, batches, parameters=parameters))  # type: ignore[arg-type]
+    total = float(full_data_loss(model, loss_fn, batches, parameters=parameters,  # type: ignore[arg-type]
+                                 distributed=distributed))
     if not math.isfinite(total):
         raise FloatingPointError(f"the loss is not finite ({total}); check the model, data and loss_fn")
     return total
@@ -573,13 +602,14 @@ def _checked_alignment_model(model: nn.Module, methods: Sequence[str], k: Any
 
 
 def _top_eigenvectors(model: nn.Module, loss_fn: LossFn, batches: list[Batch], names: list[str], k: int,
-                      eigen: Any, seed: int, tol: float, max_iter: int, progress: bool) -> tuple[Any, torch.Tensor]:
+                      eigen: Any, seed: int, tol: float, max_iter: int, progress: bool,
+                      distributed: bool = False) -> tuple[Any, torch.Tensor]:
     """The eigen result (computed unless given, then checked against the model) and its top ``k`` vectors."""
     from .hessian import hessian_eigenvalues
 
     if eigen is None:
         eigen = hessian_eigenvalues(model, loss_fn, batches, k=k, tol=tol, max_iter=max_iter, seed=seed,
-                                    progress=progress)
+                                    progress=progress, distributed=distributed)
     elif getattr(eigen, "eigenvectors", None) is None:
         raise UserInputError("eigen must be an EigenResult computed with eigenvectors=True")
     if list(eigen.param_names) != names:
@@ -635,23 +665,23 @@ def _unit_directions(named: list[tuple[str, nn.Parameter]], grads: list[torch.Te
 
 def _curvature_and_increase(model: nn.Module, loss_fn: LossFn, batches: list[Batch],
                             named: list[tuple[str, nn.Parameter]], units: dict[str, torch.Tensor], rho: float,
-                            progress: bool) -> tuple[dict[str, float], dict[str, float], float]:
+                            progress: bool, distributed: bool = False) -> tuple[dict[str, float], dict[str, float], float]:
     """``u^T H u`` (one Hessian-vector product per method), ``L(w + rho u) - L(w)``, and ``L(w)``."""
     from .curvature import HessianOperator  # the Hessian stack is only needed here
 
     curvature = {}
-    with HessianOperator(model, loss_fn, batches) as op:
+    with HessianOperator(model, loss_fn, batches, distributed=distributed) as op:
         for method in _progress(list(units), enabled=progress, desc="curvature along e"):
             u = units[method]
             hu = op.matvec(u.to(device=op.device, dtype=op.dtype)).detach().cpu().to(torch.float64)
             curvature[method] = float(u @ hu)
     names, sizes = [n for n, _ in named], [p.numel() for _, p in named]
-    base_loss = _full_loss(model, loss_fn, batches, names, None)
+    base_loss = _full_loss(model, loss_fn, batches, names, None, distributed)
     increase = {}
     for method, u in units.items():
         step = torch.split(rho * u, sizes)
         values = [p.detach() + s.reshape(p.shape).to(device=p.device, dtype=p.dtype) for (_, p), s in zip(named, step)]
-        increase[method] = _full_loss(model, loss_fn, batches, names, values) - base_loss
+        increase[method] = _full_loss(model, loss_fn, batches, names, values, distributed) - base_loss
     return curvature, increase, base_loss
 
 
@@ -707,7 +737,7 @@ def _alignment_dataset(units: dict[str, torch.Tensor], vectors: torch.Tensor, ei
 def perturbation_alignment(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 5, rho: float = 0.05, *,
                            methods: Sequence[str] = METHODS, percentile: float = 0.95, asam_eta: float = 0.01,
                            eigen: Any = None, seed: int = 0, tol: float = 1e-3, max_iter: int = 200,
-                           progress: bool = True) -> AlignmentResult:
+                           progress: bool = True, distributed: bool | None = None) -> AlignmentResult:
     """How well each method's ascent direction lines up with the top-k Hessian eigenvectors.
 
     The gradient is that of the mean loss over all of ``data`` (the Hessian is too), model in eval
@@ -722,7 +752,10 @@ def perturbation_alignment(model: nn.Module, loss_fn: LossFn, data: Any, k: int 
             unless ``eigen``, an ``EigenResult`` with eigenvectors for this model, is given).
         rho: the common norm of the directions (> 0).
         seed, tol, max_iter: for the eigen-solver (and ``seed`` for the random direction).
-        progress: show progress bars.
+        progress: show progress bars (on rank 0).
+        distributed: data-parallel over the ranks of ``torch.distributed`` (``None``: when a process group
+            with several ranks is initialised): the eigenvectors, the gradient, the curvatures and the
+            losses are all summed over the ranks' shares of the batches; every rank holds the result.
 
     Returns:
         :class:`AlignmentResult`; ``.to_dataframe()`` has one row per method. NaN/inf weights and a
@@ -735,17 +768,20 @@ def perturbation_alignment(model: nn.Module, loss_fn: LossFn, data: Any, k: int 
     check_finite_parameters(model)
     check_model_accepts(model, loss_fn, batches[0])
     names, sizes = [n for n, _ in named], [p.numel() for _, p in named]
-    eigen, vectors = _top_eigenvectors(model, loss_fn, batches, names, k, eigen, seed, tol, max_iter, progress)
+    active, progress = use_ranks(distributed), _on_main(progress)
+    eigen, vectors = _top_eigenvectors(model, loss_fn, batches, names, k, eigen, seed, tol, max_iter, progress,
+                                       active)
     with preserved_model_state(model, train=False):
-        grads = next(iter_gradients(model, loss_fn, batches, named, True, progress, "full-data gradient"))
+        grads = next(iter_gradients(model, loss_fn, batches, named, True, progress, "full-data gradient", active))
         units = _unit_directions(named, grads, methods, rho, percentile, asam_eta, seed)
         curvature, increase, base_loss = _curvature_and_increase(model, loss_fn, batches, named, units, rho,
-                                                                 progress)
+                                                                 progress, active)
     settings = {
         "rho": rho, "k": k, "percentile": percentile, "asam_eta": float(asam_eta), "seed": int(seed),
         "base_loss": base_loss, "n_samples": int(sum(len(x) for x, _ in batches)),
         "model_fingerprint": model_fingerprint(model), "eigen_converged": bool(getattr(eigen, "converged", True)),
-        "eigen_n_hvp": int(getattr(eigen, "n_hvp", 0)), "provenance": provenance(),
+        "eigen_n_hvp": int(getattr(eigen, "n_hvp", 0)), "world_size": rank_and_world(active)[1],
+        "provenance": provenance(),
     }
     return AlignmentResult(_alignment_dataset(units, vectors, eigen.eigenvalues, names, sizes, rho, curvature,
                                               increase), settings)

@@ -146,7 +146,7 @@ def pyhessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int =
         vecs = torch.stack([_flat(v) for v in vectors], dim=1)
     seconds = time.perf_counter() - start
     values = np.asarray(values, dtype=np.float64)
-    with HessianOperator(model, loss_fn, batches) as op:
+    with HessianOperator(model, loss_fn, batches, distributed=False) as op:
         vecs = vecs.to(device=op.device, dtype=op.dtype)
         res = np.array([float(torch.linalg.vector_norm(op.matvec(vecs[:, i]) - values[i] * vecs[:, i]))
                         for i in range(k)])

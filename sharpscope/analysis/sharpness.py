@@ -8,6 +8,13 @@ relationship between sharpness and generalization"):
 * average case:  ``S_avg(w) = E_{e = T u, u uniform on the sphere ||u|| = rho} L(w + e) - L(w)``
   (a Gaussian draw rescaled to norm ``rho``).
 
+Average case with antithetic pairs (the default): each draw ``u`` is evaluated at ``+u`` and ``-u`` and
+the sample is ``(L(w + Tu) + L(w - Tu)) / 2 - L(w)``. Since ``u`` and ``-u`` are equally likely its mean
+is still ``S_avg``, but the first-order term ``g^T T u`` (the noisiest part when ``g != 0``) cancels
+exactly: ``L(w + e) - L(w) = g^T e + e^T H e / 2 + O(rho^3)`` and the pair keeps
+``e^T H e / 2 + O(rho^4)``. On a quadratic the pair sample is exactly ``e^T H e / 2`` whose mean is
+``rho^2 sum_i lambda_i / (2 P)`` (``P`` parameters, ``T = I``). Pairs cost two evaluations per draw.
+
 ``T = I`` for the plain variants; with ``adaptive=True`` ``T = diag(|w| + eta)`` elementwise, the
 scale-invariant (adaptive) sharpness of Kwon et al. 2021 (ASAM) used by Andriushchenko et al. 2023
 (``eta = 0``), so rescaling a ReLU layer by ``c`` and the next by ``1 / c`` does not change it.
@@ -47,6 +54,7 @@ from .batching import (
     to_device,
 )
 from .evaluation import assign_parameters, full_data_gradient, full_data_loss, global_norm
+from .parallel import rank_and_world, use_ranks
 from .results import Result, damaged_result_file, model_fingerprint, provenance, read_dataset, write_dataset
 
 KIND = "sharpness"
@@ -114,8 +122,9 @@ class _Objective:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence[Batch],
-                 params: list[nn.Parameter], scale: list[torch.Tensor]) -> None:
+                 params: list[nn.Parameter], scale: list[torch.Tensor], distributed: bool = False) -> None:
         self.model, self.loss_fn, self.params, self.scale = model, loss_fn, params, scale
+        self.distributed = distributed
         device = model_device(model)
         self.batches = [to_device(b, device) for b in batches]
         self.base = [p.detach().clone() for p in params]
@@ -128,12 +137,13 @@ class _Objective:
     def loss(self, u: list[torch.Tensor] | None) -> float:
         """``L(w0 + T u)``."""
         self._set(u)
-        return float(full_data_loss(self.model, self.loss_fn, self.batches))
+        return float(full_data_loss(self.model, self.loss_fn, self.batches, distributed=self.distributed))
 
     def loss_and_scaled_grad(self, u: list[torch.Tensor] | None) -> tuple[float, list[torch.Tensor]]:
         """``L(w0 + T u)`` and ``T * grad L`` (the gradient with respect to ``u``)."""
         self._set(u)
-        loss, grads = full_data_gradient(self.model, self.loss_fn, self.batches, self.params)
+        loss, grads = full_data_gradient(self.model, self.loss_fn, self.batches, self.params,
+                                         distributed=self.distributed)
         return loss, torch._foreach_mul(grads, self.scale)
 
 
@@ -192,13 +202,18 @@ def _worst_case(obj: _Objective, sphere: _Sphere, rho: float, steps: int, progre
                     global_norm(best_u), trace)
 
 
-def _average_case(obj: _Objective, sphere: _Sphere, rho: float, n_samples: int, progress: bool) -> _Outcome:
-    """Mean increase over ``n_samples`` points of the sphere, with its standard error."""
+def _average_case(obj: _Objective, sphere: _Sphere, rho: float, n_samples: int, progress: bool,
+                  antithetic: bool = True) -> _Outcome:
+    """Mean increase over ``n_samples`` draws of the sphere (each at ``+-u`` when ``antithetic``), with its
+    standard error (over the i.i.d. draws, or pairs)."""
     base = obj.loss(None)
     incs, norms = [], []
     for _ in _progress(range(n_samples), enabled=progress, desc="average sharpness"):
         u = sphere.draw()
-        incs.append(obj.loss(u) - base)
+        if antithetic:
+            incs.append((obj.loss(u) + obj.loss(torch._foreach_neg(u))) / 2 - base)
+        else:
+            incs.append(obj.loss(u) - base)
         norms.append(global_norm(torch._foreach_mul(u, obj.scale)))
     stderr = float(np.std(incs, ddof=1) / math.sqrt(len(incs))) if len(incs) > 1 else float("nan")
     return _Outcome(base, float(np.mean(incs)), stderr, float(np.mean(norms)), rho, incs)
@@ -227,7 +242,8 @@ def _checked_arguments(rho: Any, kind: Any, ignore: Any, steps: Any, n_samples: 
 @analysis_threads
 def sharpness(model: nn.Module, loss_fn: Callable, data: Any, rho: float = 0.05, kind: str = "worst",
               adaptive: bool = False, *, steps: int = 20, n_samples: int = 20, eta: float = 0.0,
-              ignore: str = "none", seed: int = 0, progress: bool = False) -> SharpnessResult:
+              ignore: str = "none", seed: int = 0, progress: bool = False, antithetic: bool = True,
+              distributed: bool | None = None) -> SharpnessResult:
     """Worst-case or average-case loss increase within radius ``rho`` (see the module docstring).
 
     Args:
@@ -238,12 +254,17 @@ def sharpness(model: nn.Module, loss_fn: Callable, data: Any, rho: float = 0.05,
         kind: ``"worst"`` (projected gradient ascent) or ``"average"`` (random directions).
         adaptive: scale the ball elementwise by ``T = |w| + eta`` (Kwon et al. 2021).
         steps: ascent steps for ``kind="worst"`` (each one forward/backward pass over ``data``).
-        n_samples: random perturbations for ``kind="average"``.
+        n_samples: random draws ``u`` for ``kind="average"`` (with ``antithetic``: pairs ``+-u``, two
+            evaluations each; the trace then holds the pair samples).
         eta: offset of ``T`` in the adaptive variant (>= 0; 0 as Andriushchenko et al. 2023).
         ignore: ``"none"`` perturbs every trainable parameter; ``"biasbn"`` leaves tensors with
             ``ndim <= 1`` (biases, normalisation layers) fixed.
         seed: seed of the random draws (the average case, or the start when the gradient is zero).
-        progress: show a progress bar.
+        progress: show a progress bar (on rank 0).
+        antithetic: average case with antithetic pairs (module docstring); False: one point per draw.
+        distributed: data-parallel over the ranks of ``torch.distributed`` (``None``: when a process group
+            with several ranks is initialised): every loss and gradient is summed over the ranks' shares
+            of the batches, so every rank follows the same ascent and holds the same result.
 
     Raises ``UserInputError`` for bad arguments, non-finite weights or a model that cannot run on the
     data (checked before any long work); ``FloatingPointError`` if the loss overflows within ``rho``.
@@ -254,15 +275,21 @@ def sharpness(model: nn.Module, loss_fn: Callable, data: Any, rho: float = 0.05,
     settings = {"rho": rho, "adaptive": bool(adaptive), "eta": eta if adaptive else None,
                 "ignore": ignore, "seed": seed, "steps": steps if kind == "worst" else None,
                 "n_samples": n_samples if kind == "average" else None,
+                "antithetic": bool(antithetic) if kind == "average" else None,
                 "n_examples": int(sum(len(x) for x, _ in batches)), "model_fingerprint": model_fingerprint(model),
                 "parameters": [n for n, _ in named], "provenance": provenance()}
+    active = use_ranks(distributed)
+    settings["world_size"] = rank_and_world(active)[1]
+    from .. import distributed as dist
+
+    progress = bool(progress) and dist.is_main()
     with preserved_model_state(model, train=False):
         params = [p for _, p in named]
         scale = [(p.detach().abs() + eta) if adaptive else torch.ones_like(p) for p in params]
-        obj = _Objective(model, loss_fn, batches, params, scale)
+        obj = _Objective(model, loss_fn, batches, params, scale, distributed=active)
         sphere = _Sphere(params, rho, seed)
         found = (_worst_case(obj, sphere, rho, steps, progress) if kind == "worst"
-                 else _average_case(obj, sphere, rho, n_samples, progress))
+                 else _average_case(obj, sphere, rho, n_samples, progress, bool(antithetic)))
     if not math.isfinite(found.value):
         raise FloatingPointError(f"{kind}-case sharpness is not finite ({found.value}): the loss overflows within "
                                  f"rho={rho}; use a smaller rho or check the model")

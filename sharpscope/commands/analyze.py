@@ -33,6 +33,13 @@ count; and ``--out`` must be a writable folder. A landscape grid saves its progr
 ``<out>/<run>__landscape_1d.nc.partial`` (:func:`resume_path`) while it runs: a run killed midway is
 continued by the next one with the same settings (and refused, naming the file, with others).
 Each analysis is one function in :data:`ANALYSIS_STEPS`, ``name -> step(job) -> written paths``.
+
+Several processes: ``torchrun --nproc_per_node N -m sharpscope analyze ...`` takes the same arguments.
+Every rank reads the same seeded sample; the Hessian, sharpness, alignment and Z-score/mask analyses
+split its batches over the ranks (each product, loss and gradient all-reduced), the landscape grids
+split their points; every rank holds every result, and rank 0 alone prints progress and the summary
+and writes the files (the others wait at a barrier at the end). ``--device cuda`` puts rank ``r`` on
+``cuda:LOCAL_RANK``.
 """
 
 from __future__ import annotations
@@ -301,14 +308,29 @@ class AnalysisJob:
         return result_path(self.out, self.run, analysis)
 
     @property
+    def writes(self) -> bool:
+        """Whether this process writes files (rank 0 of a torchrun group, or the only process)."""
+        from .. import distributed as dist
+
+        return dist.is_main()
+
+    def save(self, result: Any, analysis: str, **kwargs: Any) -> Path:
+        """``result.save(path of analysis)`` on the writing rank; the path on every rank."""
+        path = self.path(analysis)
+        return result.save(path, **kwargs) if self.writes else path
+
+    @property
     def common(self) -> dict[str, Any]:
         return {"progress": self.show_progress}
 
 
 def _save_table(result: Any, path: Path, kind: str, meta: dict[str, Any]) -> Path:
-    """Save a table result (a :class:`~sharpscope.analysis.results.Result`, or a bare DataFrame)."""
+    """Save a table result (a :class:`~sharpscope.analysis.results.Result`, or a bare DataFrame), on rank 0."""
+    from .. import distributed as dist
     from ..analysis.results import Result, write_table
 
+    if not dist.is_main():
+        return path
     if isinstance(result, Result):
         result.settings.update(meta)
         return result.save(path)
@@ -322,22 +344,24 @@ def _hessian(job: AnalysisJob) -> list[Path]:
     eigen = hessian_eigenvalues(m, f, b, k=o.top_k, tol=o.tol, max_iter=o.max_iter, seed=o.seed, **job.common)
     eigen.settings["checkpoint"] = job.source  # figures follow one run over its epochs with it
     job.eigen = eigen
-    written = [eigen.save(job.path("eigenvalues"), eigenvectors=False)]
+    written = [job.save(eigen, "eigenvalues", eigenvectors=False)]
     trace = hessian_trace(m, f, b, n_samples=o.trace_samples, seed=o.seed, **job.common)
     trace.settings["checkpoint"] = job.source
-    written.append(trace.save(job.path("trace")))
+    written.append(job.save(trace, "trace"))
     density = hessian_density(m, f, b, n_iter=o.density_iter, n_runs=o.density_runs, seed=o.seed, **job.common)
     density.settings["checkpoint"] = job.source
-    written.append(density.save(job.path("density")))
+    written.append(job.save(density, "density"))
     layers = layer_curvature(m, f, b, tol=o.tol, max_iter=o.max_iter, seed=o.seed, **job.common)
-    written.append(_save_layer_curvature(layers, job.path("layer_curvature")))
+    written.append(_save_layer_curvature(layers, job.path("layer_curvature"), job.writes))
     return written
 
 
-def _save_layer_curvature(layers: Any, path: Path) -> Path:
+def _save_layer_curvature(layers: Any, path: Path, writes: bool = True) -> Path:
     from ..analysis.hessian import save_layer_curvature
     from ..analysis.results import Result
 
+    if not writes:
+        return path
     return layers.save(path) if isinstance(layers, Result) else save_layer_curvature(layers, path)
 
 
@@ -345,7 +369,10 @@ def _resumable_slice(job: AnalysisJob, analysis: str, compute: Callable[[Path], 
     """``compute(progress_file)`` saves its progress there; a file left by a killed run is continued."""
     final = job.path(analysis)
     partial = resume_path(final)
-    written = compute(partial).save(final)
+    result = compute(partial)  # the grid saves its progress on rank 0 only
+    if not job.writes:
+        return final
+    written = result.save(final)
     partial.unlink(missing_ok=True)
     return written
 
@@ -368,7 +395,7 @@ def _zscores(job: AnalysisJob) -> list[Path]:
     from ..analysis.gradients import gradient_zscores
 
     z = gradient_zscores(job.model, job.loss_fn, job.batches, percentile=job.options.percentile, **job.common)
-    return [z.save(job.path("zscores"))]
+    return [job.save(z, "zscores")]
 
 
 def _masks(job: AnalysisJob) -> list[Path]:
@@ -391,7 +418,7 @@ def _alignment(job: AnalysisJob) -> list[Path]:
     result = perturbation_alignment(job.model, job.loss_fn, job.batches, k=o.top_k, rho=o.rho,
                                     percentile=o.percentile, eigen=eigen, seed=o.seed, tol=o.tol,
                                     max_iter=o.max_iter, **job.common)
-    return [result.save(job.path("alignment"))]
+    return [job.save(result, "alignment")]
 
 
 def _sharpness(job: AnalysisJob) -> list[Path]:
@@ -399,10 +426,10 @@ def _sharpness(job: AnalysisJob) -> list[Path]:
 
     o, m, f, b = job.options, job.model, job.loss_fn, job.batches
     worst = sharpness(m, f, b, rho=o.rho, kind="worst", steps=o.sharpness_steps, seed=o.seed, **job.common)
-    written = [worst.save(job.path("sharpness_worst"))]
+    written = [job.save(worst, "sharpness_worst")]
     average = sharpness(m, f, b, rho=o.rho, kind="average", n_samples=o.sharpness_samples, seed=o.seed,
                         **job.common)
-    written.append(average.save(job.path("sharpness_average")))
+    written.append(job.save(average, "sharpness_average"))
     return written
 
 
@@ -424,7 +451,8 @@ def _training_records(ckpt: Any, job: AnalysisJob) -> list[Path]:
     if ckpt.history:
         meta = {"run": job.run, "checkpoint": str(ckpt.path), "optimizer": ckpt.optimizer_config,
                 "epoch": ckpt.epoch, "data": ckpt.raw.get("data", {})}
-        written.append(write_table(pd.DataFrame(ckpt.history), job.path("history"), HISTORY_KIND, meta))
+        if job.writes:
+            written.append(write_table(pd.DataFrame(ckpt.history), job.path("history"), HISTORY_KIND, meta))
     log_file = RunLayout.of_checkpoint(ckpt.path).masks
     if log_file.is_file():
         try:
@@ -514,7 +542,10 @@ def interpolate_checkpoints(checkpoint_a: Any, checkpoint_b: Any, data: Any, out
     line = interpolate(a.model, b.model, loss_fn, batches, alphas=alphas, bn="eval", progress=show_progress)
     line.settings["model_a"] = checkpoint_identity(a, run_a)
     line.settings["model_b"] = checkpoint_identity(b, run_b)
-    return line.save(interpolation_path(out, run_a, run_b))
+    from .. import distributed as dist
+
+    path = interpolation_path(out, run_a, run_b)
+    return line.save(path) if dist.is_main() else path
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -593,18 +624,42 @@ def _checkpoint_paths(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
     return paths, names
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..data import canonical_dataset_name, load_dataset
+def _device(name: str) -> torch.device:
+    """``--device``; under torchrun a CUDA device is the rank's own ``cuda:LOCAL_RANK``."""
+    from .. import distributed as dist
     from ..train.loop import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "cuda" and dist.is_distributed():
+        return dist.device_for_rank()
+    return device
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command; under torchrun it joins the process group first (rank 0 prints and writes)."""
+    from .. import distributed as dist
+
+    joined = not dist.is_initialized() and dist.init_from_env()
+    try:
+        return _run(args)
+    finally:
+        if joined:
+            dist.destroy()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .. import distributed as dist
+    from ..data import canonical_dataset_name, load_dataset
     from .summary import print_summary
 
     options = options_from_args(args)
+    quiet = args.quiet or not dist.is_main()
     what = [a for a in ANALYSES if getattr(args, a)] or ([] if args.interpolate else list(ANALYSES))
     paths, names = _checkpoint_paths(args)
     canonical_dataset_name(args.data)
     _result_folder(args.out)  # an unwritable --out is refused before the data is even read
     data = load_dataset(args.data, root=args.data_root, train=args.split == "train")
-    device = resolve_device(args.device)
+    device = _device(args.device)
     start = time.perf_counter()
     batches = _device_batches(data, options, device)  # the same seeded sample for every checkpoint
     if len(paths) > 1:  # every checkpoint is checked before the first one's long work starts
@@ -612,17 +667,20 @@ def run(args: argparse.Namespace) -> int:
             check_ready(_load(path, device), F.cross_entropy, batches, options, what)
     written: list[Path] = []
     if what:
-        for path, name in progress(list(zip(paths, names)), enabled=not args.quiet, desc="checkpoints"):
+        for path, name in progress(list(zip(paths, names)), enabled=not quiet, desc="checkpoints"):
             written += analyze_checkpoint(path, batches, what, args.out, name=name, options=options, device=device,
-                                          show_progress=not args.quiet)
+                                          show_progress=not quiet)
     if args.interpolate:
         previous = _load(paths[0], device)  # each checkpoint is read once along the chain
         for i in range(len(paths) - 1):
             current = _load(paths[i + 1], device)
             written.append(interpolate_checkpoints(previous, current, batches, args.out,
                                                    names=(names[i], names[i + 1]), options=options,
-                                                   device=device, show_progress=not args.quiet))
+                                                   device=device, show_progress=not quiet))
             previous = current
+    dist.barrier()  # the others wait until rank 0 has written everything
+    if not dist.is_main():
+        return 0
     done = what + (["interpolate"] if args.interpolate else [])
     print(f"wrote {len(written)} result files to {args.out} in {time.perf_counter() - start:.1f} s "
           f"({', '.join(done)}; {data.name}, settings: {_short(asdict(options))})", file=sys.stderr)
