@@ -279,8 +279,10 @@ table
 `tr(H)` is the sum of all eigenvalues (the average curvature times the dimension). It is estimated
 from random probes, so it comes with a standard error. Hutch++ (the default) spends a third of its
 budget on a sketch of the top eigenspace and is exact there; plain Hutchinson averages `z^T H z` over
-Rademacher vectors. With the same budget Hutch++ has the smaller error bar when a few eigenvalues
-dominate; PyHessian's Hutchinson has no error bar of its own.
+Rademacher vectors. Hutch++ pays off once its sketch (a third of the budget) is large enough to hold
+the few dominant eigenvalues; at the smallest budgets here (a dozen products: a sketch of four
+vectors) its error bar can be as large as Hutchinson's or larger, so read the table below rather than
+assume a winner. PyHessian's Hutchinson has no error bar of its own.
 """),
     code('''
 rows = []
@@ -541,7 +543,7 @@ PROGRESS = False
 ## 1. Z-score distributions per layer
 
 For each batch, each filtered tensor's gradient is standardised, `z = (g - mean) / std`, and the
-histogram is pooled over batches. The grey curve is the standard normal; the dashed lines are the
+histogram is pooled over batches. The grey dashed curve is the standard normal; the dotted lines are the
 threshold `±tau` with `tau = Q_p(|z|)`, and the shaded tails are what ZSharp keeps. Heavy tails (excess
 kurtosis > 0, more mass beyond 3 than a Gaussian) mean the filter keeps a few very large entries.
 """),
@@ -572,8 +574,10 @@ stats[["layer", "numel", "kept_fraction", "energy_kept", "perturbation_share_ten
     md("""
 ## 3. The mask over training
 
-During training `fit` logged the mask every few steps (`log_mask_every`) to `masks.csv`. The heatmap
-shows, per layer (rows) and step (columns), the fraction kept; the summary averages over the log and puts
+During training `fit` logged the mask every few steps (`log_mask_every`) to `masks.csv`. The kept fraction
+and the perturbation norm are fixed by construction (by `p` and the layer's size, and by `rho`), so they are
+not drawn over training; the heatmaps show what does change: the threshold `tau` (how heavy the tails are)
+and the gradient norm per layer (rows) and step (columns). The summary averages over the log and puts
 ZSharp's perturbation share next to SAM's (the gradient's share).
 """),
     code('''
@@ -582,8 +586,8 @@ if (run_dir / "masks.csv").is_file():
     log = ss.load_mask_log(run_dir, model=model)
     with ss.style("neurips", "double"):
         fig, (ax_heat, ax_norm) = ssplot.new_figure(ncols=2, aspect=0.4)
-        ssplot.plot_mask_heatmap(log, ax=ax_heat)
-        ssplot.plot_mask_heatmap(log, value="perturbation_norm", ax=ax_norm)
+        ssplot.plot_mask_heatmap(log, value="threshold", ax=ax_heat)
+        ssplot.plot_mask_heatmap(log, value="grad_norm", ax=ax_norm)
         ss.save_figure(fig, OUT / "mask_heatmaps")
     with ss.style("neurips", "double"):
         fig = ssplot.plot_mask_summary(log, percentile=PERCENTILE)
@@ -707,6 +711,11 @@ the top Hessian eigenvalue (with its Lanczos residual), `trace` the Hutch++ esti
 standard error, `sharpness_worst` the largest loss increase within radius `RHO`, `sharpness_avg` the
 mean increase over random directions of that norm. Lower curvature and sharpness at equal accuracy is
 the flatter solution. The table is also written to `comparison.csv`.
+
+Read it with care: these are single runs (one seed each) of a few epochs on a small data set, so a
+ranking here is not evidence. It can well show SGD both the flattest and the most accurate; whether
+ZSharp or SAM is flatter, and more accurate, is a question for several seeds per optimizer, compared as
+mean ± s.d. (`sharpscope sweep --seeds 0,1,2` trains and draws exactly that).
 """),
     code('''
 rows, eigen, density = [], {}, {}

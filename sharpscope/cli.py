@@ -26,10 +26,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._progress import close_progress_bars
 from ._version import __version__
 from .errors import UserInputError
-from .threads import fixed_threads
+
+# torch, tqdm and the sub-command modules are imported only once a command runs, so that
+# `sharpscope --help` and `--version` answer at once.
 
 # name -> (module implementing add_arguments/run, one-line help). Modules are imported lazily so
 # that `sharpscope --help` stays fast.
@@ -39,6 +40,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                                "alignment, sharpness."),
     "figures": ("sharpscope.commands.figures", "Draw every comparison figure a folder of result files allows."),
     "demo": ("sharpscope.commands.demo", "Train SGD, SAM and ZSharp on digits, analyse them and draw every figure."),
+    "sweep": ("sharpscope.commands.sweep", "Train a grid of runs (optimizers x rho x percentile x seeds), resumable; "
+                                           "analyse them and draw the sweep, seed and correlation figures."),
 }
 
 #: OS errors caused by the path given (exit 2); any other ``errno`` is the environment's (exit 1).
@@ -57,7 +60,15 @@ _HINTS = {
 _ATOMIC_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}(\.[^.]*)?\.tmp$")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def close_progress_bars() -> None:
+    from ._progress import close_progress_bars as close
+
+    close()
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the sub-command named in ``argv`` (all of them when None) imports its module."""
+    chosen = None if argv is None else _chosen_command(argv)
     parser = argparse.ArgumentParser(
         prog="sharpscope",
         description="Sharpness-aware training (ZSharp, SAM, ASAM, Friendly-SAM) and sharpness analysis.",
@@ -65,14 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sharpscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=help_text, description=help_text)
+        if chosen is not None and name != chosen:
+            continue  # listed in the help; its options are only needed when it is the command
+        module = importlib.import_module(module_name)
         module.add_arguments(cmd)
         cmd.add_argument("--threads", type=int, default=None, metavar="N",
                          help="intra-op threads for the work (default: the thread policy measures whether 1 "
                               "or torch's default is faster for this model, once per analysis)")
         cmd.set_defaults(_run=module.run)
     return parser
+
+
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The sub-command ``argv`` names (the first word that is one), "" when none, None to build all."""
+    for word in argv:
+        if word in SUBCOMMANDS:
+            return word
+        if not word.startswith("-"):
+            return None  # an unknown command: let argparse list the choices
+    return ""
 
 
 def os_error_status(exc: OSError) -> int:
@@ -112,11 +135,14 @@ def _fail(command: str, message: str, status: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
+    from .threads import fixed_threads
+
     try:
         with fixed_threads(getattr(args, "threads", None)):
             return int(args._run(args) or 0)

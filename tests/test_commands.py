@@ -114,11 +114,11 @@ def test_figures_end_to_end(results, tmp_path, capsys):
     assert main(["figures", str(results), "--out", str(out), "--formats", "png", "--quiet"]) == 0
     stems = {p.stem for p in out.glob("*.png")}
     assert stems == {"spectrum", "sharpness_summary", "layer_curvature", "landscape_1d", "contours", "surface_sgd",
-                     "surface_zsharp", "zscores", "mask_summary", "alignment", "training_curves",
-                     "mask_heatmap_zsharp"}
+                     "surface_zsharp", "surfaces", "zscores", "mask_summary", "alignment", "training_curves",
+                     "mask_heatmap_zsharp", "cost"}
     for png in out.glob("*.png"):
         with Image.open(png) as im:
-            assert im.size[0] == round(5.5 * 300 if not png.stem.startswith("surface") else 2.75 * 300)
+            assert im.size[0] == round(5.5 * 300 if not png.stem.startswith("surface_") else 2.75 * 300)
     printed = capsys.readouterr().out
     assert "| sgd |" in printed and "| zsharp |" in printed
 
@@ -132,12 +132,14 @@ def test_figures_style_sets_the_width(results, tmp_path):
         assert im.size[0] == round(3.25 * 300)
 
 
-def test_training_curves_from_metrics_jsonl_alone(checkpoints, tmp_path):
-    """A folder holding only run folders with metrics.jsonl still gives the training curves."""
+def test_figures_on_run_folders_says_to_analyse_first(checkpoints, tmp_path, capsys):
+    """A folder of run folders (metrics.jsonl, no result file) is not a results folder: exit 2 and one
+    line naming `sharpscope analyze` (it used to exit 0 with an empty table)."""
     out = tmp_path / "figs"
     root = checkpoints["sgd"].parent.parent
-    assert main(["figures", str(root), "--out", str(out), "--formats", "png", "--quiet"]) == 0
-    assert {p.stem for p in out.glob("*.png")} == {"training_curves"}
+    assert main(["figures", str(root), "--out", str(out), "--formats", "png", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no sharpscope result files" in err[0] and "sharpscope analyze" in err[0]
 
 
 @pytest.mark.parametrize("argv, needle", [

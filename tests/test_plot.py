@@ -298,15 +298,21 @@ def test_zscore_threshold_is_torch_quantile(zscores):
 
 
 def test_mask_summary_shares_match_hand_computation(runs):
-    """Right panel: ZSharp's bars are 100 ||e_l||^2 / sum ||e||^2 and SAM's 100 ||g_l||^2 / sum ||g||^2,
-    computed per logged step and averaged, by hand here."""
+    """Right panel: SAM's bars are 100 ||g_l||^2 / sum ||g||^2 and ZSharp's share 100 ||e_l||^2 / sum ||e||^2,
+    computed per logged step and averaged, by hand here; ZSharp scales every tensor's perturbation to
+    norm rho, so its share is 100 / L for each of the L layers: one line "by construction", not bars."""
     log = pd.read_csv(runs["zsharp"][1] / "masks.csv")
     fig = plot_mask_summary(log)
     bars = {c.get_label(): [b.get_width() for b in c] for c in fig.axes[1].containers}
-    for col, label in (("perturbation_norm", "ZSharp"), ("grad_norm", "SAM (gradient share)")):
+    shares = {}
+    for col in ("perturbation_norm", "grad_norm"):
         sq = log[col] ** 2
-        share = (sq / sq.groupby(log["step"]).transform("sum")).groupby(log["layer"], sort=False).mean() * 100
-        np.testing.assert_allclose(bars[label], share.to_numpy())
+        shares[col] = (sq / sq.groupby(log["step"]).transform("sum")).groupby(log["layer"], sort=False).mean() * 100
+    np.testing.assert_allclose(bars["SAM (gradient share)"], shares["grad_norm"].to_numpy())
+    assert "ZSharp" not in bars
+    np.testing.assert_allclose(shares["perturbation_norm"], 100 / log["layer"].nunique())
+    line = [ln for ln in fig.axes[1].lines if "by construction" in ln.get_label()][0]
+    assert line.get_xdata()[0] == pytest.approx(100 / log["layer"].nunique())
     kept = [b.get_width() for b in fig.axes[0].containers[0]]
     np.testing.assert_allclose(kept, log.groupby("layer", sort=False)["kept_fraction"].mean().to_numpy() * 100)
     plt.close(fig)
@@ -605,7 +611,7 @@ def test_keyword_arguments_reach_the_matplotlib_artists(case, runs, curvature, l
 
 def test_line_and_bar_keywords_override_the_defaults(landscapes, curvature, runs):
     """Named matplotlib properties win over the palette and the default widths: linewidth and color of
-    the curves, color of the bars."""
+    the curves, color of the layer-curvature dots."""
     from matplotlib.colors import to_hex
 
     ax = plot_landscape_1d({"sgd": landscapes["sgd"]["1d"], "zsharp": landscapes["zsharp"]["1d"]},
@@ -617,7 +623,7 @@ def test_line_and_bar_keywords_override_the_defaults(landscapes, curvature, runs
     assert ax.lines and all(ln.get_linewidth() == 2.25 for ln in ax.lines)
     plt.close(ax.figure)
     ax = plot_layer_curvature(curvature["sgd"]["layers"], color="#654321")
-    assert {to_hex(b.get_facecolor()) for b in ax.containers[0]} == {"#654321"}
+    assert ax.lines and {to_hex(ln.get_color()) for ln in ax.lines} == {"#654321"}
     plt.close(ax.figure)
 
 
@@ -748,12 +754,12 @@ class _TableLike:
 
 
 def test_table_results_are_drawn_like_their_tables(curvature, runs):
-    """A table result (anything with .to_dataframe()) gives the same bars as its DataFrame, for the
-    per-layer curvature and the mask summary."""
+    """A table result (anything with .to_dataframe()) gives the same dots/bars as its DataFrame, for
+    the per-layer curvature and the mask summary."""
     layers = curvature["sgd"]["layers"]
     frame = layers.to_dataframe() if hasattr(layers, "to_dataframe") else layers
     a, b = plot_layer_curvature(_TableLike(frame)), plot_layer_curvature(frame)
-    assert [r.get_width() for r in a.containers[0]] == [r.get_width() for r in b.containers[0]]
+    assert list(a.lines[0].get_xdata()) == list(b.lines[0].get_xdata())
     log = pd.read_csv(runs["zsharp"][1] / "masks.csv")
     fa, fb = plot_mask_summary(_TableLike(log)), plot_mask_summary(log)
     assert [r.get_width() for r in fa.axes[0].containers[0]] == [r.get_width() for r in fb.axes[0].containers[0]]

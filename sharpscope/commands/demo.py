@@ -8,7 +8,8 @@
    distributions, mask statistics, alignment of the ascent directions, sharpness; and the loss and
    accuracy on the straight lines SGD -> ZSharp and SAM -> ZSharp (alpha in [-0.25, 1.25],
    :func:`~sharpscope.commands.analyze.interpolate_checkpoints`).
-3. Draw every figure into ``--out`` (:func:`~sharpscope.commands.draw_figures`) and write
+3. Draw every figure into ``--out`` (default ``runs/demo/figures``, not the committed ``figures/``;
+   :func:`~sharpscope.commands.draw_figures`) and write
    ``summary.md``: test accuracy, lambda_max, trace +- s.e., worst-case and average sharpness.
 
 Nothing is downloaded. ``--quick`` shrinks every budget (for the test suite); its numbers are not
@@ -69,13 +70,18 @@ def _train_config(optimizer: str, budget: DemoBudget, seed: int, show_progress: 
 
 
 def _same_run(folder: Path, config: Any) -> bool:
-    """True when ``folder`` already holds a finished demo run with exactly this configuration."""
+    """True when ``folder`` already holds a finished demo run with exactly this configuration (all its
+    epochs: a run killed midway is trained again, not reused)."""
+    from ..train.checkpoint import load_checkpoint
+
     layout = RunLayout(folder)
     try:
         saved = json.loads(layout.config.read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+        if not layout.last.is_file() or saved != json.loads(json.dumps(config.to_dict(), default=str)):
+            return False
+        return int(load_checkpoint(layout.last).epoch) >= int(config.epochs)
+    except (OSError, ValueError, KeyError, TypeError, UserInputError):
         return False
-    return layout.last.is_file() and saved == json.loads(json.dumps(config.to_dict(), default=str))
 
 
 def _run_files(layout: RunLayout) -> list[Path]:
@@ -103,7 +109,11 @@ def _train(optimizer: str, folder: Path, budget: DemoBudget, seed: int, show_pro
     return layout.last
 
 
-def run_demo(out_dir: str | Path = "figures", work_dir: str | Path = "runs/demo", *, quick: bool = False,
+#: Where the demo writes by default: a folder of its own, never the committed gallery ``figures/``.
+DEFAULT_OUT = "runs/demo/figures"
+
+
+def run_demo(out_dir: str | Path = DEFAULT_OUT, work_dir: str | Path = "runs/demo", *, quick: bool = False,
              style: str = "neurips", seed: int = 0, formats: tuple[str, ...] = ("pdf", "png"),
              show_progress: bool = True) -> pd.DataFrame:
     """Train SGD, SAM and ZSharp on digits, analyse the checkpoints, draw the figures, write ``summary.md``.
@@ -163,17 +173,20 @@ def run_demo(out_dir: str | Path = "figures", work_dir: str | Path = "runs/demo"
               f"{options.rho}, ZSharp percentile {options.percentile}. Curvature and sharpness on "
               f"{'all' if options.samples is None else options.samples} training examples; sharpness radius "
               f"rho = {options.rho} (worst case: {options.sharpness_steps} ascent steps; average: "
-              f"{options.sharpness_samples} random directions). Wall time {elapsed:.0f} s "
-              f"(training {trained - start:.0f} s{' (runs reused from ' + str(work) + ')' if reused else ''}, "
-              f"analysis {analysed - trained:.0f} s).\n\n")
+              f"{options.sharpness_samples} random directions).\n\n")
+    # no wall time in the file: the same settings give the same summary.md on every machine
     atomic_write_text(out / "summary.md", header + markdown_table(table))
-    print(f"demo: {len(written)} figure files and summary.md in {out} ({elapsed:.0f} s)", file=sys.stderr)
+    print(f"demo: {len(written)} figure files and summary.md in {out} ({elapsed:.0f} s: training "
+          f"{trained - start:.0f} s{' (runs reused from ' + str(work) + ')' if reused else ''}, analysis "
+          f"{analysed - trained:.0f} s)", file=sys.stderr)
     return table
 
 
 # --- the command ---------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="figures", help="folder for the figures and summary.md (default: figures)")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"folder for the figures and summary.md (default: {DEFAULT_OUT}; the committed "
+                             "gallery figures/ is only rewritten when asked for)")
     parser.add_argument("--work", default="runs/demo", help="folder for checkpoints and results (default: runs/demo)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke test (about a minute)")
     parser.add_argument("--style", default="neurips", help="figure style: neurips (default), icml, iclr, paper")
@@ -190,6 +203,6 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise UserInputError(f"--seed must be >= 0, got {args.seed}")
     table = run_demo(args.out, args.work, quick=args.quick, style=args.style, seed=args.seed,
-                     show_progress=not args.quiet)
+                     show_progress=not args.quiet and sys.stderr.isatty())
     print(markdown_table(table), end="")
     return 0

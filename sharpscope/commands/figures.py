@@ -2,7 +2,9 @@
 
 The files are found recursively under RESULTS_DIR and dispatched on the kind stored inside them
 (:func:`sharpscope.analysis.results.result_kind`); the run a file belongs to is the ``<run>`` of its
-name ``<run>__<analysis>.nc``. Runs are overlaid or set side by side, each in its optimizer's colour,
+name ``<run>__<analysis>.nc``. The checkpoints ``epoch_XXXX.pt`` of a run (``train --save-every``) are
+points of that run's trajectory, never runs: they feed only ``curvature_trajectory`` and
+``mask_stability`` (:func:`split_runs`). Runs are overlaid or set side by side, each in its optimizer's colour,
 in the order of :data:`sharpscope.optim.OPTIMIZER_ORDER`. This module only decides which files feed
 which figure; every figure is one public function of :mod:`sharpscope.plot`, so it can be redrawn
 (and restyled, with matplotlib keyword arguments) from Python:
@@ -11,15 +13,19 @@ which figure; every figure is one public function of :mod:`sharpscope.plot`, so 
 ``spectrum``                :func:`~sharpscope.plot.plot_density`: eigenvalue densities (log density)
                             with the top-k eigenvalues marked
 ``sharpness_summary``       :func:`~sharpscope.plot.plot_sharpness_summary`: lambda_max, trace (+-1 s.e.),
-                            worst/average sharpness, one bar per run
+                            worst/average sharpness, one bar per run ("n/a" where not measured); with
+                            several seeds of a configuration :func:`~sharpscope.plot.plot_seed_summary`:
+                            mean +- s.d. over the seeds, every seed a dot
 ``layer_curvature``         :func:`~sharpscope.plot.plot_layer_curvature`: per-layer top eigenvalue of
                             the diagonal Hessian blocks
 ``landscape_1d``            :func:`~sharpscope.plot.plot_landscape_1d_panels`: loss and accuracy along a
                             filter-normalised random direction
 ``contours``                :func:`~sharpscope.plot.plot_contours`: 2-D loss contours side by side with
                             shared levels
+``surfaces``                :func:`~sharpscope.plot.plot_surfaces`: the 2-D slices in 3-D as small
+                            multiples on one z range and colour scale
 ``surface_<run>``           :func:`~sharpscope.plot.plot_surface` (``log=True``, titled with the run):
-                            the same slice in 3-D
+                            one slice in 3-D, on the z range shared by all runs
 ``zscores``                 :func:`~sharpscope.plot.plot_zscore_distributions`: per-layer gradient
                             Z-score distributions against N(0, 1), threshold marked
 ``mask_summary``            :func:`~sharpscope.plot.plot_mask_summary`: ZSharp's kept fraction and
@@ -33,6 +39,15 @@ which figure; every figure is one public function of :mod:`sharpscope.plot`, so 
 ``interpolation``           :func:`~sharpscope.plot.plot_interpolations`: loss and accuracy on the line
                             between two models (``<a>--<b>__interpolation.nc``), one row per pair,
                             the end points named by their optimizers
+``sweep_rho``,               :func:`~sharpscope.plot.plot_sweep`: test accuracy and lambda_max against
+``sweep_percentile``        rho / ZSharp's percentile (mean +- s.d. over seeds), when runs differ in it
+``sharpness_vs_gap``        :func:`~sharpscope.plot.plot_sharpness_vs_gap`: every sharpness measure
+                            against the generalization gap, Spearman's rank correlation (>= 5 runs)
+``cost``                    :func:`~sharpscope.plot.plot_cost`: wall time per epoch and images/s per
+                            optimizer, from the histories (``metrics.jsonl``)
+``mask_stability``          :func:`~sharpscope.plot.plot_mask_stability`: ZSharp's mask Jaccard across
+                            batches per layer over the epochs of one run (``analyze --masks`` on its
+                            ``epoch_XXXX.pt``)
 ``curvature_trajectory``    :func:`~sharpscope.plot.plot_curvature_trajectories`: lambda_max and trace
                             (+-1 s.e.) against the epoch, one line per run, when the Hessian of two or
                             more epochs of the same run was analysed (``sharpscope train --save-every
@@ -43,6 +58,7 @@ which figure; every figure is one public function of :mod:`sharpscope.plot`, so 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -56,6 +72,10 @@ from .._progress import progress
 from ..errors import UserInputError
 
 FORMATS = ("pdf", "png")
+#: More parameter tensors than this: the layer curvature figure shows the weight matrices only (and says so).
+MAX_LAYER_ROWS = 24
+#: Fewest runs for the sharpness-vs-gap scatter: a rank correlation of 3 or 4 points says nothing.
+MIN_CORRELATION_RUNS = 5
 
 
 def _load_results(files: Sequence[Path]) -> dict[str, dict[str, Any]]:
@@ -73,7 +93,7 @@ def _load_results(files: Sequence[Path]) -> dict[str, dict[str, Any]]:
         DensityResult.KIND: DensityResult.load, LAYER_KIND: load_layer_curvature,
         "landscape": Landscape.load, "gradient_zscores": ZScoreResult.load,
         "perturbation_alignment": AlignmentResult.load, "sharpness": SharpnessResult.load,
-        HISTORY_KIND: lambda p: read_table(p, HISTORY_KIND)[0],
+        HISTORY_KIND: _read_history_table,
         MASK_LOG_KIND: lambda p: read_table(p, MASK_LOG_KIND)[0],
         MASKS_KIND: lambda p: read_table(p, MASKS_KIND)[0],
     }
@@ -94,6 +114,57 @@ def _load_results(files: Sequence[Path]) -> dict[str, dict[str, Any]]:
             kind = f"sharpness_{result.kind}"
         found.setdefault(kind, {})[run] = result
     return found
+
+
+def _read_history_table(path: Path) -> pd.DataFrame:
+    """A stored history, with the metadata of its checkpoint (path, epoch, optimizer) in ``.attrs``."""
+    from ..analysis.results import read_table
+    from .analyze import HISTORY_KIND
+
+    frame, meta = read_table(path, HISTORY_KIND)
+    frame.attrs["source"] = dict(meta)
+    return frame
+
+
+_EPOCH_NAME = re.compile(r"(^|_)epoch_\d+$")
+
+
+def checkpoint_sources(found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``run -> {"path", "epoch", "optimizer" (its configuration dict, when stored)}`` from the
+    stored histories and the Hessian results, for every run whose checkpoint is known."""
+    sources: dict[str, dict[str, Any]] = {}
+    for run, history in found.get("training_history", {}).items():
+        meta = history.attrs.get("source") or {}
+        if meta.get("checkpoint"):
+            sources[run] = {"path": str(meta["checkpoint"]), "epoch": meta.get("epoch"),
+                            "optimizer": meta.get("optimizer") or {}}
+    for kind in ("hessian_eigenvalues", "hessian_trace", "hessian_density"):
+        for run, result in found.get(kind, {}).items():
+            source = result.settings.get("checkpoint") or {}
+            if run not in sources and source.get("path"):
+                sources[run] = {"path": str(source["path"]), "epoch": source.get("epoch"),
+                                "optimizer": {"name": source.get("optimizer")}}
+    return sources
+
+
+def is_epoch_checkpoint(run: str, sources: dict[str, dict[str, Any]]) -> bool:
+    """True when ``run`` comes from an ``epoch_XXXX.pt`` of ``train --save-every``: one point of a
+    run's trajectory, never a run of its own. Told by the checkpoint's file name when stored, else
+    by the result name ``analyze`` gave it (``epoch_0005`` or ``runs_sam_epoch_0005``)."""
+    path = (sources.get(run) or {}).get("path")
+    return bool(_EPOCH_NAME.search(Path(path).stem if path else run))
+
+
+def split_runs(found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``found`` without the epoch checkpoints: what the comparison figures compare (runs only),
+    each run under its :func:`~sharpscope.commands.summary.display_names` name (as in the summary)."""
+    from .summary import display_names
+
+    sources = checkpoint_sources(found)
+    runs = {r for kind in found.values() for r in kind if not is_epoch_checkpoint(r, sources)}
+    names = display_names({r: (sources.get(r) or {}).get("path") for r in runs})
+    return {kind: kept for kind, results in found.items()
+            if (kept := {names[r]: v for r, v in results.items() if r in names})}
 
 
 def _histories(results_dir: Path, metrics: Sequence[str | Path], found: dict[str, dict[str, Any]]
@@ -140,9 +211,14 @@ def draw_figures(results_dir: str | Path, out_dir: str | Path = "figures", style
         raise UserInputError(f"unknown style {style!r}; choose one of: {', '.join(sorted(VENUES))}")
     results_dir = Path(results_dir)
     files = result_files(results_dir)
-    found = _load_results(files)
+    if not files:
+        raise UserInputError(f"nothing to draw in {str(results_dir)!r}: it holds no sharpscope result files (*.nc); "
+                             f"if it holds runs, analyse them first: sharpscope analyze {results_dir}/*/last.pt "
+                             "--out results")
+    found_all = _load_results(files)
+    found = split_runs(found_all)  # the comparisons: runs only; epoch checkpoints are trajectories
     histories = _histories(results_dir, metrics, found)
-    jobs = _jobs(found, histories, summary_table(results_dir))
+    jobs = _jobs(found, histories, summary_table(results_dir), found_all)
     if not jobs:
         raise UserInputError(f"nothing to draw in {str(results_dir)!r}: no sharpscope result files "
                              f"(run `sharpscope analyze CKPT --out {results_dir}` first)")
@@ -176,19 +252,158 @@ def _fig_of(obj: Any) -> Any:
     return getattr(obj, "figure", obj)
 
 
-def _jobs(found: dict[str, dict[str, Any]], histories: dict[str, pd.DataFrame], table: pd.DataFrame
-          ) -> list[Job]:
-    """(file stem, function drawing the figure) for every figure the results allow."""
+def _jobs(found: dict[str, dict[str, Any]], histories: dict[str, pd.DataFrame], table: pd.DataFrame,
+          found_all: dict[str, dict[str, Any]] | None = None) -> list[Job]:
+    """(file stem, function drawing the figure) for every figure the results allow.
+
+    ``found`` holds the runs compared; ``found_all`` also the epoch checkpoints (trajectories only).
+    """
     from .. import plot
 
-    get = {kind: _ordered(runs) for kind, runs in found.items()}
+    found_all = found if found_all is None else found_all
+    labels = _configuration_labels(table)
+    shown = _overlaid_runs(table)
+    get = {kind: _by_configuration(_ordered({r: v for r, v in runs.items() if r in shown}), labels)
+           if kind in _OVERLAID else _ordered(runs) for kind, runs in found.items()}
     jobs = _curvature_jobs(get, table) + _landscape_jobs(get, found) + _zsharp_jobs(get, found)
     if histories:
-        jobs.append(("training_curves", lambda: plot.plot_training_curves(_ordered(histories))))
-    trajectory = curvature_trajectory_table(found)
+        curves = _curves_by_configuration({r: h for r, h in histories.items() if r in shown or r not in labels},
+                                          table)
+        jobs.append(("training_curves", lambda: plot.plot_training_curves(curves)))
+    jobs += _across_run_jobs(table, histories)
+    trajectory = curvature_trajectory_table(found_all)
     if not trajectory.empty:
         jobs.append(("curvature_trajectory", lambda: plot.plot_curvature_trajectories(trajectory)))
+    stability = mask_stability_table(found_all)
+    if not stability.empty:
+        jobs.append(("mask_stability", lambda: plot.plot_mask_stability(stability)))
     return jobs
+
+
+#: Result kinds overlaid in one figure: keyed by configuration (optimizer), so colours follow the optimizer.
+_OVERLAID = ("hessian_density", "hessian_eigenvalues", "layer_curvature", "landscape_1d", "gradient_zscores",
+             "perturbation_alignment")
+
+
+#: More configurations than this: overlays show one per optimizer (the one at the common rho / p).
+MAX_OVERLAID = 4
+
+
+def _by_configuration(runs: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
+    """``{configuration label: result}`` in optimizer order; of several seeds of one configuration the
+    first is drawn."""
+    from ..plot import optimizer_rank
+
+    out: dict[str, Any] = {}
+    for run, result in runs.items():
+        out.setdefault(labels.get(run, run), result)
+    return dict(sorted(out.items(), key=lambda kv: (optimizer_rank(kv[0]), kv[0])))
+
+
+def _overlaid_runs(table: pd.DataFrame) -> set[str]:
+    """The runs overlaid in one figure: all of them, or, with more than :data:`MAX_OVERLAID`
+    configurations (a sweep), per optimizer those at the most common rho and percentile (their
+    labels name those values), so that a spectrum is not ten curves in two colours."""
+    runs = set(table["run"])
+    labels = _configuration_labels(table)
+    if len(set(labels.values())) <= MAX_OVERLAID:
+        return runs
+    keep = table
+    for c, other in (("rho", "percentile"), ("percentile", "rho")):
+        if c in table and table[c].notna().any():
+            # the value where the sweeps cross (chosen on all runs): the other hyperparameter varies most there
+            rows = table[table[c].notna()]
+            spread = rows.groupby(c).agg(n=(other, "nunique") if other in rows else ("run", "size"),
+                                         size=("run", "size")).sort_values(["n", "size"], ascending=False)
+            keep = keep[keep[c].isna() | (keep[c] == spread.index[0])]
+    missing = set(table["optimizer"].dropna()) - set(keep["optimizer"].dropna())
+    first = table[table["optimizer"].isin(missing)].drop_duplicates("optimizer")
+    return set(keep["run"]) | set(first["run"]) | (runs - set(labels))
+
+
+def _configuration_labels(table: pd.DataFrame) -> dict[str, str]:
+    """run -> the label of its configuration: the optimizer, with rho/p when several values occur."""
+    from ..plot.sweep import _config_label
+
+    if "optimizer" not in table:
+        return {}
+    table = table.assign(optimizer=table["optimizer"].fillna(table["run"]))
+    varying = [c for c in ("rho", "percentile") if c in table and table[c].nunique(dropna=True) > 1]
+    return {row["run"]: _config_label(row, varying) for _, row in table.iterrows()}
+
+
+def _curves_by_configuration(histories: dict[str, pd.DataFrame], table: pd.DataFrame) -> pd.DataFrame:
+    """The histories as one tidy frame, one series per configuration, seeds averaged per epoch
+    (so several seeds of one optimizer are one curve in its colour, not several colours)."""
+    from ..plot import optimizer_rank
+
+    labels = _configuration_labels(table)
+    parts = []
+    for run, history in _ordered(histories).items():
+        part = history.copy()
+        part["optimizer"] = labels.get(run, run)
+        parts.append(part)
+    frame = pd.concat(parts, ignore_index=True)
+    frame = frame.iloc[frame["optimizer"].map(optimizer_rank).argsort(kind="stable")]
+    numeric = [c for c in frame.columns if c not in ("optimizer", "epoch") and pd.api.types.is_numeric_dtype(frame[c])]
+    return frame.groupby(["optimizer", "epoch"], sort=False)[numeric].mean().reset_index()
+
+
+def _across_run_jobs(table: pd.DataFrame, histories: dict[str, pd.DataFrame]) -> list[Job]:
+    """sweep_rho, sweep_percentile, sharpness_vs_gap, cost: figures across many runs."""
+    from .. import plot
+
+    jobs: list[Job] = []
+    if "optimizer" not in table:
+        return jobs
+    runs = table.assign(optimizer=table["optimizer"].fillna(table["run"]))
+    for x in ("rho", "percentile"):
+        swept = [q for q in ("test_acc", "lambda_max") if q in runs]
+        if x in runs and swept and runs.groupby("optimizer")[x].nunique().max() >= 2:
+            jobs.append((f"sweep_{x}", lambda x=x, swept=swept: plot.plot_sweep(runs, x, swept)))
+    measures = [m for m in ("lambda_max", "trace", "sharpness_worst", "sharpness_average") if m in runs]
+    if "gap" in runs and measures and runs[["gap", measures[0]]].notna().all(axis=1).sum() >= MIN_CORRELATION_RUNS:
+        jobs.append(("sharpness_vs_gap", lambda: plot.plot_sharpness_vs_gap(runs, measures)))
+    cost = cost_table(histories, runs)
+    if not cost.empty:
+        jobs.append(("cost", lambda: plot.plot_cost(cost)))
+    return jobs
+
+
+def cost_table(histories: dict[str, pd.DataFrame], table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, epoch) with ``run, optimizer, time_s, images_per_s`` from the histories that
+    logged them (``metrics.jsonl`` of sharpscope >= 0.2)."""
+    optimizers = dict(zip(table["run"], table["optimizer"])) if "optimizer" in table else {}
+    parts = []
+    for run, history in histories.items():
+        if {"time_s", "images_per_s"} <= set(history.columns) and history["time_s"].notna().any():
+            part = history[["epoch", "time_s", "images_per_s"]].dropna().copy()
+            part["run"], part["optimizer"] = run, optimizers.get(run) or run
+            parts.append(part)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def mask_stability_table(found: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """``run_dir, epoch, layer, mask_jaccard, kept_fraction`` for the ZSharp masks of every run folder
+    with two or more analysed epochs (``analyze --masks`` on its ``epoch_XXXX.pt``); else empty."""
+    sources = checkpoint_sources(found)
+    rows = []
+    for run, masks in found.get("mask_statistics", {}).items():
+        source = sources.get(run)
+        if not source or source.get("epoch") is None or "mask_jaccard" not in masks.columns:
+            continue
+        part = masks[["layer", "mask_jaccard", "kept_fraction"]].copy()
+        part["run_dir"] = str(Path(source["path"]).resolve().parent)
+        part["epoch"] = int(source["epoch"])
+        rows.append(part)
+    if not rows:
+        return pd.DataFrame()
+    table = pd.concat(rows, ignore_index=True).drop_duplicates(["run_dir", "epoch", "layer"])
+    epochs = table.groupby("run_dir")["epoch"].nunique()
+    keep = epochs[epochs >= 2].index
+    if len(keep) == 0:
+        return pd.DataFrame()
+    return table[table["run_dir"] == keep[0]].reset_index(drop=True)
 
 
 def _curvature_jobs(get: dict[str, dict[str, Any]], table: pd.DataFrame) -> list[Job]:
@@ -201,11 +416,19 @@ def _curvature_jobs(get: dict[str, dict[str, Any]], table: pd.DataFrame) -> list
         eig = {r: e for r, e in get.get("hessian_eigenvalues", {}).items() if r in dens}
         jobs.append(("spectrum", lambda: _fig_of(plot.plot_density(dens, eigenvalues=eig or None))))
     quantities = [q for q in ("lambda_max", "trace", "sharpness_worst", "sharpness_average") if q in table]
-    if quantities:
+    config = [c for c in ("optimizer", "rho", "percentile") if c in table]
+    if quantities and "optimizer" in table and table.groupby(config, dropna=False).size().max() > 1:
+        # several seeds of one configuration: mean +- s.d. over the seeds, every seed a dot
+        runs = table.assign(optimizer=table["optimizer"].fillna(table["run"]))
+        shown = [q for q in ("test_acc", *quantities) if q in runs]
+        jobs.append(("sharpness_summary", lambda: plot.plot_seed_summary(runs, shown, config=config)))
+    elif quantities:
         table = table.set_index("run").loc[list(_ordered(dict.fromkeys(table["run"])))].reset_index()
         jobs.append(("sharpness_summary", lambda: plot.plot_sharpness_summary(table, quantities)))
     if "layer_curvature" in get:
-        jobs.append(("layer_curvature", lambda: _fig_of(plot.plot_layer_curvature(get["layer_curvature"]))))
+        curvature = get["layer_curvature"]
+        many = max(len(r.to_dataframe()) for r in curvature.values()) > MAX_LAYER_ROWS  # e.g. every BatchNorm
+        jobs.append(("layer_curvature", lambda: _fig_of(plot.plot_layer_curvature(curvature, matrices_only=many))))
     return jobs
 
 
@@ -218,9 +441,14 @@ def _landscape_jobs(get: dict[str, dict[str, Any]], found: dict[str, dict[str, A
         jobs.append(("landscape_1d", lambda: plot.plot_landscape_1d_panels(get["landscape_1d"])))
     if "landscape_2d" in get:
         jobs.append(("contours", lambda: plot.plot_contours(get["landscape_2d"])))
-        for run, result in get["landscape_2d"].items():
+        surfaces = get["landscape_2d"]
+        zlim = plot.surface_limits(surfaces)  # one z range and colour scale: surfaces compare
+        if len(surfaces) > 1:
+            jobs.append(("surfaces", lambda: plot.plot_surfaces(surfaces)))
+        for run, result in surfaces.items():
             jobs.append((f"surface_{run}", lambda run=run, result=result: _fig_of(
-                plot.plot_surface(result, log=True, title=plot.optimizer_label(run)))))
+                plot.plot_surface(result, log=True, zlim=zlim, title=f"{plot.optimizer_label(run)}"
+                                  + ("\n(z range shared by all runs)" if len(surfaces) > 1 else "")))))
     if "landscape_interpolation" in found:
         pairs = _ordered_pairs(found["landscape_interpolation"])
         jobs.append(("interpolation", lambda: plot.plot_interpolations(pairs)))
@@ -312,14 +540,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .summary import markdown_table, summary_table
+    from .summary import markdown_table, seed_markdown, seed_table, summary_table
 
     formats = [f.strip() for f in str(args.formats).split(",") if f.strip()]
     start = time.perf_counter()
     written = draw_figures(args.results, args.out, args.style, formats=formats, metrics=args.metrics,
-                           column=args.column, show_progress=not args.quiet)
+                           column=args.column, show_progress=not args.quiet and sys.stderr.isatty())
     stems = sorted({p.stem for p in written})
     print(f"wrote {len(written)} files ({len(stems)} figures: {', '.join(stems)}) to {args.out} in "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
-    print(markdown_table(summary_table(args.results)), end="")
+    table = summary_table(args.results)
+    print(markdown_table(table), end="")
+    if "optimizer" in table and len(seed_table(table)) < len(table):  # several seeds: mean +- s.d. too
+        print()
+        print(seed_markdown(table), end="")
     return 0

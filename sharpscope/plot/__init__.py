@@ -24,6 +24,8 @@ from .landscape import (
     plot_landscape_1d,
     plot_landscape_1d_panels,
     plot_surface,
+    plot_surfaces,
+    surface_limits,
 )
 from .spectrum import (
     plot_curvature_trajectories,
@@ -43,6 +45,15 @@ from .style import (
     save_figure,
     style,
 )
+from .sweep import (
+    aggregate_seeds,
+    plot_cost,
+    plot_mask_stability,
+    plot_seed_summary,
+    plot_sharpness_vs_gap,
+    plot_sweep,
+    rank_correlations,
+)
 from .training import plot_training_curve, plot_training_curves, read_history
 from .zsharp import (
     plot_alignment,
@@ -57,6 +68,13 @@ from .zsharp import (
 __all__ = [
     "OPTIMIZER_COLORS",
     "VENUES",
+    "aggregate_seeds",
+    "plot_cost",
+    "plot_mask_stability",
+    "plot_seed_summary",
+    "plot_sharpness_vs_gap",
+    "plot_sweep",
+    "rank_correlations",
     "interpolation_endpoints",
     "new_figure",
     "optimizer_color",
@@ -79,6 +97,7 @@ __all__ = [
     "plot_mask_summary",
     "plot_sharpness_summary",
     "plot_surface",
+    "plot_surfaces",
     "plot_training_curve",
     "plot_training_curves",
     "plot_zscore_distributions",
@@ -87,4 +106,5 @@ __all__ = [
     "rule_kept_fraction",
     "save_figure",
     "style",
+    "surface_limits",
 ]

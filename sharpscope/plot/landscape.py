@@ -227,8 +227,12 @@ def plot_contours(data: Mapping[str, Any], metric: str = "loss", *, filled: bool
 @data_argument("landscape")
 def plot_surface(data: Any, metric: str = "loss", *, log: bool = False, cmap: str = "viridis",
                  elev: float = 32.0, azim: float = -55.0, title: str | None = None, ax: Axes | None = None,
-                 **kwargs: Any) -> Axes:
+                 zlim: tuple[float, float] | None = None, **kwargs: Any) -> Axes:
     """3-D surface of ``metric`` over the 2-D slice; ``log`` draws log10 of it (ticks as powers of ten).
+
+    ``zlim`` (in the metric's units) fixes the z range and the colour scale, so that surfaces of
+    several models drawn with the same ``zlim`` can be compared (see :func:`plot_surfaces`); by
+    default each surface spans its own range.
 
     ``data``: a 2-D ``Landscape`` or a DataFrame ``x, y, <metric>`` (formerly ``landscape=``).
     Matplotlib's 3-D axes do not support log scales, so the logarithm is applied to the values and
@@ -241,6 +245,10 @@ def plot_surface(data: Any, metric: str = "loss", *, log: bool = False, cmap: st
         if not np.nanmin(z) > 0:
             raise UserInputError(f"log=True needs a positive {metric}; its minimum is {np.nanmin(z):.3g}")
         z = np.log10(z)
+    limits = None
+    if zlim is not None:
+        limits = tuple(np.log10(v) if log else float(v) for v in zlim)
+        kwargs = {"vmin": limits[0], "vmax": limits[1], **kwargs}
     if ax is None:
         w = panel_width()
         _, ax = new_figure(aspect=0.85, width=w, subplot_kw={"projection": "3d"})
@@ -251,6 +259,8 @@ def plot_surface(data: Any, metric: str = "loss", *, log: bool = False, cmap: st
                                   "antialiased": True, "rcount": min(len(y), 60), "ccount": min(len(x), 60),
                                   **kwargs})
     ax.view_init(elev=elev, azim=azim)
+    if limits is not None:
+        ax.set_zlim(*limits)
     if title is not None:
         ax.set_title(title, pad=0)
     settings = _settings(data)
@@ -271,6 +281,34 @@ def plot_surface(data: Any, metric: str = "loss", *, log: bool = False, cmap: st
         axis._axinfo["grid"]["color"] = (0.85, 0.85, 0.85, 1)
     ax.set_box_aspect(None, zoom=0.8)
     return ax
+
+
+def surface_limits(data: Mapping[str, Any], metric: str = "loss") -> tuple[float, float]:
+    """The smallest and largest ``metric`` over every 2-D slice of ``data``: one z range for all."""
+    values = np.concatenate([np.ravel(_grid(obj, metric, f"data[{k!r}]")[2]) for k, obj in data.items()])
+    return float(np.nanmin(values)), float(np.nanmax(values))
+
+
+def plot_surfaces(data: Mapping[str, Any], metric: str = "loss", *, log: bool = True, fig: Figure | None = None,
+                  **kwargs: Any) -> Figure:
+    """Small multiples of :func:`plot_surface`, one per model, on ONE z range and colour scale
+    (:func:`surface_limits`), so equal heights and colours mean equal losses across panels.
+    ``kwargs`` go to each :func:`plot_surface`."""
+    if not isinstance(data, Mapping) or not data:
+        raise UserInputError("data must be a non-empty mapping {label: 2-D Landscape}")
+    zlim = surface_limits(data, metric)
+    n = len(data)
+    width = figure_width()
+    if fig is None:
+        fig, _ = new_figure(aspect=1.0 / n + 0.06, width=width, ncols=n, subplot_kw={"projection": "3d"})
+        axes = fig.axes
+    else:
+        axes = [fig.add_subplot(1, n, i + 1, projection="3d") for i in range(n)]
+    for ax, (name, obj) in zip(axes, data.items()):
+        plot_surface(obj, metric, log=log, title=optimizer_label(name), ax=ax, zlim=zlim, **kwargs)
+    fig.suptitle(f"one z range and colour scale for all panels ({_metric_label(metric).lower()}"
+                 f"{', log scale' if log else ''})", fontsize="small")
+    return fig
 
 
 def _curves(data: Any) -> dict[str, Any]:
@@ -416,7 +454,8 @@ def plot_interpolations(data: Any, metrics: Sequence[str] = ("loss", "accuracy")
     ``data``: ``{name: interpolate result}`` (rows in this order) or one result. ``endpoints``:
     ``{name: (label_a, label_b)}`` for some rows (default: :func:`interpolation_endpoints`). An
     accuracy axis spans at least :data:`MIN_ACCURACY_SPAN` points, so a change of one example in a
-    thousand does not look like a cliff. ``kwargs`` go to ``ax.plot``.
+    thousand does not look like a cliff; the panels of one metric share their y range, and the loss
+    axis starts at 0. ``kwargs`` go to ``ax.plot``.
     """
     lines = {str(k): v for k, v in data.items()} if isinstance(data, Mapping) else {"": data}
     if not lines:
@@ -433,6 +472,17 @@ def plot_interpolations(data: Any, metrics: Sequence[str] = ("loss", "accuracy")
             plot_interpolation(line, metric, endpoints=ends, ax=ax, legend=False, **kwargs)
             if metric == "accuracy":
                 _min_span(ax, MIN_ACCURACY_SPAN, top=100.0)
+    for column, metric in zip(axes.T, metrics):
+        _shared_y(column, from_zero=metric == "loss" and kwargs.get("log") is not True)
     for ax in np.ravel(axes[:-1]):
         ax.set_xlabel("")
     return fig
+
+
+def _shared_y(column: np.ndarray, from_zero: bool) -> None:
+    """One y range for the panels of one metric (rows compare); a loss axis starts at 0, so a rise
+    from 0.0048 to 0.0056 reads as the small change it is, not as a cliff."""
+    lows, highs = zip(*(ax.get_ylim() for ax in column))
+    lo, hi = (0.0 if from_zero else min(lows)), max(highs)
+    for ax in column:
+        ax.set_ylim(lo, hi)

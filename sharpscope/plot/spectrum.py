@@ -25,7 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import UserInputError
-from ._bars import grouped_barh
+from ._bars import bar_axes, short_layer_name
 from ._data import data_argument, labelled_frame, ordered_unique, require_columns, require_finite, to_frame
 from .style import (
     figure_axes,
@@ -138,7 +138,7 @@ def plot_density(data: Any, *, eigenvalues: Any = None, top_k: int | None = None
         shown = max(shown, values.size)
     if marks:
         ax.plot([], [], linestyle="none", marker="v", color="0.3", markersize=3.5,
-                label=f"top-{shown} eigenvalues ({'PyHessian' if backends == {'pyhessian'} else 'Lanczos'})")
+                label=f"top-{shown} eigenvalues ({_eigen_method(backends)})")
     ax.set_xlabel(r"Eigenvalue $\lambda$")
     ax.set_ylabel("Spectral density")
     handles, labels = ax.get_legend_handles_labels()
@@ -228,20 +228,29 @@ def plot_curvature_trajectories(data: Any, *, x: str = "epoch", lr: float | Mapp
 
 
 def plot_layer_curvature(data: Any, value: str | None = None, *, hue: str = "optimizer", log: bool | None = None,
-                         ax: Axes | None = None, **kwargs: Any) -> Axes:
-    """Per-layer curvature as horizontal bars, layers top to bottom in model order.
+                         matrices_only: bool = False, ax: Axes | None = None, **kwargs: Any) -> Axes:
+    """Per-tensor curvature as a dot plot: tensors top to bottom in model order, grouped by block
+    (alternating bands, the block named at the right), one dot per model.
 
     ``data``: the ``layer_curvature`` result or its table (one row per parameter tensor: ``layer``,
     ``top_eigenvalue``, ``trace``, ``trace_stderr``, ...) or a mapping ``{optimizer: either}`` to
-    compare models side by side. ``value`` defaults to ``top_eigenvalue`` (the top eigenvalue of the
-    tensor's diagonal Hessian block); ``trace`` is drawn with its standard error.
-    ``log`` (default: on when all values are positive and span more than two decades).
-    ``kwargs`` go to ``ax.barh``.
+    compare models. ``value`` defaults to ``top_eigenvalue`` (the top eigenvalue of the tensor's
+    diagonal Hessian block); ``trace`` is drawn with its standard error. Dots, not bars: on a log
+    axis a bar's length would depend on an arbitrary left limit. ``log`` (default: on when all values
+    are positive and span more than two decades). ``matrices_only`` leaves out the 1-D tensors
+    (biases, normalisation scales; known from the ``shape`` column, else from the name) and says how
+    many in the axis label. ``kwargs`` go to ``ax.plot``.
     """
     df = labelled_frame(data, "data", "optimizer")
     if value is None:
         value = next((c for c in ("top_eigenvalue", "lambda_max", "trace") if c in df.columns), "top_eigenvalue")
     require_columns(df, ["layer", value], "data")
+    dropped = 0
+    if matrices_only:
+        keep = ~df.apply(_is_vector_tensor, axis=1)
+        dropped = df.loc[~keep, "layer"].nunique()
+        df = df[keep]
+        require_columns(df, ["layer"], "data (matrices only)")
     values = require_finite(df[value].to_numpy(float), f"data[{value!r}]")
     if log is None:
         log = bool(np.all(values > 0) and values.max() / values.min() > 100)
@@ -249,9 +258,77 @@ def plot_layer_curvature(data: Any, value: str | None = None, *, hue: str = "opt
         raise UserInputError(f"log=True needs positive {value!r} values; use log=False")
     label = {"top_eigenvalue": r"Top eigenvalue of the block $\lambda_{\max}(H_{ll})$",
              "trace": r"Trace of the block $\mathrm{tr}(H_{ll})$"}.get(value, value.replace("_", " "))
+    if dropped:
+        label += f"  ({dropped} 1-D tensors, biases and norms, left out)"
+    layers = ordered_unique(df["layer"])
+    series = ordered_unique(df[hue]) if hue in df.columns else [None]
+    ax = bar_axes(len(layers), 1, ax)
+    _block_bands(ax, layers)
+    _layer_dots(ax, df, layers, series, hue, value, **kwargs)
+    ax.set_yticks(range(len(layers)), [short_layer_name(c) for c in layers])
+    ax.set_ylim(len(layers) - 0.5, -0.5)
+    ax.tick_params(axis="y", length=0)
+    ax.grid(axis="y", visible=False)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(label)
+    if len(series) > 1:
+        ax.legend(loc="best")
+    return ax
+
+
+def _is_vector_tensor(row: pd.Series) -> bool:
+    """A bias or a normalisation scale: one dimension (``shape`` without ``x``), else told by name."""
+    shape = row.get("shape")
+    if isinstance(shape, str) and shape:
+        return "x" not in shape
+    name = str(row["layer"])
+    return name.endswith(".bias") or any(k in name for k in ("bn", "norm", ".ln"))
+
+
+def layer_block(name: str) -> str:
+    """The block a tensor belongs to: its module path without the last module and the parameter
+    (``layer1.0.conv1.weight`` -> ``layer1.0``; ``net.0.weight`` -> ``net``; ``fc.weight`` -> ``fc``)."""
+    parts = short_layer_name(name).replace(" (bias)", "").split(".")
+    return ".".join(parts[:-1]) or parts[0]
+
+
+def _block_bands(ax: Axes, layers: list[str]) -> None:
+    blocks = [layer_block(n) for n in layers]
+    start = 0
+    shade = False
+    for i in range(1, len(blocks) + 1):
+        if i == len(blocks) or blocks[i] != blocks[start]:
+            if shade:
+                ax.axhspan(start - 0.5, i - 0.5, color="0.94", linewidth=0, zorder=0)
+            if len(set(blocks)) > 1 and i - start > 0:
+                ax.text(1.01, (start + i - 1) / 2, blocks[start], transform=transforms.blended_transform_factory(
+                    ax.transAxes, ax.transData), fontsize="x-small", va="center", color="0.35")
+            shade, start = not shade, i
+
+
+def _layer_dots(ax: Axes, df: pd.DataFrame, layers: list[str], series: list[Any], hue: str, value: str,
+                **kwargs: Any) -> None:
+    rows = {c: i for i, c in enumerate(layers)}
+    colors = series_colors([s for s in series if s is not None]) if series != [None] else {}
     stderr = f"{value}_stderr"
-    return grouped_barh(df, "layer", value, hue=hue if hue in df.columns else None, ax=ax, log=log,
-                        xlabel=label, error=stderr if stderr in df.columns else None, **kwargs)
+    for j, s in enumerate(series):
+        part = df if s is None else df[df[hue] == s]
+        offset = (j - (len(series) - 1) / 2) * min(0.18, 0.6 / max(len(series), 1))
+        y = np.array([rows[c] for c in part["layer"]], dtype=float) + offset
+        x = part[value].to_numpy(float)
+        color = colors.get(s, "#0072B2")
+        if stderr in part.columns:
+            ax.errorbar(x, y, xerr=part[stderr].to_numpy(float), fmt="none", ecolor=color, elinewidth=0.6)
+        ax.plot(x, y, **{"linestyle": "none", "marker": optimizer_marker(str(s), j) if s is not None else "o",
+                         "markersize": 3.5, "color": color, "label": optimizer_label(s) if s is not None else None,
+                         **kwargs})
+
+
+def _eigen_method(backends: set[str]) -> str:
+    """How the marked eigenvalues were computed: PyHessian iterates powers, sharpscope runs Lanczos."""
+    names = {"pyhessian": "PyHessian power iteration"}
+    return " / ".join(sorted(names.get(b, "Lanczos") for b in backends))
 
 
 _SUMMARY_LABEL = {
@@ -267,7 +344,8 @@ _SUMMARY_LABEL = {
 def plot_sharpness_summary(data: Any, quantities: Any = ("lambda_max", "trace", "sharpness_worst",
                                                            "sharpness_average"), *,
                            label: str = "run", fig: Figure | None = None, **kwargs: Any) -> Figure:
-    """One small panel per quantity, one bar per model in its optimizer colour (+-1 s.e. where known).
+    """One small panel per quantity, one bar per model in its optimizer colour (+-1 s.e. where known);
+    a model without a value for a quantity is marked "n/a" in that panel, not drawn as a zero bar.
 
     ``data`` (formerly ``table=``): one row per model, with a ``label`` column (default ``run``; an
     optimizer name keeps its palette colour) and numeric columns named in ``quantities``; a column
@@ -280,7 +358,9 @@ def plot_sharpness_summary(data: Any, quantities: Any = ("lambda_max", "trace", 
     if not shown:
         raise UserInputError(f"data has none of the columns {list(quantities)}; it has {list(df.columns)}")
     names = [str(n) for n in df[label]]
-    colors = series_colors(names)
+    # colour by optimizer (a run named "seed3" of SAM is SAM's colour), not by run name
+    by = [str(o) for o in df["optimizer"].fillna(df[label])] if "optimizer" in df.columns else names
+    palette = series_colors(by)
     fig, axes = figure_axes(fig, 0.36 if len(shown) > 2 else 0.5, ncols=len(shown))
     positions = np.arange(len(names))
     for ax, q in zip(axes, shown):
@@ -288,10 +368,13 @@ def plot_sharpness_summary(data: Any, quantities: Any = ("lambda_max", "trace", 
         err = df[f"{q}_stderr"].to_numpy(float) if f"{q}_stderr" in df.columns else None
         if err is not None and not np.isfinite(err).any():
             err = None
-        ax.bar(positions, np.nan_to_num(values), **{
-            "width": 0.7, "color": [colors[n] for n in names], "linewidth": 0,
-            "yerr": None if err is None else np.nan_to_num(err),
+        measured = np.isfinite(values)  # a run without this measure gets no bar (never a zero bar)
+        ax.bar(positions[measured], values[measured], **{
+            "width": 0.7, "color": [palette[b] for b, m in zip(by, measured) if m], "linewidth": 0,
+            "yerr": None if err is None else np.nan_to_num(err[measured]),
             "error_kw": {"elinewidth": 0.6, "capsize": 1.5, "ecolor": "0.25"}, **kwargs})
+        for pos in positions[~measured]:
+            ax.text(pos, 0, "n/a", ha="center", va="bottom", fontsize="x-small", color="0.45")
         ax.set_xticks(positions, [short_label(optimizer_label(n), 24) for n in names], rotation=0 if len(names) <= 4 else 45,
                       ha="center" if len(names) <= 4 else "right", rotation_mode="anchor")
         ax.tick_params(axis="x", length=0)

@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 
 from ..errors import UserInputError
 from ._data import choose, data_argument, labelled_frame, ordered_unique, require_columns, to_frame
-from .style import figure_axes, new_figure, optimizer_label, optimizer_marker, series_colors
+from .style import figure_axes, legend_columns, new_figure, optimizer_label, optimizer_marker, series_colors
 
 __all__ = ["read_history", "plot_training_curve", "plot_training_curves"]
 
@@ -119,7 +119,8 @@ def _legend(ax: Axes, optimizers: list[str], colors: dict[str, str], splits: Seq
     if target is None:
         ax.legend(handles=handles, loc="best")
     else:
-        target.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 6))
+        ncols = legend_columns([h.get_label() for h in handles], target.get_figwidth(), max_columns=6)
+        target.legend(handles=handles, loc="outside upper center", ncols=ncols)
 
 
 @data_argument("histories")

@@ -165,7 +165,7 @@ def _normal_pdf(x: np.ndarray) -> np.ndarray:
 
 
 def plot_zscore_distributions(data: Any, *, percentile: float | None = 0.95, layers: Sequence[str] | None = None,
-                              max_layers: int = 12, kind: str = "grid", bins: int = 60, log: bool = True,
+                              max_layers: int | None = None, kind: str = "grid", bins: int = 60, log: bool = True,
                               fig: Figure | None = None, **kwargs: Any) -> Figure:
     r"""Per-layer histograms of gradient Z-scores against :math:`\mathcal N(0, 1)`, threshold marked.
 
@@ -175,7 +175,8 @@ def plot_zscore_distributions(data: Any, *, percentile: float | None = 0.95, lay
     mapping ``{optimizer: ZScoreResult or table}`` to overlay runs.
     ``percentile``: ZSharp's ``p``; the threshold :math:`\tau = Q_p(|z|)` is drawn at
     :math:`\pm\tau` and the kept tails are shaded (a ``threshold`` column, when present, wins).
-    ``layers``: which layers to draw (default: the first ``max_layers`` in model order).
+    ``layers``: which layers to draw (default: every layer, or the first ``max_layers`` in model
+    order, and then the figure says how many of how many it shows).
     ``kind``: ``"grid"`` (small multiples, log density by default) or ``"ridge"`` (one row per
     layer, shared z axis, linear density). ``kwargs`` go to the call drawing each histogram
     (``ax.stairs`` in the grid, ``ax.plot`` in the ridge).
@@ -192,14 +193,20 @@ def plot_zscore_distributions(data: Any, *, percentile: float | None = 0.95, lay
         if unknown:
             raise UserInputError(f"layers {unknown} are not in the data; it has {names}")
         names = list(layers)
-    names = names[:max_layers]
+    total = len(names)
+    names = names[:max_layers] if max_layers is not None else names
     series = ordered_unique(df["optimizer"]) if "optimizer" in df.columns else [None]
     lim = _z_limit(df)
     edges = np.linspace(-lim, lim, bins + 1)
     grid_x = np.linspace(-lim, lim, 400)
     if kind == "grid":
-        return _zscore_grid(df, names, series, edges, grid_x, percentile, log, fig, kwargs)
-    return _zscore_ridge(df, names, series, edges, grid_x, percentile, fig, kwargs)
+        fig = _zscore_grid(df, names, series, edges, grid_x, percentile, log, fig, kwargs)
+    else:
+        fig = _zscore_ridge(df, names, series, edges, grid_x, percentile, fig, kwargs)
+    if len(names) < total:
+        fig.supxlabel(f"{fig.get_supxlabel()}   (first {len(names)} of {total} layers shown)"
+                      if kind == "grid" else f"first {len(names)} of {total} layers shown", fontsize="small")
+    return fig
 
 
 def _series_color(name: str | None, i: int) -> str:
@@ -346,13 +353,20 @@ def _per_layer(df: pd.DataFrame, columns: Sequence[str], group: Sequence[str]) -
 @data_argument("stats")
 def plot_mask_summary(data: Any, *, percentile: float | None = None, fig: Figure | None = None,
                       **kwargs: Any) -> Figure:
-    r"""Two panels per layer: the kept fraction, and the share of the squared perturbation norm.
+    r"""Two panels per layer: what the mask keeps, and the share of the squared perturbation norm.
+
+    Left panel: with an ``energy_kept`` column (a ``mask_statistics`` result), the share of the
+    gradient's squared norm in the kept entries, with the fraction of entries kept marked on each
+    row (that fraction alone is fixed by ``p`` and the layer's size: it is not a finding); else the
+    kept fraction with the rule's value marked.
 
     ``data`` (formerly ``stats=``): ``ZSharp.mask_stats`` (or the optimizer itself), a ``masks.csv``
     log or path, a ``mask_statistics`` result (per-step or per-batch rows are averaged), or a mapping
     ``{label: either}`` to compare runs.
     Right panel: ZSharp's share :math:`\|e_l\|^2 / \sum_k \|e_k\|^2` next to the gradient's share
-    :math:`\|g_l\|^2 / \sum_k \|g_k\|^2`, which is SAM's perturbation share. Layers where the mask was
+    :math:`\|g_l\|^2 / \sum_k \|g_k\|^2`, which is SAM's perturbation share; when ZSharp's shares are
+    all equal (each tensor's perturbation scaled to norm rho) they are a line marked "by
+    construction", not bars that would read as a measurement. Layers where the mask was
     empty and ZSharp fell back to SAM are hatched. ``percentile`` marks on each layer the fraction
     the rule keeps of its ``numel`` distinct values, :func:`rule_kept_fraction` (more than
     :math:`1 - p` for small tensors); without a ``numel`` column, a line at :math:`1 - p`.
@@ -368,9 +382,11 @@ def plot_mask_summary(data: Any, *, percentile: float | None = None, fig: Figure
     keys = [*group, "step"] if "step" in df.columns else group  # shares per step, then averaged
     for sq, share in (("grad_sq", "grad_share"), ("pert_sq", "pert_share")):
         df[share] = df[sq] / (df.groupby(keys)[sq].transform("sum") if keys else df[sq].sum())
-    columns = ["kept_fraction", "grad_share", "pert_share", "fallback"] + (["numel"] if "numel" in df else [])
+    energy = "energy_kept" in df.columns and df["energy_kept"].notna().all()
+    columns = ["kept_fraction", "grad_share", "pert_share", "fallback"] + (["numel"] if "numel" in df else []) + (
+        ["energy_kept"] if energy else [])
     layer = _per_layer(df, columns, group)
-    for col in ("kept_fraction", "grad_share", "pert_share"):
+    for col in ("kept_fraction", "grad_share", "pert_share") + (("energy_kept",) if energy else ()):
         require_finite(layer[col].to_numpy(float), f"data[{col!r}]")
         layer[col] = layer[col] * 100.0
     layer["fell_back"] = layer["fallback"] > 0
@@ -378,10 +394,16 @@ def plot_mask_summary(data: Any, *, percentile: float | None = None, fig: Figure
     width = figure_width()
     fig, axes = figure_axes(fig, (0.75 + n_layers * 0.2) / width, ncols=2, width=width, sharey=True)
     hue = "optimizer" if group else None
-    grouped_barh(layer, "layer", "kept_fraction", hue=hue, ax=axes[0], xlabel="Kept fraction (%)",
-                 hatch_mask=layer["fell_back"], single_color=optimizer_color("zsharp"), **kwargs)
-    if percentile is not None:
-        _mark_rule(axes[0], layer, percentile)
+    if energy:  # the kept fraction is fixed by p and the layer's size; how much gradient it keeps is not
+        grouped_barh(layer, "layer", "energy_kept", hue=hue, ax=axes[0], hatch_mask=layer["fell_back"],
+                     xlabel=r"Gradient energy kept $\|g \odot m\|^2/\|g\|^2$ (%)",
+                     single_color=optimizer_color("zsharp"), **kwargs)
+        _mark_kept(axes[0], layer)
+    else:
+        grouped_barh(layer, "layer", "kept_fraction", hue=hue, ax=axes[0], xlabel="Kept fraction (%)",
+                     hatch_mask=layer["fell_back"], single_color=optimizer_color("zsharp"), **kwargs)
+        if percentile is not None:
+            _mark_rule(axes[0], layer, percentile)
     shares = pd.concat([
         layer.assign(source="SAM (gradient share)", share=layer["grad_share"]),
         layer.assign(source="ZSharp" if not group else layer["optimizer"], share=layer["pert_share"]),
@@ -389,8 +411,15 @@ def plot_mask_summary(data: Any, *, percentile: float | None = None, fig: Figure
     if group:  # keep the gradient share of the first run only: one reference bar per layer
         first = ordered_unique(layer["optimizer"])[0]
         shares = shares[(shares["source"] != "SAM (gradient share)") | (shares["optimizer"] == first)]
+    pert = layer["pert_share"].to_numpy(float)
+    by_construction = not group and np.ptp(pert) <= 1e-6 * max(float(pert.max()), 1e-12)
+    if by_construction:  # every tensor's perturbation has norm rho: the share 1/L is no measurement
+        shares = shares[shares["source"] == "SAM (gradient share)"]
     grouped_barh(shares, "layer", "share", hue="source", ax=axes[1], xlabel="Share of squared norm (%)",
                  order=ordered_unique(layer["layer"]), **kwargs)
+    if by_construction:
+        axes[1].axvline(float(pert.mean()), color=optimizer_color("zsharp"), linestyle=":", linewidth=1.0,
+                        label=f"ZSharp: 1/{len(pert)} of it per layer (by construction)")
     for ax in axes:
         if ax.get_legend() is not None:
             ax.get_legend().remove()
@@ -399,6 +428,14 @@ def plot_mask_summary(data: Any, *, percentile: float | None = None, fig: Figure
         handles.append(Patch(facecolor="0.6", hatch="////", edgecolor="white", label="fell back to SAM"))
     fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 4))
     return fig
+
+
+def _mark_kept(ax: Axes, layer: pd.DataFrame) -> None:
+    """On each row, the fraction of the entries the mask keeps (what the energy is compared with)."""
+    rows = {name: i for i, name in enumerate(ordered_unique(layer["layer"]))}
+    per_layer = layer.drop_duplicates("layer")
+    ax.plot(per_layer["kept_fraction"], [rows[name] for name in per_layer["layer"]], linestyle="none",
+            marker="|", markersize=9, markeredgewidth=1.2, color="0.15", zorder=4, label="entries kept (%)")
 
 
 def _mark_rule(ax: Axes, layer: pd.DataFrame, percentile: float) -> None:
@@ -423,7 +460,9 @@ def plot_mask_heatmap(data: Any, value: str = "kept_fraction", *, x: str = "step
     ``data`` (formerly ``log=``): the ``masks.csv`` training log (path, run folder or DataFrame
     with ``step``, ``layer`` and ``value``); ``value`` is any numeric mask column (``kept_fraction``
     is drawn in percent). Steps may be unevenly spaced; each cell spans the interval to the next
-    logged step. ``kwargs`` go to ``ax.pcolormesh``.
+    logged step. A value constant to float precision (the kept fraction is fixed by ``p`` and the
+    layer's size; the perturbation norm of every tensor is rho) is drawn in one colour and said so
+    in the title, not stretched over the colour map. ``kwargs`` go to ``ax.pcolormesh``.
     """
     df = _mask_frame(data, "data")
     require_columns(df, ["layer", x, value], "data")
@@ -443,8 +482,15 @@ def plot_mask_heatmap(data: Any, value: str = "kept_fraction", *, x: str = "step
     if ax is None:
         width = figure_width()
         _, ax = new_figure(aspect=min(max(0.6 + 0.16 * n, 1.4), 8.0) / width, width=width)
+    finite = z[np.isfinite(z)]
+    flat = float(np.ptp(finite)) <= 1e-6 * max(float(np.abs(finite).max()), 1e-12)
+    if flat:  # float noise around one value must not be stretched over the whole colour map
+        kwargs = {"vmin": float(finite.mean()) - 1.0, "vmax": float(finite.mean()) + 1.0, **kwargs} \
+            if finite.mean() == 0 else {"vmin": 0.5 * finite.mean(), "vmax": 1.5 * finite.mean(), **kwargs}
     mesh = ax.pcolormesh(edges, np.arange(n + 1), np.ma.masked_invalid(z),
                          **{"cmap": cmap, "shading": "flat", "rasterized": True, **kwargs})
+    if flat:
+        ax.set_title(f"constant over steps and layers ({finite.mean():.4g}): nothing varies", fontsize="small")
     ax.set_yticks(np.arange(n) + 0.5, [short_layer_name(name) for name in table.index])
     ax.set_ylim(n, 0)
     ax.tick_params(axis="y", length=0)
