@@ -1,7 +1,13 @@
-"""Progress bars for long work: ``tqdm.auto`` (a widget in notebooks, text in a terminal)."""
+"""Progress bars for long work: ``tqdm.auto`` (a widget in notebooks, text in a terminal).
+
+A text bar is drawn only on a terminal: when stderr is a file or a pipe (a batch job's log), tqdm's
+carriage returns and control sequences would fill it, so the bar is left out (tqdm's ``disable=None``).
+``SHARPSCOPE_PROGRESS=always`` in the environment draws it anyway.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -16,6 +22,9 @@ def progress(iterable: Iterable[T], *, enabled: bool = True, desc: str | None = 
     """Wrap ``iterable`` in a progress bar unless ``enabled`` is False (then return it unchanged)."""
     if not enabled:
         return iterable
+    text_bar = "notebook" not in tqdm.__module__
+    if text_bar and os.environ.get("SHARPSCOPE_PROGRESS") != "always":  # only on a terminal
+        kwargs.setdefault("disable", None)
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, **kwargs)
 
 

@@ -81,7 +81,8 @@ def test_bare_state_dict_with_prefixes_loads(tmp_path):
 
 @pytest.mark.parametrize("content, match", [
     (None, "does not exist"),
-    (b"hello, not a checkpoint", "not a readable checkpoint"),
+    (b"hello, not a checkpoint", r"not a torch checkpoint \(it looks like text\)"),
+    (b'{"config": {}}', r"not a torch checkpoint \(it looks like JSON\)"),
     ("list", "not a checkpoint: it holds no state_dict"),
     ("pickled-model", "safe loading .* refuses"),
 ])

@@ -180,8 +180,9 @@ def test_result_file_with_a_kind_but_missing_variables(tmp_path, capsys):
     assert status == 2 and "run__trace.nc" in line
 
 
-def test_close_progress_bars_clears_the_line():
+def test_close_progress_bars_clears_the_line(monkeypatch):
     """A bar left half-way by an exception is closed and its line blanked ('\\r' + spaces + '\\r')."""
+    monkeypatch.setenv("SHARPSCOPE_PROGRESS", "always")  # the stream is not a terminal
     stream = io.StringIO()
     bar = iter(progress(range(10), desc="work", file=stream, mininterval=0))
     next(bar)

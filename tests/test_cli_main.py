@@ -22,9 +22,12 @@ from sharpscope.train.checkpoint import save_checkpoint
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _sharpscope(*argv: str) -> subprocess.CompletedProcess:
-    """Run it; stdout/stderr decoded without newline translation (text=True would turn '\r' into '\n')."""
-    done = subprocess.run([sys.executable, "-m", "sharpscope", *argv], capture_output=True, env=ENV, timeout=300)
+def _sharpscope(*argv: str, progress: str | None = None) -> subprocess.CompletedProcess:
+    """Run it; stdout/stderr decoded without newline translation (text=True would turn '\r' into '\n').
+
+    stderr is a pipe, so progress bars are left out unless ``progress="always"`` (SHARPSCOPE_PROGRESS)."""
+    env = ENV if progress is None else {**ENV, "SHARPSCOPE_PROGRESS": progress}
+    done = subprocess.run([sys.executable, "-m", "sharpscope", *argv], capture_output=True, env=env, timeout=300)
     done.stdout, done.stderr = done.stdout.decode(), done.stderr.decode()
     return done
 
@@ -75,7 +78,7 @@ def test_an_error_after_progress_bars_started_shows_one_clean_line(checkpoint, t
     """Progress bars are on (no --quiet) when the model/data mismatch is found inside the checkpoint
     loop: the screen shows exactly the error line (the bar was cleared), and no traceback."""
     done = _sharpscope("analyze", str(checkpoint), "--zscores", "--data", "synthetic", "--samples", "16",
-                       "--out", str(tmp_path / "out"))
+                       "--out", str(tmp_path / "out"), progress="always")
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "checkpoints" in done.stderr  # a bar was drawn, then cleared
     screen = _screen(done.stderr)

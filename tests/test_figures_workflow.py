@@ -54,8 +54,8 @@ def test_epoch_checkpoints_are_trajectories_not_runs(workflow):
 
 def test_figures_draw_runs_and_their_trajectories(workflow):
     """figures: the comparison figures are drawn once for the two runs (no per-epoch figure), the
-    spectrum overlays two densities (not six), and the curvature trajectory comes from the epoch
-    checkpoints."""
+    spectrum overlays two densities (not six), and the curvature trajectory and the mask stability
+    come from the epoch checkpoints."""
     from PIL import Image
 
     root, results = workflow
@@ -63,7 +63,7 @@ def test_figures_draw_runs_and_their_trajectories(workflow):
     assert main(["figures", str(results), "--out", str(figs), "--formats", "png", "--quiet"]) == 0
     stems = {p.stem for p in figs.glob("*.png")}
     assert {"spectrum", "sharpness_summary", "layer_curvature", "training_curves", "curvature_trajectory",
-            "cost", "mask_heatmap_zsharp"} == stems - {"mask_summary"}
+            "cost", "mask_heatmap_zsharp", "mask_stability"} == stems - {"mask_summary"}
     with Image.open(figs / "curvature_trajectory.png") as image:
         assert image.size[0] == 1650  # 5.5 in at 300 dpi: the NeurIPS text width
     from sharpscope.commands.figures import _curvature_jobs, _ordered

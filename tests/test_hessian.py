@@ -239,8 +239,9 @@ def test_bad_input() -> None:
     assert not res.converged and res.n_hvp == 4
 
 
-def test_progress_bars_do_not_change_results(capsys) -> None:
+def test_progress_bars_do_not_change_results(capsys, monkeypatch) -> None:
     """With progress bars on, the numbers are those of a silent run (same seed) and a bar is drawn."""
+    monkeypatch.setenv("SHARPSCOPE_PROGRESS", "always")  # captured stderr is not a terminal
     model, data = tiny_mlp(), mlp_data()
     loud = hessian_trace(model, CE, data, n_samples=9, method="krylov", progress=True)
     quiet = hessian_trace(model, CE, data, n_samples=9, method="krylov", **QUIET)

@@ -80,9 +80,10 @@ def test_trace_and_density_run_on_cpu_without_torch_eig() -> None:
     assert getattr(torch, "eig", None) is original_eig  # the replacement lived only inside the call
 
 
-def test_progress_argument_draws_a_bar_only_when_asked(capsys) -> None:
+def test_progress_argument_draws_a_bar_only_when_asked(capsys, monkeypatch) -> None:
     """progress=True shows a bar over PyHessian's products on stderr (0.1 ignored the argument);
     progress=False writes nothing. The numbers do not depend on it (same seed, same products)."""
+    monkeypatch.setenv("SHARPSCOPE_PROGRESS", "always")  # captured stderr is not a terminal
     model, data = tiny_mlp(), mlp_data()
     quiet = hessian_trace(model, CE, data, n_samples=5, tol=1e-9, backend="pyhessian", progress=False)
     assert capsys.readouterr().err == ""

@@ -369,7 +369,8 @@ def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: fl
         warning); ``settings`` (also ``.attrs``) hold the mean total perturbation norm under each
         reading. With ``per_batch=True``: ``batch`` followed by the columns of ``ZSharp.mask_stats``
         (identical values), then ``energy_kept`` and the ``perturbation_norm_*``/
-        ``perturbation_share_*``/``total_perturbation_norm_*`` columns.
+        ``perturbation_share_*``/``total_perturbation_norm_*`` columns, and with two or more batches
+        the layer's ``mask_jaccard`` (the same on every row of the layer).
     """
     percentile = check_percentile(percentile)
     rho = _check_rho(rho)
@@ -382,6 +383,8 @@ def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: fl
                                 "world_size": rank_and_world(use_ranks(distributed))[1],
                                 "model_fingerprint": model_fingerprint(model), "provenance": provenance()}
     if per_batch:
+        if table["batch"].nunique() >= 2:  # the layer's mask stability over the batches, on each of its rows
+            table["mask_jaccard"] = table["layer"].map({name: _mean_jaccard(m) for name, m in masks.items()})
         return MaskStatisticsResult(table, settings)
     summary, totals = _summary(table, masks)
     return MaskStatisticsResult(summary, {**totals, **settings})

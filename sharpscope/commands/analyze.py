@@ -150,10 +150,15 @@ class AnalysisOptions:
 
 
 def run_name(path: str | Path) -> str:
-    """``runs/zsharp/last.pt`` -> ``zsharp``; ``ckpt/epoch_0010.pt`` -> ``epoch_0010``."""
+    """``runs/zsharp/last.pt`` -> ``zsharp``; ``runs/zsharp/epoch_0010.pt`` -> ``zsharp_epoch_0010``."""
     path = Path(path)
-    stem = path.stem
-    name = path.parent.name if stem in _GENERIC_STEMS and path.parent.name not in ("", ".") else stem
+    stem, folder = path.stem, path.parent.name
+    if folder in ("", "."):
+        name = stem
+    elif stem in _GENERIC_STEMS:
+        name = folder
+    else:
+        name = f"{folder}_{stem}" if re.fullmatch(r"epoch_\d+", stem) else stem
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", name).replace("__", "_") or "run"
 
 

@@ -231,7 +231,9 @@ def _open_regular(path: Path) -> BinaryIO:
 def _check_archive(handle: BinaryIO, path: Path) -> None:
     """Check the CRC-32 of every member of a zip checkpoint (``torch.load`` does not)."""
     if not zipfile.is_zipfile(handle):
-        return  # a legacy (pre-zip) torch file, or not a torch file: torch.load decides
+        handle.seek(0)
+        _check_legacy_torch_file(handle.read(64), path)
+        return  # a legacy (pre-zip) torch file: torch.load decides
     handle.seek(0)
     try:
         with zipfile.ZipFile(handle) as archive:
@@ -242,6 +244,20 @@ def _check_archive(handle: BinaryIO, path: Path) -> None:
     if bad is not None:
         raise UserInputError(f"{str(path)!r} is corrupted: archive member {bad!r} fails its CRC check (the bytes "
                              f"changed after saving); use another copy of the checkpoint")
+
+
+def _check_legacy_torch_file(head: bytes, path: Path) -> None:
+    """A file that is neither a zip nor a pickle (legacy ``torch.save``) is not a checkpoint: say what it looks like."""
+    if head.startswith(b"\x80"):
+        return
+    if head.startswith(b"PK\x03\x04"):
+        raise UserInputError(f"{str(path)!r} is not a readable checkpoint (truncated or corrupted: its zip archive "
+                             f"is incomplete); use another copy of the checkpoint")
+    text = head.lstrip()
+    looks = ("JSON" if text[:1] in (b"{", b"[") else "an empty file" if not head
+             else "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "some other binary format")
+    raise UserInputError(f"{str(path)!r} is not a torch checkpoint (it looks like {looks}); give a .pt file "
+                         f"written by sharpscope train or torch.save")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -40,7 +40,7 @@ from .run_folder import RunFolder
 _CONFIG_FLAGS = ("optimizer", "base", "lr", "momentum", "weight_decay", "rho", "percentile", "epochs", "batch_size",
                  "eval_batch_size", "schedule", "warmup_epochs", "step_size", "gamma", "label_smoothing", "grad_clip",
                  "seed", "device", "amp", "log_mask_every", "save_every", "accumulate", "ascent", "mask_ranks",
-                 "dist_timeout")
+                 "dist_timeout", "track", "track_every", "track_samples", "log")
 _SWITCHES = ("compile", "bn_bypass", "channels_last", "sync_bn")
 
 
@@ -88,6 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                        "(50; 0 disables)")
     run.add_argument("--save-every", type=int, default=None, help="also keep epoch_XXXX.pt every N epochs")
     run.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    track = parser.add_argument_group("sharpness during training (sharpscope.track)")
+    track.add_argument("--track", default=None, help="measures every --track-every steps, comma-separated: "
+                       "lambda_max, preconditioned, trace, update_curvature, masks, zscores (default: none)")
+    track.add_argument("--track-every", type=int, default=None, help="tracking period in optimizer steps (200)")
+    track.add_argument("--track-samples", type=int, default=None,
+                       help="probe examples: the first N training examples (512)")
+    track.add_argument("--log", default=None, help="tracking loggers besides <out>/tracking.jsonl, comma-separated: "
+                       "tensorboard, mlflow, wandb (pip install 'sharpscope[track]')")
     dist = parser.add_argument_group("several processes (torchrun --nproc_per_node N -m sharpscope train ...)")
     dist.add_argument("--accumulate", type=int, default=None,
                       help="split each batch into K micro-batches (one ascent, one descent per step; default 1)")

@@ -69,6 +69,10 @@ class TrainConfig:
     sync_bn: bool = False  # DDP: convert BatchNorm to SyncBatchNorm (needs CUDA/NCCL)
     mask_ranks: str = "reduce"  # DDP + local ascent: masks.csv rows reduced over ranks, or per rank
     dist_timeout: float = 300.0  # seconds a rank waits for a dead or stuck peer before it stops
+    track: str = ""  # measures tracked during training (sharpscope.track), e.g. "lambda_max,masks"; "" = off
+    track_every: int = 200  # tracking period in optimizer steps
+    track_samples: int = 512  # probe examples (the first training examples)
+    log: str = ""  # tracking loggers besides <run>/tracking.jsonl: tensorboard, mlflow, wandb
 
     @property
     def base_lr(self) -> float:
@@ -115,7 +119,22 @@ class TrainConfig:
             raise UserInputError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip is not None:
             positive_number(self.grad_clip, "grad_clip")
+        self._validate_tracking()
         return self
+
+    def _validate_tracking(self) -> None:
+        from ..track.registry import LOGGERS, MEASURES
+        from ..track.run import parse_names
+
+        measures = parse_names(self.track, MEASURES, "--track measure")
+        parse_names(self.log, LOGGERS, "--log logger")
+        positive_int(self.track_every, "track_every")
+        positive_int(self.track_samples, "track_samples")
+        if self.log and not measures:
+            raise UserInputError("--log names tracking loggers but --track names no measure; add --track lambda_max")
+        if "masks" in measures and self.optimizer != "zsharp":
+            raise UserInputError(f"--track masks reads ZSharp's filter statistics; the optimizer is {self.optimizer}: "
+                                 "drop masks or use --optimizer zsharp")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -134,7 +153,8 @@ class TrainConfig:
 #: Fields a resumed run may change: they do not change the weights it computes (they set its length,
 #: where and how fast it runs, and what it logs or keeps). Every other field defines the run.
 RESUMABLE_FIELDS: tuple[str, ...] = ("epochs", "eval_batch_size", "device", "compile", "channels_last",
-                                     "log_mask_every", "save_every", "progress", "mask_ranks", "dist_timeout")
+                                     "log_mask_every", "save_every", "progress", "mask_ranks", "dist_timeout",
+                                     "track", "track_every", "track_samples", "log")
 
 
 def _defining(config: TrainConfig) -> dict[str, Any]:

@@ -5,7 +5,8 @@ A run folder written by ``sharpscope train`` (or :func:`~sharpscope.train.fit` w
 - ``last.pt``: the latest checkpoint (resume from it); ``best.pt``: the best by test accuracy;
   ``epoch_KKKK.pt``: every ``save_every`` epochs;
 - ``metrics.jsonl``: one JSON object per epoch; ``masks.csv``: ZSharp's per-layer mask statistics;
-- ``config.json``: the training configuration; ``run.lock``: held while a process writes the run.
+- ``config.json``: the training configuration; ``run.lock``: held while a process writes the run;
+- ``tracking.jsonl``: the sharpness tracker's rows (``--track``).
 
 Every module that reads or writes a run folder goes through :class:`RunLayout` instead of spelling
 these names.
@@ -33,6 +34,7 @@ class RunLayout:
     MASKS = "masks.csv"
     CONFIG = "config.json"
     LOCK = "run.lock"
+    TRACKING = "tracking.jsonl"
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         object.__setattr__(self, "folder", Path(folder))
@@ -61,6 +63,11 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.folder / self.CONFIG
+
+    @property
+    def tracking(self) -> Path:
+        """Rows of the sharpness tracker (``sharpscope.track``), one JSON object per measure and event."""
+        return self.folder / self.TRACKING
 
     @property
     def lock(self) -> Path:

@@ -80,6 +80,7 @@ class FitResult:
     best_test_acc: float | None
     out: Path | None
     masks: pd.DataFrame = field(default_factory=pd.DataFrame)
+    tracking: pd.DataFrame = field(default_factory=pd.DataFrame)  # rows of the tracker (config.track)
 
     def metrics(self) -> pd.DataFrame:
         """The per-epoch history as a DataFrame."""
@@ -300,6 +301,8 @@ class _Run:
     stepper: TrainStep | None = None
     threads: int | None = None  # intra-op threads of the run's CPU work (None: not decided yet)
     ddp: DistributedDataParallel | None = None  # the DDP wrapper under torch.distributed (world size > 1)
+    tracker: Any = None  # SharpnessTracker when config.track names measures (rank 0 only)
+    tracker_state: dict[str, Any] | None = None  # tracker state of the checkpoint resumed from
 
     def __post_init__(self) -> None:
         # numpy's and python's generators too: checkpoints store them, so they must not depend on the process.
@@ -395,14 +398,19 @@ def _fit(run: _Run, resume: bool | str | Path, on_epoch: Callable[[dict[str, Any
     with _distributed_failures():
         _restore_or_start(run, resume)
         _prepare_training(run)
-        with _training_threads(run):
-            for epoch in range(run.epochs_done, run.config.epochs):
-                row = _run_epoch(run, epoch)
-                if on_epoch is not None:
-                    on_epoch(row)
+        try:
+            with _training_threads(run):
+                for epoch in range(run.epochs_done, run.config.epochs):
+                    row = _run_epoch(run, epoch)
+                    if on_epoch is not None:
+                        on_epoch(row)
+        finally:
+            if run.tracker is not None:
+                run.tracker.close()
     return FitResult(model=run.model, history=run.history,
                      best_test_acc=run.best if run.test_data is not None else None,
-                     out=run.folder.folder if run.folder is not None else None, masks=run.masks.frame())
+                     out=run.folder.folder if run.folder is not None else None, masks=run.masks.frame(),
+                     tracking=run.tracker.to_dataframe() if run.tracker is not None else pd.DataFrame())
 
 
 @contextlib.contextmanager
@@ -525,6 +533,7 @@ def _restore(run: _Run, source: Path) -> dict[str, Any]:
     run.best, run.best_epoch = ckpt.raw.get("best_test_acc"), ckpt.raw.get("best_epoch")
     if run.threads is None and isinstance(ckpt.raw.get("threads"), int) and ckpt.raw["threads"] >= 1:
         run.threads = min(ckpt.raw["threads"], torch.get_num_threads())
+    run.tracker_state = ckpt.raw.get("tracker")
     set_rng_state(ckpt.rng)
     run.model.train()
     return ckpt.raw
@@ -562,7 +571,30 @@ def _prepare_training(run: _Run) -> None:
     if run.folder is not None:
         run.folder.write_config({"config": run.config.to_dict(), "model_spec": run.spec,
                                  "optimizer": run.optimizer_config, "data": run.identity, "metadata": run.metadata})
+    _start_tracker(run)
     run.model.train()
+
+
+def _start_tracker(run: _Run) -> None:
+    """The :class:`~sharpscope.track.SharpnessTracker` of ``config.track`` (rank 0 tracks the replicated model).
+
+    Its probe set is the first ``track_samples`` training examples and its loss the training loss (label
+    smoothing included); on resume the loggers drop rows from
+    the checkpoint's step on and the warm-start vectors and counters come back from the checkpoint, so the
+    rows equal an uninterrupted run's. Measures use their own random generators: the weights do not change.
+    """
+    config = run.config
+    if not config.track or not dist_.is_main():
+        return
+    from ..track.run import run_tracker
+
+    def training_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # the loss the optimizer descends
+        return F.cross_entropy(_upcast(out), y, label_smoothing=config.label_smoothing)
+
+    run.tracker = run_tracker(run.model, training_loss, run.train_data,
+                              run.folder.folder if run.folder is not None else None, track=config.track,
+                              every=config.track_every, samples=config.track_samples, log=config.log,
+                              resume_step=run.step if run.step > 0 else None, state=run.tracker_state)
 
 
 def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
@@ -677,6 +709,8 @@ def _train_epoch(run: _Run, epoch: int, start: float) -> tuple[float, float, flo
         loss, logits, stats = run.stepper(x, y, log_masks)
         if stats is not None:
             run.masks.add(run.step, epoch, stats)
+        if run.tracker is not None:
+            run.tracker.step(run.step, optimizer=run.optimizer)
         loss_sum += loss.double() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -722,6 +756,8 @@ def _commit(run: _Run, row: dict[str, Any], lr: float) -> None:
         run.best, run.best_epoch = score, epoch
     run.epochs_done = epoch
     ranks = _rank_states(run)
+    if run.tracker is not None:
+        run.tracker.flush()  # rows past the checkpoint's step are dropped on resume (resume_step)
     if run.folder is not None:
         run.folder.commit_epoch(checkpoint_bytes(_payload(run, lr, ranks)), epoch=epoch, improved=improved,
                                 save_every=run.config.save_every, history=run.history, masks=run.masks)
@@ -750,4 +786,5 @@ def _payload(run: _Run, lr: float, ranks: list[dict[str, Any]] | None = None) ->
             "epoch": run.epochs_done, "step": run.step, "rng": rng_state(), "history": run.history,
             "config": run.config.to_dict(), "data": run.identity, "best_test_acc": run.best,
             "best_epoch": run.best_epoch, "device": str(run.device), "metadata": run.metadata,
-            "threads": run.threads, "world_size": dist_.world_size(), "ranks": ranks}
+            "threads": run.threads, "world_size": dist_.world_size(), "ranks": ranks,
+            "tracker": run.tracker.state_dict() if run.tracker is not None else None}

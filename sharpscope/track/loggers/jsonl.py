@@ -1,0 +1,90 @@
+"""JSONL logger: one JSON object per row in ``tracking.jsonl`` of the run folder, rewritten atomically.
+
+Rows are kept in memory and the whole file is replaced atomically (never a torn line) on
+:meth:`JsonlLogger.flush`, at most every ``flush_every_s`` seconds while logging, and on ``close``.
+A run resumed from step ``s`` keeps the rows of the steps before ``s`` already on disk
+(``resume_step=s``), so its file equals that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..._io import atomic_write_text
+from ...errors import UserInputError
+from ..rows import TrackRow
+from .base import Logger
+
+
+def _line(row: TrackRow) -> str:
+    return json.dumps(row.to_json(), allow_nan=False) + "\n"
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[TrackRow]:
+    """The rows of a ``tracking.jsonl`` (or of the run folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tracking.jsonl"
+    if not path.is_file():
+        raise UserInputError(f"tracking file not found: {path} (expected a tracking.jsonl or a run folder)")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(TrackRow.from_json(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise UserInputError(f"{path}:{lineno} is not a tracking row ({exc})") from None
+    return rows
+
+
+def read_tracking(path: str | os.PathLike[str], measure: str | None = None) -> pd.DataFrame:
+    """``tracking.jsonl`` as a DataFrame: one line per row, ``step, measure`` and the values."""
+    rows = [r for r in read_rows(path) if measure is None or r.measure == measure]
+    return pd.DataFrame([{"step": r.step, "measure": r.measure, **r.values} for r in rows])
+
+
+def read_tracking_layers(path: str | os.PathLike[str], measure: str | None = None) -> pd.DataFrame:
+    """Per-layer values of ``tracking.jsonl``, tidy: ``step, measure, layer, key, value``."""
+    return pd.DataFrame([{"step": r.step, "measure": r.measure, "layer": layer, "key": k, "value": v}
+                         for r in read_rows(path) if measure is None or r.measure == measure
+                         for layer, vals in r.layers.items() for k, v in vals.items()],
+                        columns=["step", "measure", "layer", "key", "value"])
+
+
+class JsonlLogger(Logger):
+    """Rows as JSON lines in ``path`` (see the module docstring).
+
+    Args:
+        path: the file (``<run>/tracking.jsonl``).
+        resume_step: keep the rows already in ``path`` whose step is below it (None: start empty).
+        flush_every_s: rewrite the file at most this often while logging.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], resume_step: int | None = None,
+                 flush_every_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.flush_every_s = float(flush_every_s)
+        self._lines: list[str] = []
+        if resume_step is not None and self.path.is_file():
+            self._lines = [_line(r) for r in read_rows(self.path) if r.step < resume_step]
+        self._dirty = True
+        self._last_flush = time.monotonic()
+
+    def log(self, rows: Sequence[TrackRow]) -> None:
+        self._lines.extend(_line(r) for r in rows)
+        self._dirty = True
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._dirty:
+            atomic_write_text(self.path, "".join(self._lines))
+            self._dirty = False
+        self._last_flush = time.monotonic()
