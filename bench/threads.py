@@ -32,7 +32,7 @@ from sharpscope.threads import choose_threads, forward_backward_trial
 def _workloads(quick: bool) -> list[tuple[str, nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
     g = torch.Generator().manual_seed(0)
     digits = ss.load_dataset("digits", train=True)
-    x, y = digits.inputs, digits.targets
+    x, y = next(iter(digits.batches(len(digits), shuffle=False, augment=False)))
     out = [("digits MLP (1437)", ss.build_model("mlp", num_classes=10, seed=0), (x, y))]
     n_r, n_v = (32, 16) if quick else (128, 64)
     out.append((f"ResNet-20 ({n_r})", ss.build_model("resnet20", num_classes=10, seed=0),

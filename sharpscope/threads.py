@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -35,6 +36,13 @@ _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("sharpscope_polic
 TIE_MARGIN = 0.05
 #: A first measurement this many times slower than the other settles the choice without repeats.
 CLEAR_MARGIN = 1.5
+#: The trial unit's target duration at one thread, and the bounds on its number of examples.
+TRIAL_SECONDS = 0.05
+MIN_TRIAL_EXAMPLES = 8
+MAX_TRIAL_EXAMPLES = 256
+#: A decision for the same work (model structure, input shape, device) is reused this long.
+REUSE_SECONDS = 60.0
+_RECENT: dict[tuple[Any, int], tuple[float, int]] = {}
 
 
 @contextlib.contextmanager
@@ -65,7 +73,8 @@ def choose_threads(trial: Callable[[], Any], max_threads: int | None = None, rep
     ``trial`` runs twice at one thread (the first is a warm-up) and once at ``max_threads``; when one
     count is clearly faster (by :data:`CLEAR_MARGIN`) that settles it, so a count that is slow on a
     busy machine is tried only once. Otherwise both are timed ``repeats`` more times, alternating,
-    and each is judged by its fastest run. The caller's thread setting is restored.
+    and each is judged by its median run (robust to the moments when a busy neighbour is
+    descheduled). The caller's thread setting is restored.
     """
     saved = torch.get_num_threads()
     top = saved if max_threads is None else max(1, min(int(max_threads), saved))
@@ -73,14 +82,30 @@ def choose_threads(trial: Callable[[], Any], max_threads: int | None = None, rep
         return 1
     try:
         _time_once(trial, 1)
-        best = {1: _time_once(trial, 1), top: _time_once(trial, top)}
-        if max(best.values()) <= min(best.values()) * CLEAR_MARGIN:
+        runs = {1: [_time_once(trial, 1)], top: [_time_once(trial, top)]}
+        if max(runs[1][0], runs[top][0]) <= min(runs[1][0], runs[top][0]) * CLEAR_MARGIN:
             for _ in range(repeats):
                 for n in (1, top):
-                    best[n] = min(best[n], _time_once(trial, n))
+                    runs[n].append(_time_once(trial, n))
     finally:
         torch.set_num_threads(saved)
-    return 1 if best[1] <= best[top] * (1 + TIE_MARGIN) else top
+    return 1 if statistics.median(runs[1]) <= statistics.median(runs[top]) * (1 + TIE_MARGIN) else top
+
+
+def _remembered_choice(trial: Callable[[], Any], top: int) -> int:
+    """:func:`choose_threads`, reusing a decision made for the same work in the last :data:`REUSE_SECONDS`.
+
+    A notebook or the demo runs many analyses of one model in a row; the machine's load does not
+    change from one to the next, so measuring each time would only add its cost.
+    """
+    key = getattr(trial, "work_key", None)
+    now = time.monotonic()
+    if key is not None and (key, top) in _RECENT and now - _RECENT[(key, top)][0] < REUSE_SECONDS:
+        return _RECENT[(key, top)][1]
+    chosen = choose_threads(trial, top)
+    if key is not None:
+        _RECENT[(key, top)] = (now, chosen)
+    return chosen
 
 
 @contextlib.contextmanager
@@ -97,7 +122,7 @@ def thread_policy(trial: Callable[[], Any] | None = None, threads: int | None = 
     elif _ACTIVE.get() or trial is None:
         chosen = saved
     else:
-        chosen = choose_threads(trial, saved)
+        chosen = _remembered_choice(trial, saved)
     token = _ACTIVE.set(True)
     torch.set_num_threads(chosen)
     try:
@@ -108,28 +133,59 @@ def thread_policy(trial: Callable[[], Any] | None = None, threads: int | None = 
 
 
 def forward_backward_trial(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], batch: Any,
-                           n: int = 256) -> Callable[[], None]:
-    """A unit of an analysis' work: loss and parameter gradients on the first ``n`` examples.
+                           n: int | None = None) -> Callable[[], None]:
+    """A unit of an analysis' work: loss and parameter gradients on the first ``n`` examples of ``batch``.
 
     Uses ``torch.autograd.grad`` in eval mode, so ``.grad``, buffers and the train flag stay as found.
+    ``n=None`` sizes the unit to take about :data:`TRIAL_SECONDS` at one thread (between
+    :data:`MIN_TRIAL_EXAMPLES` and :data:`MAX_TRIAL_EXAMPLES` examples, measured on a few examples), so
+    that deciding costs a fraction of a second on a large model and the unit is not trivially small
+    on a small one.
     """
-    x, y = batch[0][:n], batch[1][:n]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x, y = x.to(device), y.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def trial() -> None:
-        flags = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            loss = loss_fn(model(x), y)
-            if params and loss.requires_grad:
-                torch.autograd.grad(loss, params, allow_unused=True)
-        finally:
-            for module, flag in flags:
-                module.training = flag
+    def unit(size: int, repeats: int = 1) -> Callable[[], None]:
+        x, y = batch[0][:size].to(device), batch[1][:size].to(device)
 
+        def trial() -> None:
+            flags = [(m, m.training) for m in model.modules()]
+            model.eval()
+            try:
+                for _ in range(repeats):
+                    loss = loss_fn(model(x), y)
+                    if params and loss.requires_grad:
+                        torch.autograd.grad(loss, params, allow_unused=True)
+            finally:
+                for module, flag in flags:
+                    module.training = flag
+
+        return trial
+
+    size, repeats = (n, 1) if n is not None else _calibrated_size(unit, len(batch[0]))
+    trial = unit(size, repeats)
+    trial.work_key = (type(model).__qualname__, sum(p.numel() for p in params),  # type: ignore[attr-defined]
+                      tuple(batch[0].shape[1:]), str(batch[0].dtype), str(device), size, repeats)
     return trial
+
+
+def _calibrated_size(unit: Callable[..., Callable[[], None]], available: int) -> tuple[int, int]:
+    """``(examples, repetitions)`` for a unit of about :data:`TRIAL_SECONDS` at one thread.
+
+    The per-example cost is taken as linear; a model too small to fill the time with
+    :data:`MAX_TRIAL_EXAMPLES` examples repeats its unit, so that a timing spans several scheduler
+    time slices (a few ms each) and sees the cost of a busy neighbour.
+    """
+    probe = min(MIN_TRIAL_EXAMPLES, available)
+    saved = torch.get_num_threads()
+    try:
+        unit(probe)()  # warm-up
+        seconds = max(_time_once(unit(probe), 1), 1e-6)
+    finally:
+        torch.set_num_threads(saved)
+    size = max(probe, min(int(probe * TRIAL_SECONDS / seconds), MAX_TRIAL_EXAMPLES, available))
+    repeats = max(1, min(int(TRIAL_SECONDS / (seconds * size / probe)), 1000))
+    return size, repeats
 
 
 def _first_batch(data: Any) -> Any | None:
