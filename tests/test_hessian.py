@@ -253,3 +253,18 @@ def test_progress_bars_do_not_change_results(capsys, monkeypatch) -> None:
     layer_curvature(model, CE, data, max_iter=10, progress=True)
     with pytest.raises(ValueError, match="pyhessian"):
         hessian_eigenvalues(model, CE, data, backend="pyhessian", dtype=torch.float64, **QUIET)
+
+
+def test_a_tensor_dataset_is_batched_not_read_example_by_example() -> None:
+    """A TensorDataset (single examples when iterated) gives the same eigenvalue as the batch itself
+    (checked against the one-batch call), in batches of DATASET_BATCH_SIZE, not one example each."""
+    from torch.utils.data import TensorDataset
+
+    from sharpscope.analysis.batching import DATASET_BATCH_SIZE, as_batches
+
+    model, (x, y) = tiny_mlp(), mlp_data(n=300)
+    batches = as_batches(TensorDataset(x, y))
+    assert [len(b[0]) for b in batches] == [DATASET_BATCH_SIZE, 300 - DATASET_BATCH_SIZE]
+    a = hessian_eigenvalues(model, CE, TensorDataset(x, y), k=1, tol=1e-8, progress=False).eigenvalues
+    b = hessian_eigenvalues(model, CE, (x, y), k=1, tol=1e-8, progress=False).eigenvalues
+    np.testing.assert_allclose(a, b, rtol=1e-8)

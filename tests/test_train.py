@@ -270,3 +270,16 @@ def test_cli_huge_lr_exits_2_and_writes_no_diverged_checkpoint(tmp_path, capsys)
     assert len(err.splitlines()) == 1 and "training diverged: non-finite train loss in epoch 2" in err
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt.epoch == 1 and math.isfinite(ckpt.history[0]["test_loss"])
+
+
+def test_optimizer_names_are_case_insensitive_on_the_command_line():
+    """--optimizer ZSharp is zsharp (as styles are case-insensitive); an unknown name is one line."""
+    import argparse
+
+    from sharpscope.train.command import _check_names
+
+    args = argparse.Namespace(optimizer="ZSharp", base="SGD", schedule=None, amp=None)
+    _check_names(args)
+    assert (args.optimizer, args.base) == ("zsharp", "sgd")
+    with pytest.raises(UserInputError, match="unknown --optimizer 'Zsharpp'"):
+        _check_names(argparse.Namespace(optimizer="Zsharpp", base=None, schedule=None, amp=None))

@@ -30,12 +30,20 @@ def _is_single_batch(data: Any) -> bool:
     )
 
 
+#: Batch size used when an analysis is given a map-style ``Dataset`` instead of batches.
+DATASET_BATCH_SIZE = 256
+
+
 def as_batches(data: Any) -> list[Batch]:
     """Return ``data`` as a list of ``(inputs, targets)`` batches; raise :class:`UserInputError` (a ``ValueError``) if empty.
 
     A single batch is wrapped in a list; an iterable (DataLoader) is materialised once so that
-    iterative algorithms see the same batches in every pass.
+    iterative algorithms see the same batches in every pass. A map-style ``Dataset`` (e.g. a
+    ``TensorDataset``) yields single examples, not batches: it is batched here in its order, in batches
+    of :data:`DATASET_BATCH_SIZE` (iterating it example by example was 25x slower).
     """
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        data = torch.utils.data.DataLoader(data, batch_size=DATASET_BATCH_SIZE, shuffle=False)
     if _is_single_batch(data):
         batches = [(data[0], data[1])]
     else:

@@ -139,10 +139,15 @@ def _config_from(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
 
 
 def _check_names(args: argparse.Namespace) -> None:
-    for value, allowed, what in ((args.optimizer, OPTIMIZER_NAMES, "optimizer"), (args.base, BASE_NAMES, "base"),
-                                 (args.schedule, SCHEDULES, "schedule"), (args.amp, AMP_MODES, "amp")):
-        if value is not None and value not in allowed:
-            raise UserInputError(f"unknown --{what} {value!r}; choose one of: {', '.join(allowed)}")
+    """Names are case-insensitive (``--optimizer ZSharp``), as styles are; unknown ones are one line."""
+    for attr, allowed in (("optimizer", OPTIMIZER_NAMES), ("base", BASE_NAMES), ("schedule", SCHEDULES),
+                          ("amp", AMP_MODES)):
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        if value.lower() not in allowed:
+            raise UserInputError(f"unknown --{attr} {value!r}; choose one of: {', '.join(allowed)}")
+        setattr(args, attr, value.lower())
 
 
 def run(args: argparse.Namespace) -> int:
