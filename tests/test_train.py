@@ -276,6 +276,7 @@ def test_optimizer_names_are_case_insensitive_on_the_command_line():
     """--optimizer ZSharp is zsharp (as styles are case-insensitive); an unknown name is one line."""
     import argparse
 
+    from sharpscope.errors import UserInputError
     from sharpscope.train.command import _check_names
 
     args = argparse.Namespace(optimizer="ZSharp", base="SGD", schedule=None, amp=None)
