@@ -44,6 +44,19 @@ def bar_axes(n_rows: int, n_series: int, ax: Axes | None, width: float | None = 
     return ax
 
 
+def finish_layer_axis(ax: Axes, layers: Sequence[str], xlabel: str, *, log: bool, legend: bool) -> None:
+    """One row per layer, top to bottom, named shortly; the value axis labelled (log scale if asked)."""
+    ax.set_yticks(range(len(layers)), [short_layer_name(c) for c in layers])
+    ax.set_ylim(len(layers) - 0.5, -0.5)
+    ax.tick_params(axis="y", length=0)
+    ax.grid(axis="y", visible=False)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    if legend:
+        ax.legend(loc="best")
+
+
 def grouped_barh(df: pd.DataFrame, category: str, value: str, *, hue: str | None, ax: Axes | None,
                  log: bool = False, hatch_mask: pd.Series | None = None, xlabel: str = "",
                  order: Sequence[str] | None = None, error: str | None = None, single_color: str = "#0072B2",
@@ -74,13 +87,5 @@ def grouped_barh(df: pd.DataFrame, category: str, value: str, *, hue: str | None
                 if flag:
                     bar.set_hatch("////")
                     bar.set_edgecolor("white")
-    ax.set_yticks(range(len(categories)), [short_layer_name(c) for c in categories])
-    ax.set_ylim(len(categories) - 0.5, -0.5)
-    ax.tick_params(axis="y", length=0)
-    ax.grid(axis="y", visible=False)
-    if log:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    if series != [None] and len(series) > 1:
-        ax.legend(loc="best")
+    finish_layer_axis(ax, categories, xlabel, log=log, legend=series != [None] and len(series) > 1)
     return ax

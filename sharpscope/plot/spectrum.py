@@ -25,7 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import UserInputError
-from ._bars import bar_axes, short_layer_name
+from ._bars import bar_axes, finish_layer_axis, short_layer_name
 from ._data import data_argument, labelled_frame, ordered_unique, require_columns, require_finite, to_frame
 from .style import (
     figure_axes,
@@ -265,15 +265,7 @@ def plot_layer_curvature(data: Any, value: str | None = None, *, hue: str = "opt
     ax = bar_axes(len(layers), 1, ax)
     _block_bands(ax, layers)
     _layer_dots(ax, df, layers, series, hue, value, **kwargs)
-    ax.set_yticks(range(len(layers)), [short_layer_name(c) for c in layers])
-    ax.set_ylim(len(layers) - 0.5, -0.5)
-    ax.tick_params(axis="y", length=0)
-    ax.grid(axis="y", visible=False)
-    if log:
-        ax.set_xscale("log")
-    ax.set_xlabel(label)
-    if len(series) > 1:
-        ax.legend(loc="best")
+    finish_layer_axis(ax, layers, label, log=log, legend=len(series) > 1)
     return ax
 
 
