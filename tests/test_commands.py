@@ -252,3 +252,22 @@ def test_demo_quick(tmp_path, capsys):
         acc = 100 * load_checkpoint(work / row[0].strip() / "last.pt").history[-1]["test_acc"]
         assert row[column].strip() == f"{acc:.1f}"
     assert pd.read_csv(work / "zsharp" / "masks.csv").shape[0] > 0
+
+
+def test_analyze_layers_option_selects_the_per_layer_tensors(checkpoints, tmp_path):
+    """--layers matrices keeps only the weight matrices (ndim > 1) of the MLP in the per-layer table;
+    --layers none writes no per-layer file (checked against the model's own parameter shapes)."""
+    from sharpscope.analysis.hessian import LayerCurvatureResult
+    from sharpscope.train import load_checkpoint
+
+    path = checkpoints["sgd"]
+    matrices = [n for n, p in load_checkpoint(path).model.named_parameters() if p.dim() > 1]
+    for choice in ("matrices", "none"):
+        out = tmp_path / choice
+        assert main(["analyze", str(path), "--data", "digits", *FAST, "--hessian", "--layers", choice,
+                     "--out", str(out)]) == 0
+        file = out / "sgd__layer_curvature.nc"
+        if choice == "none":
+            assert not file.exists() and (out / "sgd__eigenvalues.nc").exists()
+        else:
+            assert LayerCurvatureResult.load(file)["layer"].tolist() == matrices
