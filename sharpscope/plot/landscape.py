@@ -306,8 +306,9 @@ def plot_surfaces(data: Mapping[str, Any], metric: str = "loss", *, log: bool = 
         axes = [fig.add_subplot(1, n, i + 1, projection="3d") for i in range(n)]
     for ax, (name, obj) in zip(axes, data.items()):
         plot_surface(obj, metric, log=log, title=optimizer_label(name), ax=ax, zlim=zlim, **kwargs)
-    fig.suptitle(f"one z range and colour scale for all panels ({_metric_label(metric).lower()}"
-                 f"{', log scale' if log else ''})", fontsize="small")
+        ax.set_zlabel("")  # named once in the title: a 3-D z label falls outside the last panel
+    fig.suptitle(f"z and colour: {_metric_label(metric).lower()}{' (log scale)' if log else ''}, one range for "
+                 f"all panels", fontsize="small")
     return fig
 
 
