@@ -436,7 +436,8 @@ def _training_threads(run: _Run) -> contextlib.AbstractContextManager[int]:
     if dist_.is_distributed() and run.threads is None and fixed_thread_count() is None and run.device.type == "cpu":
         # every rank runs with rank 0's count (torchrun sets OMP_NUM_THREADS=1), so resume reproduces it
         run.threads = int(dist_.broadcast_object(torch.get_num_threads()))  # type: ignore[arg-type]
-    if run.device.type != "cpu" or fixed_thread_count() is not None or run.threads is not None:
+    if (run.device.type != "cpu" or fixed_thread_count() is not None or run.threads is not None
+            or torch.get_num_threads() == 1):  # nothing to choose: no trial passes through the model
         return _recording(run, thread_policy(None, run.threads if fixed_thread_count() is None else None))
     x, y = next(iter(run.train_data.batches(run.config.batch_size, shuffle=False, augment=False, device=run.device)))
     return _recording(run, thread_policy(forward_backward_trial(run.model, _cross_entropy, (x, y))))
