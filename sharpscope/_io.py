@@ -12,10 +12,12 @@ file could not be written.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 #: Test seam for the crash-consistency tests: when set, called as ``replace_hook("before", target)``
 #: right before and ``replace_hook("after", target)`` right after every atomic replace (the tests
@@ -120,3 +122,27 @@ def atomic_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) 
     with _naming(Path(source)):
         payload = Path(source).read_bytes()
     atomic_write_bytes(target, payload)
+
+
+def read_json_lines(path: str | os.PathLike[str], file_name: str, what: str) -> tuple[Path, list[tuple[int, Any]]]:
+    """The parsed non-blank lines of a JSON-lines file, each with its line number.
+
+    ``path`` is the file or a folder holding ``file_name``. A missing file or a line that is not JSON
+    is one :class:`~sharpscope.errors.UserInputError` naming the file (and the line).
+    """
+    from .errors import UserInputError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / file_name
+    if not path.is_file():
+        raise UserInputError(f"{what} file not found: {path} (expected a {file_name} or a run folder)")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"{path}:{lineno} is not valid JSON ({exc.msg})") from None
+    return path, rows

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, read_json_lines
 from ..errors import UserInputError
 from ..optim.zsharp import MASK_STATS_COLUMNS
 from .layout import RunLayout
@@ -53,19 +53,8 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
     Raises:
         UserInputError: the file is missing or a line is not JSON (the message names the line).
     """
-    path = Path(path)
-    if path.is_dir():
-        path = RunLayout(path).metrics
-    if not path.is_file():
-        raise UserInputError(f"history file not found: {path} (expected a metrics.jsonl or a run folder)")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise UserInputError(f"{path}:{lineno} is not valid JSON ({exc.msg})") from None
+    _, lines = read_json_lines(path, RunLayout.METRICS, "history")
+    rows = [row for _, row in lines]
     return pd.DataFrame(rows, columns=list(EPOCH_KEYS) if not rows else None)
 
 

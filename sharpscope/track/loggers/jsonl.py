@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..._io import atomic_write_text
+from ..._io import atomic_write_text, read_json_lines
 from ...errors import UserInputError
+from ...train.layout import RunLayout
 from ..rows import TrackRow
 from .base import Logger
 
@@ -28,18 +29,12 @@ def _line(row: TrackRow) -> str:
 
 def read_rows(path: str | os.PathLike[str]) -> list[TrackRow]:
     """The rows of a ``tracking.jsonl`` (or of the run folder holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tracking.jsonl"
-    if not path.is_file():
-        raise UserInputError(f"tracking file not found: {path} (expected a tracking.jsonl or a run folder)")
+    path, lines = read_json_lines(path, RunLayout.TRACKING, "tracking")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, obj in lines:
         try:
-            rows.append(TrackRow.from_json(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            rows.append(TrackRow.from_json(obj))
+        except (KeyError, TypeError, ValueError) as exc:
             raise UserInputError(f"{path}:{lineno} is not a tracking row ({exc})") from None
     return rows
 
