@@ -117,13 +117,6 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """Copy the bytes of ``source`` to ``target`` atomically."""
-    with _naming(Path(source)):
-        payload = Path(source).read_bytes()
-    atomic_write_bytes(target, payload)
-
-
 def read_json_lines(path: str | os.PathLike[str], file_name: str, what: str) -> tuple[Path, list[tuple[int, Any]]]:
     """The parsed non-blank lines of a JSON-lines file, each with its line number.
 

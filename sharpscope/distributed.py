@@ -159,7 +159,7 @@ def barrier(timeout_s: float | None = None) -> None:
         else:
             dist.barrier()
     except RuntimeError as error:
-        raise DistributedFailure(_failure_line("barrier", error)) from error
+        raise DistributedFailure(failure_line("barrier", error)) from error
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -320,7 +320,7 @@ def _collective(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - thin wrapper aro
     except RuntimeError as error:
         if isinstance(error, DistributedFailure):
             raise
-        raise DistributedFailure(_failure_line(getattr(fn, "__name__", "collective"), error)) from error
+        raise DistributedFailure(failure_line(getattr(fn, "__name__", "collective"), error)) from error
 
 
 _COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset|refused)|timed out|timeout|process ?group|"
@@ -337,10 +337,6 @@ def is_collective_failure(error: BaseException) -> bool:
 
 def failure_line(what: str, error: BaseException) -> str:
     """The one line a rank prints when the collective ``what`` failed with ``error``."""
-    return _failure_line(what, error)
-
-
-def _failure_line(what: str, error: BaseException) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo prefixes the C++ source location
     return (f"rank {rank()}: distributed {what} failed (a peer process died or timed out): {first[:200]}; "

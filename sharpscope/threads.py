@@ -96,13 +96,18 @@ def _remembered_choice(trial: Callable[[], Any], top: int) -> int:
     """:func:`choose_threads`, reusing a decision made for the same work in the last :data:`REUSE_SECONDS`.
 
     A notebook or the demo runs many analyses of one model in a row; the machine's load does not
-    change from one to the next, so measuring each time would only add its cost.
+    change from one to the next, so measuring each time would only add its cost. A trial that
+    cannot run (a model that does not fit its data) keeps ``top``: the analysis' own checks then
+    report the problem in one line.
     """
     key = getattr(trial, "work_key", None)
     now = time.monotonic()
     if key is not None and (key, top) in _RECENT and now - _RECENT[(key, top)][0] < REUSE_SECONDS:
         return _RECENT[(key, top)][1]
-    chosen = choose_threads(trial, top)
+    try:
+        chosen = choose_threads(trial, top)
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
+        return top
     if key is not None:
         _RECENT[(key, top)] = (now, chosen)
     return chosen
@@ -137,55 +142,64 @@ def forward_backward_trial(model: torch.nn.Module, loss_fn: Callable[..., torch.
     """A unit of an analysis' work: loss and parameter gradients on the first ``n`` examples of ``batch``.
 
     Uses ``torch.autograd.grad`` in eval mode, so ``.grad``, buffers and the train flag stay as found.
-    ``n=None`` sizes the unit to take about :data:`TRIAL_SECONDS` at one thread (between
-    :data:`MIN_TRIAL_EXAMPLES` and :data:`MAX_TRIAL_EXAMPLES` examples, measured on a few examples), so
-    that deciding costs a fraction of a second on a large model and the unit is not trivially small
-    on a small one.
+    ``n=None`` sizes the unit, on its first call, to take about :data:`TRIAL_SECONDS` at one thread
+    (between :data:`MIN_TRIAL_EXAMPLES` and :data:`MAX_TRIAL_EXAMPLES` examples, measured on a few),
+    so that deciding costs a fraction of a second on a large model and the unit is not trivially small
+    on a small one. Nothing runs until the unit is called: a decision reused from
+    :func:`thread_policy`'s memory costs no pass through the model.
     """
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def unit(size: int, repeats: int = 1) -> Callable[[], None]:
-        x, y = batch[0][:size].to(device), batch[1][:size].to(device)
-
-        def trial() -> None:
-            flags = [(m, m.training) for m in model.modules()]
-            model.eval()
-            try:
-                for _ in range(repeats):
-                    loss = loss_fn(model(x), y)
-                    if params and loss.requires_grad:
-                        torch.autograd.grad(loss, params, allow_unused=True)
-            finally:
-                for module, flag in flags:
-                    module.training = flag
-
-        return trial
-
-    size, repeats = (n, 1) if n is not None else _calibrated_size(unit, len(batch[0]))
-    trial = unit(size, repeats)
-    trial.work_key = (type(model).__qualname__, sum(p.numel() for p in params),  # type: ignore[attr-defined]
-                      tuple(batch[0].shape[1:]), str(batch[0].dtype), str(device), size, repeats)
-    return trial
+    return _ForwardBackward(model, loss_fn, batch, n)
 
 
-def _calibrated_size(unit: Callable[..., Callable[[], None]], available: int) -> tuple[int, int]:
-    """``(examples, repetitions)`` for a unit of about :data:`TRIAL_SECONDS` at one thread.
+class _ForwardBackward:
+    """The callable behind :func:`forward_backward_trial`; ``work_key`` names the work for reuse."""
 
-    The per-example cost is taken as linear; a model too small to fill the time with
-    :data:`MAX_TRIAL_EXAMPLES` examples repeats its unit, so that a timing spans several scheduler
-    time slices (a few ms each) and sees the cost of a busy neighbour.
-    """
-    probe = min(MIN_TRIAL_EXAMPLES, available)
-    saved = torch.get_num_threads()
-    try:
-        unit(probe)()  # warm-up
-        seconds = max(_time_once(unit(probe), 1), 1e-6)
-    finally:
-        torch.set_num_threads(saved)
-    size = max(probe, min(int(probe * TRIAL_SECONDS / seconds), MAX_TRIAL_EXAMPLES, available))
-    repeats = max(1, min(int(TRIAL_SECONDS / (seconds * size / probe)), 1000))
-    return size, repeats
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], batch: Any,
+                 n: int | None) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.inputs, self.targets = batch[0], batch[1]
+        self.plan = None if n is None else (n, 1)
+        self.work_key = (type(model).__qualname__, sum(p.numel() for p in self.params),
+                         tuple(self.inputs.shape[1:]), str(self.inputs.dtype), str(self.device), n)
+
+    def __call__(self) -> None:
+        if self.plan is None:
+            self.plan = self._calibrated_plan()
+        self._run(*self.plan)
+
+    def _run(self, size: int, repeats: int = 1) -> None:
+        x, y = self.inputs[:size].to(self.device), self.targets[:size].to(self.device)
+        flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            for _ in range(repeats):
+                loss = self.loss_fn(self.model(x), y)
+                if self.params and loss.requires_grad:
+                    torch.autograd.grad(loss, self.params, allow_unused=True)
+        finally:
+            for module, flag in flags:
+                module.training = flag
+
+    def _calibrated_plan(self) -> tuple[int, int]:
+        """``(examples, repetitions)`` for a unit of about :data:`TRIAL_SECONDS` at one thread.
+
+        The per-example cost is taken as linear; a model too small to fill the time with
+        :data:`MAX_TRIAL_EXAMPLES` examples repeats its unit, so that a timing spans several scheduler
+        time slices (a few ms each) and sees the cost of a busy neighbour.
+        """
+        available = len(self.inputs)
+        probe = min(MIN_TRIAL_EXAMPLES, available)
+        saved = torch.get_num_threads()
+        try:
+            self._run(probe)  # warm-up
+            seconds = max(_time_once(lambda: self._run(probe), 1), 1e-6)
+        finally:
+            torch.set_num_threads(saved)
+        size = max(probe, min(int(probe * TRIAL_SECONDS / seconds), MAX_TRIAL_EXAMPLES, available))
+        repeats = max(1, min(int(TRIAL_SECONDS / (seconds * size / probe)), 1000))
+        return size, repeats
 
 
 def _first_batch(data: Any) -> Any | None:
@@ -225,11 +239,4 @@ def analysis_threads(func: F) -> F:
 def _trial_or_none(model: Any, loss_fn: Any, data: Any) -> Callable[[], None] | None:
     """The trial for this call, or None when it cannot be built (the analysis reports bad input itself)."""
     batch = _first_batch(data) if isinstance(model, torch.nn.Module) and callable(loss_fn) else None
-    if batch is None:
-        return None
-    try:
-        trial = forward_backward_trial(model, loss_fn, batch)
-        trial()
-    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
-        return None  # the analysis' own checks report a model that cannot run on the data
-    return trial
+    return None if batch is None else forward_backward_trial(model, loss_fn, batch)

@@ -77,7 +77,7 @@ from .batching import (
     trainable_named_parameters,
 )
 from .evaluation import check_finite_parameters
-from .parallel import reduce_sum, shared_batches, use_ranks
+from .parallel import main_progress, reduce_sum, shared_batches, use_ranks
 
 HVP_METHODS = ("auto", "func", "cached", "autograd")
 
@@ -170,9 +170,7 @@ class HessianOperator:
         #: Whether products are split over ranks and all-reduced.
         self.distributed: bool = use_ranks(distributed)
         self._local = shared_batches(self.batches, self.distributed)
-        from .. import distributed as dist
-
-        self.progress = progress and dist.is_main()
+        self.progress = main_progress(progress)
         self.device = model_device(model)
         self._snapshot(model, trainable_named_parameters(model, params), dtype)
         self.n_hvp = 0

@@ -49,7 +49,22 @@ IGNORES = ("biasbn", "none")
 _EPS = 1e-10
 
 
-class Direction(Result, Mapping[str, torch.Tensor]):
+class TensorMapping(Mapping[str, torch.Tensor]):
+    """A read-only mapping ``name -> tensor`` over ``self._tensors`` (shared by directions and masks)."""
+
+    _tensors: dict[str, torch.Tensor]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+class Direction(Result, TensorMapping):
     """A direction in weight space: an ordered mapping ``name -> tensor`` plus ``meta``.
 
     Names are those of ``model.named_parameters()`` (and of floating buffers for interpolation
@@ -76,15 +91,6 @@ class Direction(Result, Mapping[str, torch.Tensor]):
     def settings(self) -> dict[str, Any]:  # type: ignore[override]
         """How the direction was made (the same dict as ``meta``)."""
         return self.meta
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
 
     def __repr__(self) -> str:
         kind = self.meta.get("kind", "custom")
@@ -131,15 +137,13 @@ class Direction(Result, Mapping[str, torch.Tensor]):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the tensors (bit for bit, on the CPU) and ``meta`` to ``path`` (netCDF), atomically."""
-        variables, specs = tensor_variables(self._tensors, "t")
-        return write_dataset(xr.Dataset(variables), path, self.KIND, {"meta": self.meta, "tensors": specs})
+        return write_tensor_file(self._tensors, path, self.KIND, "meta", self.meta, "t")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Direction:
         """Read a file written by :meth:`save` (tensors on the CPU, in their saved dtypes)."""
-        ds, header = read_dataset(path, cls.KIND)
-        meta = _header_entry(header, "meta", dict, path)
-        return cls(tensors_from_variables(ds, _header_entry(header, "tensors", list, path), "t", path), meta)
+        tensors, meta = read_tensor_file(path, cls.KIND, "meta", "t")
+        return cls(tensors, meta)
 
 
 # --- lossless tensor storage in a netCDF3 file -------------------------------------------------------
@@ -197,6 +201,21 @@ def tensors_from_variables(ds: xr.Dataset, specs: Sequence[Mapping[str, Any]], p
                                  f"{tuple(shape)} needs {math.prod(shape)}; write the file again")
         out[name] = t.reshape(shape)
     return out
+
+
+def write_tensor_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], kind: str,
+                      settings_key: str, settings: Mapping[str, Any], prefix: str) -> Path:
+    """Write ``tensors`` (bit for bit) and ``settings`` (under ``settings_key``) to ``path``, atomically."""
+    variables, specs = tensor_variables(tensors, prefix)
+    return write_dataset(xr.Dataset(variables), path, kind, {settings_key: settings, "tensors": specs})
+
+
+def read_tensor_file(path: str | os.PathLike[str], kind: str, settings_key: str, prefix: str
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and settings of a file written by :func:`write_tensor_file` (tensors on the CPU)."""
+    ds, header = read_dataset(path, kind)
+    settings = _header_entry(header, settings_key, dict, path)
+    return tensors_from_variables(ds, _header_entry(header, "tensors", list, path), prefix, path), settings
 
 
 def _header_entry(header: Mapping[str, Any], key: str, kind: type, path: str | os.PathLike[str]) -> Any:

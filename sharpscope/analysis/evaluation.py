@@ -7,8 +7,8 @@
 - :func:`assign_parameters` / :func:`offset_parameters`: the weight setters (``w <- v``;
   ``w <- w0 + sum_i c_i d_i``).
 - :func:`global_norm`: ``sqrt(sum_t ||t||^2)`` in float64.
-- :func:`check_finite_parameters` and :func:`check_model_accepts`: the two cheap checks every analysis
-  runs before long work (non-finite weights; a model that cannot run on the data).
+- :func:`non_finite_tensors`, :func:`check_finite_parameters` and :func:`check_model_accepts`: the cheap
+  checks every analysis runs before long work (non-finite weights; a model that cannot run on the data).
 
 ``distributed=True`` (the helpers default to ``False``: training calls them on one rank) evaluates this
 rank's share of the batches with their global weights and sums over ranks with one all-reduce
@@ -144,10 +144,24 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack([t.detach().double().norm() for t in tensors])))
 
 
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and floating buffers holding NaN or inf (one synchronisation per device)."""
+    named = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers())
+             if torch.is_floating_point(t)]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    finite = [True] * len(named)
+    for indices in by_device.values():
+        flags = torch.stack([torch.isfinite(named[i][1]).all() for i in indices]).tolist()
+        for i, ok in zip(indices, flags):
+            finite[i] = ok
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
 def check_finite_parameters(model: nn.Module, what: str = "model") -> None:
     """Refuse a model with NaN/inf in any parameter or floating buffer, naming the tensors."""
-    bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
-           if torch.is_floating_point(t) and not bool(torch.isfinite(t).all())]
+    bad = non_finite_tensors(model)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise UserInputError(f"the {what} has non-finite values (NaN or inf) in {shown}; "

@@ -42,7 +42,6 @@ from scipy.special import erfc, ndtri
 from torch import nn
 
 from .. import _validate
-from .. import distributed as _dist
 from .._progress import progress as _progress
 from ..errors import UserInputError
 from ..optim.zscore import check_percentile, is_filtered, layer_zscores, zscore_mask
@@ -59,7 +58,15 @@ from .batching import (
     trainable_named_parameters,
 )
 from .evaluation import check_finite_parameters, check_model_accepts
-from .parallel import gather_in_order, my_indices, rank_and_world, reduce_sum, shared_batches, use_ranks
+from .parallel import (
+    gather_in_order,
+    main_progress,
+    my_indices,
+    rank_and_world,
+    reduce_sum,
+    shared_batches,
+    use_ranks,
+)
 from .results import DatasetResult, model_fingerprint, provenance, read_dataset, require_variables
 
 KIND = "gradient_zscores"
@@ -492,7 +499,7 @@ def gradient_zscores(model: nn.Module, loss_fn: LossFn, data: Any, bins: int | S
     check_model_accepts(model, loss_fn, batches[0])
     active = use_ranks(distributed)
     per_batch = _batch_statistics(model, loss_fn, batches, named, edges_np, percentile, tails, full_data,
-                                  bool(progress) and _dist.is_main(), active)
+                                  main_progress(progress), active)
     names, numel, stats = _used_tensors(named, per_batch)
     sizes = [len(x) for x, _ in batches]
     settings = {

@@ -46,7 +46,15 @@ from ..threads import analysis_threads
 from .batching import Batch, prepared_batches, trainable_named_parameters
 from .curvature import HessianOperator, LossFn
 from .lanczos import _error_bounds, krylov_basis, lanczos_quadrature, thick_restart_lanczos
-from .parallel import gather_in_order, my_indices, rank_and_world, reduce_sum, sum_int, use_ranks
+from .parallel import (
+    gather_in_order,
+    main_progress,
+    my_indices,
+    rank_and_world,
+    reduce_sum,
+    sum_int,
+    use_ranks,
+)
 from .results import (
     Result,
     TableResult,
@@ -92,13 +100,6 @@ def _data_settings(op: HessianOperator, split: str = "data", probes: bool = Fals
     return {"n_examples": int(sum(len(x) for x, _ in op.batches)), "n_batches": len(op.batches),
             "dim": op.dim, "dtype": str(op.dtype).replace("torch.", ""), "hvp": op.method,
             "device": str(op.device), "world_size": world, "split": split if world > 1 else None}
-
-
-def _main_only(progress: bool) -> bool:
-    """Progress bars are drawn by rank 0 alone."""
-    from .. import distributed as dist
-
-    return bool(progress) and dist.is_main()
 
 
 def _parallel_mode(distributed: bool | None, split: str) -> tuple[bool, bool]:
@@ -290,7 +291,7 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
                                      progress=progress)
     result, ritz = _lanczos_eigen(model, loss_fn, batches, k=k, which=which, tol=tol, max_iter=max_iter,
                                   seed=seed, params=params, dtype=dtype, hvp=hvp, max_basis=max_basis,
-                                  eigenvectors=eigenvectors, progress=_main_only(progress),
+                                  eigenvectors=eigenvectors, progress=main_progress(progress),
                                   distributed=use_ranks(distributed))
     if which == "LA":
         _warn_negative_dominant(ritz, float(result.eigenvalues[0]))
@@ -400,14 +401,7 @@ def _sketch(op: HessianOperator, S: torch.Tensor, probes: bool) -> torch.Tensor:
 
 def _projected_trace(op: HessianOperator, Q: torch.Tensor, bar: _HvpProgress, probes: bool) -> float:
     """``tr(Q^T H Q) = sum_i q_i^T H q_i``, added in column order whatever the split."""
-    terms = torch.zeros(Q.shape[1], dtype=torch.float64)
-    for i in my_indices(Q.shape[1], probes):
-        terms[i] = float(torch.dot(Q[:, i], op.matvec(Q[:, i])))
-        bar.step(op.n_hvp)
-    exact = 0.0
-    for t in reduce_sum([terms], probes)[0].tolist():
-        exact += t
-    return exact
+    return float(sum(_hutchinson_samples(op, Q, bar, probes).tolist()))
 
 
 def _stderr(samples: np.ndarray) -> float:
@@ -484,7 +478,7 @@ def trace_estimate(op: HessianOperator, n_samples: int, method: str = "hutch++",
     """
     n_samples = _check_trace_budget(n_samples, method)
     start = op.n_hvp
-    bar = _HvpProgress(_main_only(progress), n_samples, f"trace ({method})", offset=start)
+    bar = _HvpProgress(main_progress(progress), n_samples, f"trace ({method})", offset=start)
     try:
         return _TRACE_ESTIMATORS[method](op, n_samples, _generator(seed), bar, start, split_probes)
     finally:
@@ -711,7 +705,7 @@ def hessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int = 
     start = time.perf_counter()
     with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp,
                          distributed=data_parallel) as op:
-        runs = _slq_runs(op, n_iter, n_runs, _generator(seed), _main_only(progress), probes)
+        runs = _slq_runs(op, n_iter, n_runs, _generator(seed), main_progress(progress), probes)
         settings = _base_settings(model, seed, backend, op, split, probes)
         n_hvp = sum_int(op.n_hvp, probes)
     nodes = [r.nodes for r in runs]
@@ -827,7 +821,7 @@ def layer_curvature(model: nn.Module, loss_fn: LossFn, data: Any, tol: float = 1
     fingerprint = model_fingerprint(model)
     rows = []
     active = use_ranks(distributed)
-    for i, (name, p) in enumerate(progress_bar(named, enabled=_main_only(progress), desc="layers",
+    for i, (name, p) in enumerate(progress_bar(named, enabled=main_progress(progress), desc="layers",
                                                total=len(named))):
         with HessianOperator(model, loss_fn, batches, params=[p], dtype=dtype, hvp=hvp, distributed=active) as op:
             rows.append(_block_curvature(op, name, p.shape, seed + i, tol, max_iter, n_trace_samples))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,10 @@ from ..optim.zscore import check_percentile, is_filtered, zscore_masks
 from ..optim.zsharp import MASK_STATS_COLUMNS
 from ..threads import analysis_threads
 from .batching import Batch, LossFn, as_batches, preserved_model_state, trainable_named_parameters
-from .directions import tensor_variables, tensors_from_variables
+from .directions import TensorMapping, read_tensor_file, write_tensor_file
 from .evaluation import check_finite_parameters, check_model_accepts, full_data_loss, global_norm
 from .gradients import iter_gradients
-from .parallel import gather_in_order, my_indices, rank_and_world, use_ranks
+from .parallel import gather_in_order, main_progress, my_indices, rank_and_world, use_ranks
 from .results import (
     DatasetResult,
     Result,
@@ -59,7 +59,6 @@ from .results import (
     provenance,
     read_dataset,
     require_variables,
-    write_dataset,
 )
 
 PERTURB_NORMS = ("tensor", "global")
@@ -110,7 +109,7 @@ def _filtered_with_grad(named: Sequence[tuple[str, nn.Parameter]], grads: Sequen
 
 
 # --- the masks themselves --------------------------------------------------------------------------
-class ZSharpMasks(Result, Mapping[str, torch.Tensor]):
+class ZSharpMasks(Result, TensorMapping):
     """ZSharp's masks on one gradient: a read-only mapping ``parameter name -> bool tensor`` plus settings.
 
     Reads like the dict :func:`zsharp_masks` returned before (``masks["fc.weight"]``, ``list(masks)``,
@@ -121,47 +120,27 @@ class ZSharpMasks(Result, Mapping[str, torch.Tensor]):
     KIND = "zsharp_masks"
 
     def __init__(self, masks: Mapping[str, torch.Tensor], settings: Mapping[str, Any]) -> None:
-        self._masks = {str(n): m.detach() for n, m in masks.items()}
+        self._tensors = {str(n): m.detach() for n, m in masks.items()}
         self.settings = dict(settings)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._masks[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._masks)
-
-    def __len__(self) -> int:
-        return len(self._masks)
 
     def __repr__(self) -> str:
         return f"ZSharpMasks({len(self)} tensors, percentile={self.settings.get('percentile')})"
 
     def to_dataframe(self) -> pd.DataFrame:
-        kept = [int(m.sum()) for m in self._masks.values()]
-        numel = [m.numel() for m in self._masks.values()]
-        return pd.DataFrame({"layer": list(self._masks), "numel": numel, "kept": kept,
+        kept = [int(m.sum()) for m in self._tensors.values()]
+        numel = [m.numel() for m in self._tensors.values()]
+        return pd.DataFrame({"layer": list(self._tensors), "numel": numel, "kept": kept,
                              "kept_fraction": [k / max(n, 1) for k, n in zip(kept, numel)]})
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the masks (bit for bit) and the settings to ``path`` (netCDF), atomically."""
-        variables, specs = tensor_variables(self._masks, "m")
-        return write_dataset(xr.Dataset(variables), path, self.KIND, {"settings": self.settings, "tensors": specs})
+        return write_tensor_file(self._tensors, path, self.KIND, "settings", self.settings, "m")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ZSharpMasks:
         """Read a file written by :meth:`save` (masks on the CPU)."""
-        ds, header = read_dataset(path, cls.KIND)
-        specs, settings = header.get("tensors"), header.get("settings")
-        if not isinstance(specs, list) or not isinstance(settings, dict):
-            raise UserInputError(f"{path} is damaged: its header lacks the mask descriptions; write it again")
-        return cls(tensors_from_variables(ds, specs, "m", path), settings)
-
-
-def _on_main(progress: bool) -> bool:
-    """Progress bars are drawn by rank 0 alone."""
-    from .. import distributed as dist
-
-    return bool(progress) and dist.is_main()
+        masks, settings = read_tensor_file(path, cls.KIND, "settings", "m")
+        return cls(masks, settings)
 
 
 def _check_scope(threshold_scope: str) -> str:
@@ -376,11 +355,12 @@ def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: fl
     rho = _check_rho(rho)
     _check_scope(threshold_scope)
     named, batches = _checked_model_and_data(model, loss_fn, data, params)
+    active = use_ranks(distributed)
     table, masks = _per_batch_table(model, loss_fn, batches, named, rho, percentile, threshold_scope,
-                                    _on_main(progress), use_ranks(distributed))
+                                    main_progress(progress), active)
     settings: dict[str, Any] = {"percentile": percentile, "rho": rho, "threshold_scope": threshold_scope,
                                 "n_batches": len(batches), "per_batch": bool(per_batch),
-                                "world_size": rank_and_world(use_ranks(distributed))[1],
+                                "world_size": rank_and_world(active)[1],
                                 "model_fingerprint": model_fingerprint(model), "provenance": provenance()}
     if per_batch:
         if table["batch"].nunique() >= 2:  # the layer's mask stability over the batches, on each of its rows
@@ -771,7 +751,7 @@ def perturbation_alignment(model: nn.Module, loss_fn: LossFn, data: Any, k: int 
     check_finite_parameters(model)
     check_model_accepts(model, loss_fn, batches[0])
     names, sizes = [n for n, _ in named], [p.numel() for _, p in named]
-    active, progress = use_ranks(distributed), _on_main(progress)
+    active, progress = use_ranks(distributed), main_progress(progress)
     eigen, vectors = _top_eigenvectors(model, loss_fn, batches, names, k, eigen, seed, tol, max_iter, progress,
                                        active)
     with preserved_model_state(model, train=False):

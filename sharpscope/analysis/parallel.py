@@ -42,6 +42,11 @@ def use_ranks(distributed: bool | None) -> bool:
     return distributed is not False and dist.is_distributed()
 
 
+def main_progress(progress: bool) -> bool:
+    """Whether to draw a progress bar: only when asked, and on rank 0 alone."""
+    return bool(progress) and dist.is_main()
+
+
 def rank_and_world(active: bool) -> tuple[int, int]:
     """``(rank, world size)`` when splitting, ``(0, 1)`` otherwise."""
     return (dist.rank(), dist.world_size()) if active else (0, 1)

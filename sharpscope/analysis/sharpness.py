@@ -54,7 +54,7 @@ from .batching import (
     to_device,
 )
 from .evaluation import assign_parameters, full_data_gradient, full_data_loss, global_norm
-from .parallel import rank_and_world, use_ranks
+from .parallel import main_progress, rank_and_world, use_ranks
 from .results import Result, damaged_result_file, model_fingerprint, provenance, read_dataset, write_dataset
 
 KIND = "sharpness"
@@ -280,9 +280,7 @@ def sharpness(model: nn.Module, loss_fn: Callable, data: Any, rho: float = 0.05,
                 "parameters": [n for n, _ in named], "provenance": provenance()}
     active = use_ranks(distributed)
     settings["world_size"] = rank_and_world(active)[1]
-    from .. import distributed as dist
-
-    progress = bool(progress) and dist.is_main()
+    progress = main_progress(progress)
     with preserved_model_state(model, train=False):
         params = [p for _, p in named]
         scale = [(p.detach().abs() + eta) if adaptive else torch.ones_like(p) for p in params]

@@ -58,7 +58,6 @@ which figure; every figure is one public function of :mod:`sharpscope.plot`, so 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 import warnings
@@ -70,6 +69,7 @@ import pandas as pd
 
 from .._progress import progress
 from ..errors import UserInputError
+from .summary import _EPOCH_NAME
 
 FORMATS = ("pdf", "png")
 #: More parameter tensors than this: the layer curvature figure shows the weight matrices only (and says so).
@@ -124,9 +124,6 @@ def _read_history_table(path: Path) -> pd.DataFrame:
     frame, meta = read_table(path, HISTORY_KIND)
     frame.attrs["source"] = dict(meta)
     return frame
-
-
-_EPOCH_NAME = re.compile(r"(^|_)epoch_\d+$")
 
 
 def checkpoint_sources(found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

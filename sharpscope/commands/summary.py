@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import UserInputError
+from ..train.config import SHARPNESS_AWARE
 
 #: Columns of :func:`summary_table` and their display headers.
 COLUMNS: dict[str, str] = {
@@ -125,7 +126,7 @@ def _history_row(row: dict[str, Any], history: pd.DataFrame, meta: dict[str, Any
 
 
 #: Which optimizers a hyperparameter means something for (SGD's config may carry a default rho).
-_USES = {"rho": ("sam", "asam", "zsharp", "fsam"), "percentile": ("zsharp",)}
+_USES = {"rho": SHARPNESS_AWARE, "percentile": ("zsharp",)}
 
 #: The measured columns averaged over seeds by :func:`seed_table`.
 MEASURES = ("test_acc", "train_acc", "gap", "lambda_max", "trace", "sharpness_worst", "sharpness_average")

@@ -26,9 +26,10 @@ from typing import Any
 
 from .. import _validate
 from ..errors import UserInputError
+from ..train.config import SHARPNESS_AWARE
 
 #: Optimizers that take rho / a percentile (the others get one run per seed).
-USES_RHO = ("sam", "asam", "fsam", "zsharp")
+USES_RHO = SHARPNESS_AWARE
 USES_PERCENTILE = ("zsharp",)
 #: The result file that shows an analysis was done (the last one it writes).
 _DONE_FILE = {"hessian": "layer_curvature", "landscape": "landscape_2d", "zscores": "zscores", "masks": "masks",

@@ -9,10 +9,12 @@ is left out of the row, never written as NaN.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 
 @dataclass
@@ -65,6 +67,20 @@ class TrackRow:
         layers = record.pop("layers", {}) or {}
         return cls(step=step, measure=measure, values={k: float(v) for k, v in record.items() if v is not None},
                    layers={n: {k: float(v) for k, v in d.items() if v is not None} for n, d in layers.items()})
+
+
+def rows_frame(rows: Iterable[TrackRow], measure: str | None = None) -> pd.DataFrame:
+    """One line per row (``step``, ``measure`` and the values), optionally for one measure."""
+    return pd.DataFrame([{"step": r.step, "measure": r.measure, **r.values} for r in rows
+                         if measure is None or r.measure == measure])
+
+
+def layers_frame(rows: Iterable[TrackRow], measure: str | None = None) -> pd.DataFrame:
+    """Per-layer values, tidy: ``step, measure, layer, key, value``."""
+    return pd.DataFrame([{"step": r.step, "measure": r.measure, "layer": layer, "key": k, "value": v}
+                         for r in rows if measure is None or r.measure == measure
+                         for layer, vals in r.layers.items() for k, v in vals.items()],
+                        columns=["step", "measure", "layer", "key", "value"])
 
 
 def _finite(values: dict[str, Any]) -> dict[str, float]:

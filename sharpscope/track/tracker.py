@@ -34,7 +34,7 @@ from ..analysis.curvature import HVP_METHODS
 from ..errors import UserInputError
 from .measure import Event, Measure
 from .registry import build_logger, build_measures, split_names
-from .rows import TrackRow
+from .rows import TrackRow, layers_frame, rows_frame
 
 STATE_VERSION = 1
 
@@ -125,15 +125,11 @@ class SharpnessTracker:
     # -- results ---------------------------------------------------------------------------------------
     def to_dataframe(self, measure: str | None = None) -> pd.DataFrame:
         """One line per row (``step``, ``measure`` and the values), optionally for one measure."""
-        rows = [r for r in self.rows if measure is None or r.measure == measure]
-        return pd.DataFrame([{"step": r.step, "measure": r.measure, **r.values} for r in rows])
+        return rows_frame(self.rows, measure)
 
     def layer_dataframe(self, measure: str | None = None) -> pd.DataFrame:
         """Per-layer values, tidy: ``step, measure, layer, key, value``."""
-        return pd.DataFrame([{"step": r.step, "measure": r.measure, "layer": layer, "key": k, "value": v}
-                             for r in self.rows if measure is None or r.measure == measure
-                             for layer, vals in r.layers.items() for k, v in vals.items()],
-                            columns=["step", "measure", "layer", "key", "value"])
+        return layers_frame(self.rows, measure)
 
     # -- resume ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from .. import distributed
 from ..data import DATASET_NAMES, TensorData, canonical_dataset_name, load_dataset
 from ..errors import UserInputError
 from ..models import MODEL_NAMES, build_model, canonical_model_name
-from .checkpoint import load_checkpoint
+from .checkpoint import _build, load_checkpoint
 from .config import (
     AMP_MODES,
     ASCENT_MODES,
@@ -177,8 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     test_data = load_dataset(dataset, root=data_root, train=False)
     torch.manual_seed(config.seed)  # the initialisation is part of the run's seed
     if args.resume:
-        model = build_model(stored["model_spec"]["name"], stored["model_spec"]["num_classes"],
-                            **dict(stored["model_spec"].get("kwargs") or {}))
+        model = _build(stored["model_spec"])
     else:
         model = build_model(name, train_data.num_classes, **_model_kwargs(name, train_data))
     reporter = _reporter(args) if distributed.is_main() else None

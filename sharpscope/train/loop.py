@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed as dist_
 from .._progress import progress
-from ..analysis.evaluation import LossAndAccuracy, full_data_loss
+from ..analysis.evaluation import LossAndAccuracy, full_data_loss, non_finite_tensors
 from ..data.augment import random_crop_flip
 from ..data.dataset import TensorData
 from ..errors import UserInputError
@@ -185,8 +185,8 @@ class TrainStep:
         self.two_pass = config.optimizer in SHARPNESS_AWARE
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ddp = ddp
-        self.accumulate = getattr(config, "accumulate", 1)
-        self.sync_ascent = getattr(config, "ascent", "local") == "global"
+        self.accumulate = config.accumulate
+        self.sync_ascent = config.ascent == "global"
         if self.two_pass and config.bn_bypass:
             from ..optim.bn import frozen_running_stats
             self.second_pass_context = lambda: frozen_running_stats(model)
@@ -249,7 +249,7 @@ class TrainStep:
         stats = self.optimizer.mask_stats
         if self.ddp is None or self.sync_ascent or not dist_.is_distributed():
             return stats  # global ascent: every rank computed the single-process masks
-        return reduce_mask_stats(dist_.all_gather_object(stats), getattr(self.config, "mask_ranks", "reduce"))
+        return reduce_mask_stats(dist_.all_gather_object(stats), self.config.mask_ranks)
 
 
 def reduce_mask_stats(frames: Sequence[pd.DataFrame], how: str = "reduce") -> pd.DataFrame:
@@ -436,8 +436,7 @@ def _training_threads(run: _Run) -> contextlib.AbstractContextManager[int]:
     if dist_.is_distributed() and run.threads is None and fixed_thread_count() is None and run.device.type == "cpu":
         # every rank runs with rank 0's count (torchrun sets OMP_NUM_THREADS=1), so resume reproduces it
         run.threads = int(dist_.broadcast_object(torch.get_num_threads()))  # type: ignore[arg-type]
-    if (run.device.type != "cpu" or fixed_thread_count() is not None or run.threads is not None
-            or torch.get_num_threads() == 1):  # nothing to choose: no trial passes through the model
+    if run.device.type != "cpu" or fixed_thread_count() is not None or run.threads is not None:
         return _recording(run, thread_policy(None, run.threads if fixed_thread_count() is None else None))
     x, y = next(iter(run.train_data.batches(run.config.batch_size, shuffle=False, augment=False, device=run.device)))
     return _recording(run, thread_policy(forward_backward_trial(run.model, _cross_entropy, (x, y))))
@@ -605,7 +604,7 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     train_time = time.perf_counter() - start
     if not math.isfinite(train_loss):
         raise _diverged(run, epoch, lr, "train loss")
-    bad = _non_finite_tensors(run.model)
+    bad = non_finite_tensors(run.model)
     if bad:
         raise _diverged(run, epoch, lr, f"weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
     test_loss = test_acc = float("nan")
@@ -725,15 +724,6 @@ def _train_epoch(run: _Run, epoch: int, start: float) -> tuple[float, float, flo
                                             torch.tensor(float(seen), dtype=torch.float64, device=device)]))
         return float(totals[0] / totals[2]), float(totals[1] / totals[2]), lr, int(totals[2])
     return float(loss_sum) / seen, float(correct) / seen, lr, seen  # float() synchronises the device
-
-
-def _non_finite_tensors(model: nn.Module) -> list[str]:
-    """Names of the floating parameters and buffers holding NaN or inf (one device synchronisation)."""
-    named = [(n, t) for n, t in model.state_dict().items() if torch.is_floating_point(t)]
-    if not named:
-        return []
-    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
-    return [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
 
 
 def _diverged(run: _Run, epoch: int, lr: float, what: str) -> TrainingDiverged:

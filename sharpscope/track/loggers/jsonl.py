@@ -19,7 +19,7 @@ import pandas as pd
 from ..._io import atomic_write_text, read_json_lines
 from ...errors import UserInputError
 from ...train.layout import RunLayout
-from ..rows import TrackRow
+from ..rows import TrackRow, layers_frame, rows_frame
 from .base import Logger
 
 
@@ -41,16 +41,12 @@ def read_rows(path: str | os.PathLike[str]) -> list[TrackRow]:
 
 def read_tracking(path: str | os.PathLike[str], measure: str | None = None) -> pd.DataFrame:
     """``tracking.jsonl`` as a DataFrame: one line per row, ``step, measure`` and the values."""
-    rows = [r for r in read_rows(path) if measure is None or r.measure == measure]
-    return pd.DataFrame([{"step": r.step, "measure": r.measure, **r.values} for r in rows])
+    return rows_frame(read_rows(path), measure)
 
 
 def read_tracking_layers(path: str | os.PathLike[str], measure: str | None = None) -> pd.DataFrame:
     """Per-layer values of ``tracking.jsonl``, tidy: ``step, measure, layer, key, value``."""
-    return pd.DataFrame([{"step": r.step, "measure": r.measure, "layer": layer, "key": k, "value": v}
-                         for r in read_rows(path) if measure is None or r.measure == measure
-                         for layer, vals in r.layers.items() for k, v in vals.items()],
-                        columns=["step", "measure", "layer", "key", "value"])
+    return layers_frame(read_rows(path), measure)
 
 
 class JsonlLogger(Logger):
