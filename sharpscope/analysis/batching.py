@@ -1,27 +1,34 @@
 """Shared plumbing of every analysis: the ``data`` convention and leaving the model as found.
 
-Convention (DESIGN.md): ``data`` is one ``(inputs, targets)`` batch or any iterable of such batches
-(a DataLoader). Analyses run in eval mode and leave parameters, buffers, ``.grad``,
+Convention (DESIGN.md): ``data`` is one batch or any iterable of batches (a DataLoader); a batch is an
+``(inputs, targets)`` pair, a dict of tensors (``input_ids``, ``attention_mask``, ``labels``, ...) or
+anything a ``loss_fn(model, batch)`` understands (:mod:`sharpscope.analysis.objective`). Analyses run in eval mode and leave parameters, buffers, ``.grad``,
 ``requires_grad`` and every module's train/eval flag exactly as they found them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UserInputError
+from .objective import as_objective, first_tensor
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-#: ``loss_fn(outputs, targets)`` returning a mean-reduced scalar loss.
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: One batch: ``(inputs, targets)``, a dict of tensors, or anything a ``BatchLoss`` understands
+#: (:mod:`sharpscope.analysis.objective`).
+Batch = Any
+#: ``loss_fn(outputs, targets)`` returning a mean-reduced scalar loss, or any objective
+#: :func:`~sharpscope.analysis.objective.as_objective` accepts.
+LossFn = Callable[..., torch.Tensor]
 
 
 def _is_single_batch(data: Any) -> bool:
+    if isinstance(data, Mapping):
+        return any(isinstance(v, torch.Tensor) for v in data.values())
     return (
         isinstance(data, (tuple, list))
         and len(data) == 2
@@ -34,32 +41,46 @@ def _is_single_batch(data: Any) -> bool:
 DATASET_BATCH_SIZE = 256
 
 
-def as_batches(data: Any) -> list[Batch]:
-    """Return ``data`` as a list of ``(inputs, targets)`` batches; raise :class:`UserInputError` (a ``ValueError``) if empty.
+def _one_batch(batch: Any) -> Batch:
+    """A batch as analyses keep it: ``(x, y)`` from a tuple/list of tensors (extra fields dropped), a
+    dict from a mapping, anything else unchanged."""
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
+        return (batch[0], batch[1])
+    if isinstance(batch, (tuple, list, torch.Tensor)) or first_tensor(batch) is not None:
+        return batch
+    raise TypeError(type(batch).__name__)
 
-    A single batch is wrapped in a list; an iterable (DataLoader) is materialised once so that
-    iterative algorithms see the same batches in every pass. A map-style ``Dataset`` (e.g. a
-    ``TensorDataset``) yields single examples, not batches: it is batched here in its order, in batches
-    of :data:`DATASET_BATCH_SIZE` (iterating it example by example was 25x slower).
+
+def as_batches(data: Any) -> list[Batch]:
+    """Return ``data`` as a list of batches; raise :class:`UserInputError` (a ``ValueError``) if empty.
+
+    A single batch (an ``(inputs, targets)`` pair or a dict of tensors) is wrapped in a list; an
+    iterable (DataLoader) is materialised once so that iterative algorithms see the same batches in
+    every pass. A map-style ``Dataset`` (e.g. a ``TensorDataset``) yields single examples, not batches:
+    it is batched here in its order, in batches of :data:`DATASET_BATCH_SIZE` (iterating it example by
+    example was 25x slower).
     """
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         data = torch.utils.data.DataLoader(data, batch_size=DATASET_BATCH_SIZE, shuffle=False)
     if _is_single_batch(data):
-        batches = [(data[0], data[1])]
+        batches = [_one_batch(data)]
     else:
         try:
-            batches = [(b[0], b[1]) for b in data]
+            batches = [_one_batch(b) for b in data]
         except TypeError as exc:
             raise UserInputError(
-                "data must be one (inputs, targets) batch or an iterable of such batches "
-                f"(a DataLoader); got {type(data).__name__}"
+                "data must be one batch ((inputs, targets) or a dict of tensors) or an iterable of such "
+                f"batches (a DataLoader); got {type(data).__name__}"
             ) from exc
-    if not batches or all(len(x) == 0 for x, _ in batches):
-        raise UserInputError("data is empty: give at least one non-empty (inputs, targets) batch")
-    return [(x, y) for x, y in batches if len(x) > 0]
+    kept = [b for b in batches if batch_size(b) > 0]
+    if not kept:
+        raise UserInputError("data is empty: give at least one non-empty batch")
+    return kept
 
 
-def prepared_batches(model: nn.Module, loss_fn: LossFn, data: Any) -> list[Batch]:
+def prepared_batches(model: nn.Module, loss_fn: Any, data: Any) -> list[Batch]:
     """``data`` as batches, after the two cheap checks every analysis runs before long work.
 
     Refuses non-finite weights (naming the tensors) and a model that cannot run on the data (one
@@ -69,19 +90,55 @@ def prepared_batches(model: nn.Module, loss_fn: LossFn, data: Any) -> list[Batch
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(loss_fn):
-        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+    objective = as_objective(loss_fn, model)
     batches = as_batches(data)
     check_finite_parameters(model)
-    check_model_accepts(model, loss_fn, batches[0])
+    check_model_accepts(model, objective, batches[0])
     return batches
 
 
-def batch_weights(batches: Sequence[Batch]) -> list[float]:
-    """Weight of each batch in the full-data mean: its size over the total number of samples."""
-    sizes = [len(x) for x, _ in batches]
+def batch_size(batch: Batch) -> int:
+    """The leading size of the batch's first tensor (0 when it has none)."""
+    tensor = first_tensor(batch)
+    if tensor is None or tensor.dim() == 0:
+        return 0
+    return int(tensor.shape[0])
+
+
+def batch_weights(batches: Sequence[Batch], objective: Any = None) -> list[float]:
+    """Weight of each batch in the full-data mean: its number of targets over the total.
+
+    ``objective`` (anything :func:`~sharpscope.analysis.objective.as_objective` takes) counts the
+    targets; by default, and for ``(x, y)`` classification, the number of examples.
+    """
+    counter = as_objective(objective).count if objective is not None else batch_size
+    sizes = [counter(b) for b in batches]
     total = float(sum(sizes))
+    if total <= 0:
+        raise UserInputError("the data has no targets to average the loss over (every label is ignore_index?)")
     return [s / total for s in sizes]
+
+
+def map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+    """``batch`` with ``fn`` applied to every tensor in it (tuples, lists and dicts, nested)."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
+def slice_batch(batch: Batch, index: Any) -> Batch:
+    """``batch`` restricted to the examples ``index`` selects (a slice or an index tensor).
+
+    Applied to every tensor whose leading size is the batch size; other tensors are kept whole.
+    """
+    n = batch_size(batch)
+    return map_tensors(batch, lambda t: t[index] if t.dim() > 0 and t.shape[0] == n else t)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -91,9 +148,12 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    x, y = batch
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
+    """``batch`` with every tensor on ``device`` (floating tensors cast to ``dtype`` when given)."""
+    if dtype is None:
+        return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+    return map_tensors(batch, lambda t: t.to(device, dtype=dtype, non_blocking=True) if t.is_floating_point()
+                       else t.to(device, non_blocking=True))
 
 
 def checked_loss(loss: torch.Tensor, where: str = "loss_fn") -> torch.Tensor:

@@ -1,13 +1,16 @@
 """The Hessian of the full-data loss as a linear operator: Hessian-vector products (HVPs).
 
 For parameters ``w`` (the trainable tensors, flattened and concatenated into one vector of length
-``dim``) and data split into batches ``B_1 .. B_m`` of sizes ``n_1 .. n_m`` (``N = sum n_b``), the
-operator applies
+``dim``) and data split into batches ``B_1 .. B_m`` with ``n_1 .. n_m`` targets (``N = sum n_b``;
+examples for a classifier, target tokens for a language model -- :mod:`sharpscope.analysis.objective`),
+the operator applies
 
     H v = sum_b (n_b / N) * d^2 L_b(w) / dw^2 . v,
 
-where ``L_b`` is the mean loss of batch ``b``. Weighting by batch size makes unequal batches give
-exactly the Hessian of the mean loss over the concatenated data. The model runs in eval mode
+where ``L_b`` is the mean loss of batch ``b``. Weighting by the number of targets makes unequal
+batches (or padding) give exactly the Hessian of the mean loss over all targets of the concatenated
+data. Attention runs on the math kernel during every product (:mod:`sharpscope.analysis.attention`:
+the fused kernels have no double backward). The model runs in eval mode
 (BatchNorm uses its running statistics, dropout is off), so ``H`` is the Hessian of a deterministic
 function of ``w`` -- the quantity PyHessian and Ghorbani et al. (2019) report.
 
@@ -62,11 +65,13 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import grad, jvp
 
 from .._validate import choice
 from ..errors import UserInputError
+from .attention import math_attention
 from .batching import (
+    Batch,
     LossFn,
     as_batches,
     batch_weights,
@@ -77,6 +82,7 @@ from .batching import (
     trainable_named_parameters,
 )
 from .evaluation import check_finite_parameters
+from .objective import as_objective, functional_model
 from .parallel import main_progress, reduce_sum, shared_batches, use_ranks
 
 HVP_METHODS = ("auto", "func", "cached", "autograd")
@@ -107,14 +113,13 @@ def _add_weighted(total: list[torch.Tensor] | None, terms: Sequence[torch.Tensor
     return [s + weight * t for s, t in zip(total, terms)]
 
 
-_Weighted = tuple[tuple[torch.Tensor, torch.Tensor], float]
+_Weighted = tuple[Batch, float]
 
 
 def _check_arguments(model: Any, loss_fn: Any, hvp: Any, dtype: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(loss_fn):
-        raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
+    as_objective(loss_fn, model)
     choice(hvp, "hvp", HVP_METHODS)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise UserInputError(f"dtype must be a floating torch dtype (e.g. torch.float64) or None, got {dtype!r}")
@@ -131,8 +136,11 @@ class HessianOperator:
 
     Args:
         model: any ``nn.Module``; parameters with ``requires_grad=False`` are held fixed (excluded).
-        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar, mean-reduced loss.
-        data: one ``(inputs, targets)`` batch or an iterable of them (a DataLoader); materialised once.
+        loss_fn: ``loss_fn(outputs, targets)`` returning a scalar, mean-reduced loss, or any objective
+            :func:`~sharpscope.analysis.objective.as_objective` takes (``"lm"``, ``"hf"``,
+            ``loss_fn(model, batch)``, an :class:`~sharpscope.analysis.objective.Objective`).
+        data: one batch (``(inputs, targets)`` or a dict of tensors) or an iterable of them (a
+            DataLoader); materialised once.
         params: restrict to these parameter tensors (e.g. one layer for a block of the Hessian).
         dtype: compute in this floating dtype (``torch.float64`` for validation); default: the model's.
         hvp: ``"auto"`` (``"cached"`` for a single batch, else ``"func"``), ``"func"``, ``"cached"``
@@ -165,11 +173,13 @@ class HessianOperator:
         check_finite_parameters(model)
         self.model = model
         self.loss_fn = loss_fn
+        #: How a batch becomes a loss (:mod:`sharpscope.analysis.objective`).
+        self.objective = as_objective(loss_fn, model)
         self.batches = as_batches(data)
-        self.weights = batch_weights(self.batches)
+        self.weights = batch_weights(self.batches, self.objective)
         #: Whether products are split over ranks and all-reduced.
         self.distributed: bool = use_ranks(distributed)
-        self._local = shared_batches(self.batches, self.distributed)
+        self._local = shared_batches(self.batches, self.distributed, self.objective)
         self.progress = main_progress(progress)
         self.device = model_device(model)
         self._snapshot(model, trainable_named_parameters(model, params), dtype)
@@ -207,12 +217,12 @@ class HessianOperator:
         probe = tuple(torch.ones_like(p) for p in self._params)
         first = [(self.batches[0], 1.0)]
         try:
-            with _eval_flags(self.model):
+            with _eval_flags(self.model), math_attention(self.model):
                 self._hvp_func(probe, first, [])
             return "func"
         except _UNSUPPORTED as exc:
             unsupported = exc
-        with _eval_flags(self.model):
+        with _eval_flags(self.model), math_attention(self.model):
             self._hvp_autograd(probe, first, [])  # an error here is the model's own: it propagates
         detail = (str(unsupported).strip().splitlines() or [""])[0][:200]
         self.fallback_reason = f"{type(unsupported).__name__}: {detail}"
@@ -269,7 +279,7 @@ class HessianOperator:
         """``H v`` for a flat vector ``v`` of length ``dim``; returns a flat tensor (device, dtype)."""
         vs = tuple(self.unflatten(v))
         losses: list[torch.Tensor] = []
-        with _eval_flags(self.model):
+        with _eval_flags(self.model), math_attention(self.model):
             if self.method == "func":
                 out = self._hvp_func(vs, self._weighted_batches(), losses)
             elif self.method == "cached":
@@ -305,10 +315,10 @@ class HessianOperator:
         over ranks like :meth:`matvec` when the operator is data-parallel)."""
         total: list[torch.Tensor] | None = None
         losses: list[torch.Tensor] = []
-        with _eval_flags(self.model):
-            for (x, y), weight in self._weighted_batches():
+        with _eval_flags(self.model), math_attention(self.model):
+            for batch, weight in self._weighted_batches():
                 ps = [p.detach().requires_grad_(True) for p in self._params]
-                loss = self._loss(tuple(ps), x, y)
+                loss = self._loss(tuple(ps), batch)
                 gs = torch.autograd.grad(loss, ps, allow_unused=True)
                 gs = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, ps)]
                 total = _add_weighted(total, gs, weight)
@@ -321,27 +331,23 @@ class HessianOperator:
         return progress(self._local, enabled=self.progress and len(self._local) > 1, desc="HVP batches",
                         total=len(self._local))
 
-    def _inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = to_device((x, y), self.device)
-        return _cast(x, self.dtype), y if not y.is_floating_point() else _cast(y, self.dtype)
-
-    def _loss(self, ps: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, ps: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
+        """The objective of one batch with the parameters ``ps`` (and the fixed snapshot for the rest)."""
         tensors = dict(self._fixed)
         for (name, aliases), p in zip(self._aliases, ps):
             tensors[name] = p
             for alias in aliases:
                 tensors[alias] = p
-        x, y = self._inputs(x, y)
-        loss = checked_loss(self.loss_fn(functional_call(self.model, tensors, (x,)), y))
-        return loss
+        batch = to_device(batch, self.device, self.dtype)
+        return checked_loss(self.objective(functional_model(self.model, tensors), batch))
 
     def _hvp_func(self, vs: tuple[torch.Tensor, ...], batches: Iterable[_Weighted],
                   losses: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Forward-over-reverse: ``jvp(grad L_b, w, v)`` per batch, weighted (None for no batch)."""
         total: list[torch.Tensor] | None = None
-        for (x, y), weight in batches:
-            def grad_and_loss(ps: tuple[torch.Tensor, ...], x: torch.Tensor = x, y: torch.Tensor = y) -> Any:
-                loss = self._loss(ps, x, y)
+        for batch, weight in batches:
+            def grad_and_loss(ps: tuple[torch.Tensor, ...], batch: Batch = batch) -> Any:
+                loss = self._loss(ps, batch)
                 return loss, loss.detach()
 
             g_fn = grad(grad_and_loss, has_aux=True)
@@ -354,8 +360,8 @@ class HessianOperator:
                       losses: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Reverse-over-reverse on a gradient graph rebuilt for each batch."""
         total: list[torch.Tensor] | None = None
-        for (x, y), weight in batches:
-            ps, gs, loss = self._gradient_graph(x, y)
+        for batch, weight in batches:
+            ps, gs, loss = self._gradient_graph(batch)
             losses.append(loss)
             hv = self._backward(ps, gs, vs, retain=False)
             total = _add_weighted(total, hv, weight)
@@ -363,7 +369,7 @@ class HessianOperator:
 
     def _hvp_cached(self, vs: tuple[torch.Tensor, ...], losses: list[torch.Tensor]) -> list[torch.Tensor] | None:
         if self._graph is None:
-            self._graph = [self._gradient_graph(x, y) for (x, y), _ in self._local]
+            self._graph = [self._gradient_graph(batch) for batch, _ in self._local]
         total: list[torch.Tensor] | None = None
         for (ps, gs, loss), (_, weight) in zip(self._graph, self._local):
             losses.append(loss)
@@ -371,12 +377,11 @@ class HessianOperator:
             total = _add_weighted(total, hv, weight)
         return total
 
-    def _gradient_graph(self, x: torch.Tensor, y: torch.Tensor
-                        ) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor]:
+    def _gradient_graph(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor]:
         """Parameters, their gradient (with its graph) and the detached loss of one batch."""
         ps = tuple(p.detach().requires_grad_(True) for p in self._params)
         with torch.enable_grad():
-            loss = self._loss(ps, x, y)
+            loss = self._loss(ps, batch)
             gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
         return ps, gs, loss.detach()
 

@@ -1,8 +1,8 @@
 """Full-data evaluation pieces every analysis shares, written once.
 
 - :func:`full_data_loss`: the mean loss over all batches, each weighted by its share of the examples,
-  ``L(w) = sum_b (n_b / N) * loss_fn(f(x_b; w), y_b)`` (the mean over all examples when ``loss_fn``
-  is a per-example mean), optionally with the accuracy and with some parameters replaced.
+  ``L(w) = sum_b (c_b / C) * loss_b(w)`` with ``c_b`` the number of targets of batch ``b`` (examples
+  for a classifier, target tokens for a language model; :mod:`sharpscope.analysis.objective`), optionally with the accuracy and with some parameters replaced.
 - :func:`full_data_gradient`: ``grad L(w)`` with the same weighting, without touching ``.grad``.
 - :func:`assign_parameters` / :func:`offset_parameters`: the weight setters (``w <- v``;
   ``w <- w0 + sum_i c_i d_i``).
@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ..errors import UserInputError
-from .batching import Batch, LossFn, checked_loss, model_device, to_device
+from .batching import Batch, checked_loss, model_device, slice_batch, to_device
+from .objective import as_objective, functional_model
 from .parallel import reduce_sum, shared_batches, use_ranks
 
 
@@ -39,18 +39,12 @@ class LossAndAccuracy:
     accuracy: float
 
 
-def _outputs(model: nn.Module, x: torch.Tensor, parameters: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
-    return model(x) if parameters is None else functional_call(model, dict(parameters), (x,))
-
-
-def _correct(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if out.dim() >= 2 and y.dim() == out.dim() - 1 and not torch.is_floating_point(y):
-        return (out.argmax(1) == y).sum()
-    return torch.zeros((), dtype=torch.int64, device=out.device)
+def _forward(model: nn.Module, parameters: Mapping[str, torch.Tensor] | None) -> Callable[..., Any]:
+    return model if parameters is None else functional_model(model, parameters)
 
 
 @torch.no_grad()
-def weighted_loss_sums(model: nn.Module, loss_fn: LossFn, weighted: Sequence[tuple[Batch, float]], *,
+def weighted_loss_sums(model: nn.Module, loss_fn: Any, weighted: Sequence[tuple[Batch, float]], *,
                        parameters: Mapping[str, torch.Tensor] | None = None, with_accuracy: bool = False,
                        context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
                        ) -> torch.Tensor:
@@ -58,30 +52,37 @@ def weighted_loss_sums(model: nn.Module, loss_fn: LossFn, weighted: Sequence[tup
 
     The building block of :func:`full_data_loss` (and of a data-split landscape): no host synchronisation.
     """
+    objective = as_objective(loss_fn, model)
     device = model_device(model)
+    forward = _forward(model, parameters)
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for (x, y), weight in weighted:
-        x, y = to_device((x, y), device)
+    for batch, weight in weighted:
+        batch = to_device(batch, device)
         with (context() if context is not None else contextlib.nullcontext()):
-            out = _outputs(model, x, parameters)
-            loss = checked_loss(loss_fn(out, y))
+            out = objective.outputs(forward, batch)
+            loss = checked_loss(objective.loss(out, batch))
         sums[0] += loss.double() * weight
         if with_accuracy:
-            sums[1] += _correct(out, y)
+            correct = objective.correct(out, batch)
+            if correct is not None:
+                sums[1] += correct
     return sums
 
 
 @torch.no_grad()
-def full_data_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], *,
+def full_data_loss(model: nn.Module, loss_fn: Any, batches: Sequence[Batch], *,
                    parameters: Mapping[str, torch.Tensor] | None = None, with_accuracy: bool = False,
                    context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
                    distributed: bool = False) -> float | LossAndAccuracy:
-    """Mean of ``loss_fn`` over all ``batches`` (weighted by batch size), in the model's current mode.
+    """Mean of the loss over all ``batches`` (each weighted by its number of targets), in the model's current mode.
 
     Args:
+        loss_fn: ``loss_fn(outputs, targets)`` or any objective
+            :func:`~sharpscope.analysis.objective.as_objective` accepts.
         parameters: name -> tensor replacing those parameters/buffers for the evaluation
             (``torch.func.functional_call``; the model itself is not written to).
-        with_accuracy: also count ``argmax(outputs) == targets`` (return a :class:`LossAndAccuracy`).
+        with_accuracy: also count ``argmax(outputs) == targets`` (return a :class:`LossAndAccuracy`;
+            the accuracy is over the objective's targets, e.g. tokens for a language model).
         context: a factory of a context entered around each forward pass (e.g. autocast).
         distributed: data-parallel over the ranks of ``torch.distributed`` (module docstring).
 
@@ -89,30 +90,31 @@ def full_data_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], 
     a result (a landscape point far from ``w``). Accumulation is in float64 on the model's device,
     with one host synchronisation at the end.
     """
+    objective = as_objective(loss_fn, model)
     active = use_ranks(distributed) if distributed else False
-    sums = weighted_loss_sums(model, loss_fn, shared_batches(batches, active), parameters=parameters,
+    sums = weighted_loss_sums(model, objective, shared_batches(batches, active, objective), parameters=parameters,
                               with_accuracy=with_accuracy, context=context)
     total, correct = reduce_sum([sums], active)[0].tolist()
     if not with_accuracy:
         return float(total)
-    n = sum(len(x) for x, _ in batches)
+    n = sum(objective.count(b) for b in batches)
     return LossAndAccuracy(float(total), float(correct) / max(n, 1))
 
 
-def full_data_gradient(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
+def full_data_gradient(model: nn.Module, loss_fn: Any, batches: Sequence[Batch],
                        params: Sequence[torch.Tensor], distributed: bool = False) -> tuple[float, list[torch.Tensor]]:
     """``(L(w), grad L(w))`` over all batches for ``params`` (zeros where a tensor gets no gradient).
 
     Gradients come from ``torch.autograd.grad``, so ``.grad`` of every parameter is left alone. With
     ``distributed`` the loss and the gradient are summed over ranks in one all-reduce.
     """
+    objective = as_objective(loss_fn, model)
     device = model_device(model)
     active = use_ranks(distributed) if distributed else False
     grads = [torch.zeros_like(p) for p in params]
     total = torch.zeros(1, dtype=torch.float64, device=device)
-    for (x, y), weight in shared_batches(batches, active):
-        x, y = to_device((x, y), device)
-        loss = checked_loss(loss_fn(model(x), y))
+    for batch, weight in shared_batches(batches, active, objective):
+        loss = checked_loss(objective(model, to_device(batch, device)))
         g = torch.autograd.grad(loss * weight, list(params), allow_unused=True)
         torch._foreach_add_(grads, [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)])
         total += loss.detach().double() * weight
@@ -168,27 +170,34 @@ def check_finite_parameters(model: nn.Module, what: str = "model") -> None:
                              "analyse a checkpoint from before the run diverged")
 
 
-def check_model_accepts(model: nn.Module, loss_fn: LossFn, batch: Batch, n: int = 2) -> None:
+def _shapes(batch: Batch) -> str:
+    """Per-example shapes of the batch's tensors, for error messages."""
+    if isinstance(batch, Mapping):
+        return ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in batch.items() if isinstance(v, torch.Tensor))
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch):
+        return f"inputs of shape {tuple(batch[0].shape[1:])} per example, targets {tuple(batch[1].shape[1:]) or 'scalar'}"
+    return type(batch).__name__
+
+
+def check_model_accepts(model: nn.Module, loss_fn: Any, batch: Batch, n: int = 2) -> None:
     """Run one forward pass and the loss on the first ``n`` examples of ``batch`` before long work.
 
     A model that cannot run on the data (wrong input size, channel count, image too small for its
-    pooling) becomes one :class:`UserInputError` naming the input shape and the model's complaint.
+    pooling) becomes one :class:`UserInputError` naming the input shapes and the model's complaint.
     """
-    x, y = batch
-    x, y = to_device((x[:n], y[:n]), model_device(model))
+    objective = as_objective(loss_fn, model)
+    small = to_device(slice_batch(batch, slice(0, n)), model_device(model))
     was_training = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x)
-            checked_loss(loss_fn(out, y))
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            checked_loss(objective(model, small))
+    except (RuntimeError, ValueError, IndexError, TypeError, KeyError, AttributeError) as exc:
         if isinstance(exc, UserInputError):
             raise
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(
-            f"the {type(model).__name__} model cannot run on this data (inputs of shape "
-            f"{tuple(batch[0].shape[1:])} per example, targets {tuple(batch[1].shape[1:]) or 'scalar'}): "
+            f"the {type(model).__name__} model cannot run on this data ({_shapes(batch)}): "
             f"{detail[:300]}; check that the model was built for this dataset (input size, channels, classes)"
         ) from None
     finally:

@@ -17,6 +17,10 @@ the full-data mean loss, model in eval mode) and return self-describing results.
   ``tr(H^j) / dim``; the density is ``mean_runs sum_i w_i N(x; theta_i, sigma^2)``.
 * :func:`layer_curvature` -- the same on each diagonal block ``H_tt`` (one parameter tensor ``t``).
 
+``curvature="ggn"`` runs every one of them on the generalised Gauss-Newton matrix instead
+(:class:`~sharpscope.analysis.ggn.GGNOperator`, ``G = J^T H_loss J``, positive semi-definite); the
+results' ``settings["curvature"]`` says which matrix was analysed.
+
 Every result follows the one result protocol (:class:`~sharpscope.analysis.results.Result`):
 ``.to_dataframe()``, ``.save(path)``, ``Class.load(path)`` (or ``sharpscope.load``), and ``.settings``
 with ``settings["provenance"]``. Before any long work each analysis refuses non-finite weights (naming
@@ -43,8 +47,9 @@ from .._progress import progress as progress_bar
 from .._validate import choice, integer, number, positive_int
 from ..errors import UserInputError
 from ..threads import analysis_threads
-from .batching import Batch, prepared_batches, trainable_named_parameters
-from .curvature import HessianOperator, LossFn
+from .batching import Batch, batch_size, prepared_batches, trainable_named_parameters
+from .curvature import HVP_METHODS, HessianOperator, LossFn
+from .ggn import GGNOperator, check_ggn_objective
 from .lanczos import _error_bounds, krylov_basis, lanczos_quadrature, thick_restart_lanczos
 from .parallel import (
     gather_in_order,
@@ -69,6 +74,8 @@ BACKENDS = ("sharpscope", "pyhessian")
 #: How the stochastic estimators use several ranks: split the data of every product, or the probes.
 SPLITS = ("data", "probes")
 TRACE_METHODS = ("hutch++", "hutchinson", "krylov")
+#: The curvature matrices the analyses run on: the loss Hessian or the generalised Gauss-Newton matrix.
+CURVATURES = ("hessian", "ggn")
 #: Most Lanczos steps one SLQ run may take: the full reorthogonalisation costs ``O(n_iter^2 dim)`` and the
 #: basis ``n_iter * dim`` numbers, while 80-100 steps already resolve a density (Ghorbani et al. use 90).
 MAX_SLQ_STEPS = 1000
@@ -87,6 +94,30 @@ def _pyhessian_options(params: Any, dtype: Any) -> None:
                              "drop params=/dtype= or use backend='sharpscope'")
 
 
+def _check_curvature(curvature: Any, model: nn.Module, loss_fn: Any, backend: str = "sharpscope",
+                     hvp: Any = "auto") -> str:
+    """Validate ``curvature`` and what it allows: the GGN has one product method and no PyHessian backend."""
+    curvature = choice(curvature, "curvature", CURVATURES)
+    if curvature == "ggn":
+        if backend == "pyhessian":
+            raise UserInputError("backend='pyhessian' computes only the Hessian; use backend='sharpscope' with "
+                                 "curvature='ggn'")
+        if choice(hvp, "hvp", HVP_METHODS) != "auto":
+            raise UserInputError(f"hvp={hvp!r} chooses how a Hessian-vector product is computed; the Gauss-Newton "
+                                 "product has one method (jvp + vjp): drop hvp= or use curvature='hessian'")
+        check_ggn_objective(loss_fn, model)
+    return curvature
+
+
+def _operator(curvature: str, model: nn.Module, loss_fn: Any, batches: list[Batch], *,
+              params: Iterable[torch.Tensor] | None, dtype: torch.dtype | None, hvp: str,
+              distributed: bool | None) -> HessianOperator:
+    """The operator of ``curvature`` (:data:`CURVATURES`) on the prepared batches."""
+    if curvature == "ggn":
+        return GGNOperator(model, loss_fn, batches, params=params, dtype=dtype, distributed=distributed)
+    return HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp, distributed=distributed)
+
+
 def _dimension(model: nn.Module, params: Iterable[torch.Tensor] | None) -> int:
     """Number of scalar parameters the Hessian is taken over (its side), without building an operator."""
     dim = sum(p.numel() for _, p in trainable_named_parameters(model, params))
@@ -97,8 +128,9 @@ def _dimension(model: nn.Module, params: Iterable[torch.Tensor] | None) -> int:
 
 def _data_settings(op: HessianOperator, split: str = "data", probes: bool = False) -> dict[str, Any]:
     world = rank_and_world(op.distributed or probes)[1]
-    return {"n_examples": int(sum(len(x) for x, _ in op.batches)), "n_batches": len(op.batches),
-            "dim": op.dim, "dtype": str(op.dtype).replace("torch.", ""), "hvp": op.method,
+    return {"n_examples": int(sum(batch_size(b) for b in op.batches)), "n_batches": len(op.batches),
+            "curvature": getattr(op, "curvature", "hessian"), "dim": op.dim,
+            "dtype": str(op.dtype).replace("torch.", ""), "hvp": op.method,
             "device": str(op.device), "world_size": world, "split": split if world > 1 else None}
 
 
@@ -148,7 +180,7 @@ class _HvpProgress:
 def _base_settings(model: nn.Module, seed: int, backend: str, op: HessianOperator | None, split: str = "data",
                    probes: bool = False) -> dict[str, Any]:
     settings: dict[str, Any] = {"seed": int(seed), "backend": backend, "model_fingerprint": model_fingerprint(model),
-                                "provenance": provenance()}
+                                "curvature": "hessian", "provenance": provenance()}
     if op is not None:
         settings.update(_data_settings(op, split, probes))
     return settings
@@ -248,7 +280,8 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
                         tol: float = 1e-3, max_iter: int = 100, seed: int = 0, backend: str = "sharpscope",
                         params: Iterable[torch.Tensor] | None = None, dtype: torch.dtype | None = None,
                         hvp: str = "auto", max_basis: int | None = None, eigenvectors: bool = True,
-                        progress: bool = True, distributed: bool | None = None) -> EigenResult:
+                        progress: bool = True, distributed: bool | None = None,
+                        curvature: str = "hessian") -> EigenResult:
     """The ``k`` largest (``which="LA"``) or most negative (``"SA"``) eigenvalues of the loss Hessian.
 
     Args:
@@ -268,6 +301,9 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
             with several ranks is initialised; :mod:`~sharpscope.analysis.parallel`). Each product is
             all-reduced and Lanczos runs with the same seed on every rank, so every rank holds the same
             result.
+        curvature: ``"hessian"`` (default) or ``"ggn"``: the generalised Gauss-Newton matrix
+            (:class:`~sharpscope.analysis.ggn.GGNOperator`; needs a loss of the model's outputs, ``hvp="auto"``
+            and ``backend="sharpscope"``).
 
     Raises ``UserInputError`` for bad arguments, ``k`` above the number of parameters, non-finite weights
     or a model that cannot run on the data. Warns (``RuntimeWarning``) when the largest-magnitude
@@ -278,6 +314,7 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
     choice(which, "which", ("LA", "SA"))
     tol = number(tol, "tol (a relative tolerance)", minimum=0.0, maximum=1.0, strict_minimum=True)
     seed = integer(seed, "seed", minimum=None)
+    curvature = _check_curvature(curvature, model, loss_fn, backend, hvp)
     if backend == "pyhessian":
         _pyhessian_options(params, dtype)
         if which != "LA":
@@ -292,7 +329,7 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
     result, ritz = _lanczos_eigen(model, loss_fn, batches, k=k, which=which, tol=tol, max_iter=max_iter,
                                   seed=seed, params=params, dtype=dtype, hvp=hvp, max_basis=max_basis,
                                   eigenvectors=eigenvectors, progress=main_progress(progress),
-                                  distributed=use_ranks(distributed))
+                                  distributed=use_ranks(distributed), curvature=curvature)
     if which == "LA":
         _warn_negative_dominant(ritz, float(result.eigenvalues[0]))
     if not result.converged:
@@ -305,11 +342,12 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int = 1
 def _lanczos_eigen(model: nn.Module, loss_fn: LossFn, batches: list[Batch], *, k: int, which: str, tol: float,
                    max_iter: int, seed: int, params: Iterable[torch.Tensor] | None, dtype: torch.dtype | None,
                    hvp: str, max_basis: int | None, eigenvectors: bool,
-                   progress: bool, distributed: bool) -> tuple[EigenResult, np.ndarray]:
+                   progress: bool, distributed: bool,
+                   curvature: str = "hessian") -> tuple[EigenResult, np.ndarray]:
     """Thick-restart Lanczos on the operator; the result and every Ritz value of the last projection."""
     start = time.perf_counter()
-    with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp,
-                         distributed=distributed) as op:
+    with _operator(curvature, model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp,
+                   distributed=distributed) as op:
         bar = _HvpProgress(progress, max_iter, f"Lanczos top-{k} ({which})")
         try:
             out = thick_restart_lanczos(op.matvec, _gaussian(op.dim, _generator(seed), op), k=k, which=which,
@@ -489,7 +527,8 @@ def trace_estimate(op: HessianOperator, n_samples: int, method: str = "hutch++",
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, n_samples: int = 60, method: str = "hutch++",
                   seed: int = 0, backend: str = "sharpscope", params: Iterable[torch.Tensor] | None = None,
                   dtype: torch.dtype | None = None, hvp: str = "auto", tol: float = 1e-3,
-                  progress: bool = True, distributed: bool | None = None, split: str = "data") -> TraceResult:
+                  progress: bool = True, distributed: bool | None = None, split: str = "data",
+                  curvature: str = "hessian") -> TraceResult:
     """Estimate ``tr(H)`` with ``n_samples`` Hessian-vector products and report a standard error.
 
     Args:
@@ -510,9 +549,12 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, n_samples: int =
             gives each rank its share of the independent probes (each rank then needs all the data; the
             sketch/exact/Hutchinson products of Hutch++ are each divided among the ranks and gathered).
             Either way every rank holds the estimate one process computes with the same probes.
+        curvature: ``"hessian"`` (default) or ``"ggn"`` (the Gauss-Newton matrix, as in
+            :func:`hessian_eigenvalues`).
     """
     _check_backend(backend)
     seed = integer(seed, "seed", minimum=None)
+    curvature = _check_curvature(curvature, model, loss_fn, backend, hvp)
     data_parallel, probes = _parallel_mode(distributed, split)
     if backend == "pyhessian":  # its Hutchinson loop: at most n_samples probes, any number >= 1
         _pyhessian_options(params, dtype)
@@ -526,8 +568,8 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, n_samples: int =
 
         return pyhessian_trace(model, loss_fn, batches, max_iter=n_samples, tol=tol, seed=seed, progress=progress)
     start = time.perf_counter()
-    with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp,
-                         distributed=data_parallel) as op:
+    with _operator(curvature, model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp,
+                   distributed=data_parallel) as op:
         result = trace_estimate(op, n_samples, method, seed, progress, split_probes=probes)
         result.settings = _base_settings(model, seed, backend, op, split, probes)
     result.settings.update({"n_samples": n_samples, "method": method, "seconds": time.perf_counter() - start})
@@ -676,7 +718,8 @@ def hessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int = 
                     sigma: float | None = None, grid: int | np.ndarray = 1000, seed: int = 0,
                     backend: str = "sharpscope", params: Iterable[torch.Tensor] | None = None,
                     dtype: torch.dtype | None = None, hvp: str = "auto", progress: bool = True,
-                    distributed: bool | None = None, split: str = "data") -> DensityResult:
+                    distributed: bool | None = None, split: str = "data",
+                    curvature: str = "hessian") -> DensityResult:
     """Spectral density of the Hessian by stochastic Lanczos quadrature (``n_runs * n_iter`` HVPs).
 
     Args:
@@ -688,11 +731,14 @@ def hessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int = 
         backend: ``"pyhessian"`` runs PyHessian's ``density`` (with ``torch.eig`` replaced by ``eigh``).
         distributed, split: as in :func:`hessian_trace`; ``split="probes"`` runs probe ``r`` on rank
             ``r mod N`` (every rank draws all probes from the same seed) and gathers the runs in order.
+        curvature: ``"hessian"`` (default) or ``"ggn"`` (the Gauss-Newton matrix, as in
+            :func:`hessian_eigenvalues`; its density lies on ``[0, inf)``).
     """
     _check_backend(backend)
     data_parallel, probes = _parallel_mode(distributed, split)
     n_runs = positive_int(n_runs, "n_runs")
     seed = integer(seed, "seed", minimum=None)
+    curvature = _check_curvature(curvature, model, loss_fn, backend, hvp)
     if backend == "pyhessian":
         _pyhessian_options(params, dtype)
     batches = prepared_batches(model, loss_fn, data)
@@ -703,8 +749,8 @@ def hessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int = 
         return pyhessian_density(model, loss_fn, batches, n_iter=n_iter, n_runs=n_runs, sigma=sigma, grid=grid,
                                  seed=seed, progress=progress)
     start = time.perf_counter()
-    with HessianOperator(model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp,
-                         distributed=data_parallel) as op:
+    with _operator(curvature, model, loss_fn, batches, params=params, dtype=dtype, hvp=hvp,
+                   distributed=data_parallel) as op:
         runs = _slq_runs(op, n_iter, n_runs, _generator(seed), main_progress(progress), probes)
         settings = _base_settings(model, seed, backend, op, split, probes)
         n_hvp = sum_int(op.n_hvp, probes)
@@ -798,7 +844,8 @@ def _block_curvature(op: HessianOperator, name: str, shape: torch.Size, seed: in
 def layer_curvature(model: nn.Module, loss_fn: LossFn, data: Any, tol: float = 1e-3, max_iter: int = 100,
                     n_trace_samples: int = 30, seed: int = 0, dtype: torch.dtype | None = None,
                     hvp: str = "auto", layers: Callable[[str, torch.Tensor], bool] | None = None,
-                    progress: bool = True, distributed: bool | None = None) -> LayerCurvatureResult:
+                    progress: bool = True, distributed: bool | None = None,
+                    curvature: str = "hessian") -> LayerCurvatureResult:
     """Top eigenvalue and trace of each diagonal block ``H_tt`` of the Hessian (one per parameter tensor).
 
     The block of tensor ``t`` is the Hessian of the loss w.r.t. ``t`` alone, the other tensors held fixed.
@@ -809,12 +856,14 @@ def layer_curvature(model: nn.Module, loss_fn: LossFn, data: Any, tol: float = 1
     Returns a :class:`LayerCurvatureResult`, one row per tensor: ``layer, shape, numel, top_eigenvalue,
     top_error_bound, top_converged, trace, trace_stderr, trace_method, n_hvp``; it reads like that
     DataFrame, with the settings in ``.settings`` (and ``.attrs["settings"]``). ``distributed``: every
-    block's products are data-parallel as in :func:`hessian_eigenvalues`.
+    block's products are data-parallel as in :func:`hessian_eigenvalues`. ``curvature="ggn"``: the
+    diagonal blocks ``G_tt = J_t^T H_loss J_t`` of the Gauss-Newton matrix instead.
     """
     max_iter = positive_int(max_iter, "max_iter")
     n_trace_samples = integer(n_trace_samples, "n_trace_samples", minimum=4)
     tol = number(tol, "tol (a relative tolerance)", minimum=0.0, maximum=1.0, strict_minimum=True)
     seed = integer(seed, "seed", minimum=None)
+    curvature = _check_curvature(curvature, model, loss_fn, hvp=hvp)
     batches = prepared_batches(model, loss_fn, data)  # materialised once, not once per layer
     named = _selected_tensors(model, layers)
     start = time.perf_counter()
@@ -823,7 +872,8 @@ def layer_curvature(model: nn.Module, loss_fn: LossFn, data: Any, tol: float = 1
     active = use_ranks(distributed)
     for i, (name, p) in enumerate(progress_bar(named, enabled=main_progress(progress), desc="layers",
                                                total=len(named))):
-        with HessianOperator(model, loss_fn, batches, params=[p], dtype=dtype, hvp=hvp, distributed=active) as op:
+        with _operator(curvature, model, loss_fn, batches, params=[p], dtype=dtype, hvp=hvp,
+                       distributed=active) as op:
             rows.append(_block_curvature(op, name, p.shape, seed + i, tol, max_iter, n_trace_samples))
             data_settings = _data_settings(op)
     data_settings.pop("dim", None)

@@ -7,9 +7,9 @@ ends with the same result (rank 0 writes it).
 
 Data split (:func:`shared_batches`): the batches are dealt round-robin, batch ``b`` to rank
 ``b mod N``; when there are fewer batches than ranks each batch is first cut into ``N`` pieces
-(``torch.tensor_split``; the loss is a per-example mean and the model runs in eval mode, so the
-weighted sum is unchanged). Each piece keeps its *global* weight ``n_b / n`` (``n`` all examples of
-all ranks), so a rank's weighted sum plus one all-reduce (``sum over ranks``) is exactly the full-data
+(``torch.tensor_split``; the loss is a mean over targets and the model runs in eval mode, so the
+weighted sum is unchanged). Each piece keeps its *global* weight ``c_b / C`` (its number of targets
+over those of all ranks), so a rank's weighted sum plus one all-reduce (``sum over ranks``) is exactly the full-data
 mean: ``L = sum_r sum_{b in r} (n_b / n) L_b``, and likewise its gradient and Hessian-vector product.
 
 Per-batch analyses (Z-scores, mask statistics) deal whole batches (:func:`my_indices`), compute each
@@ -26,7 +26,7 @@ import torch
 
 from .. import distributed as dist
 from ..errors import UserInputError
-from .batching import Batch
+from .batching import Batch, batch_size, batch_weights, slice_batch
 
 T = TypeVar("T")
 Weighted = tuple[Batch, float]
@@ -62,18 +62,21 @@ def _pieces(batches: Sequence[Batch], world: int) -> list[Batch]:
     if len(batches) >= world:
         return list(batches)
     out: list[Batch] = []
-    for x, y in batches:
-        out.extend((px, py) for px, py in zip(torch.tensor_split(x, world), torch.tensor_split(y, world))
-                   if len(px) > 0)
+    for batch in batches:
+        for index in torch.tensor_split(torch.arange(batch_size(batch)), world):
+            if len(index) > 0:
+                out.append(slice_batch(batch, slice(int(index[0]), int(index[-1]) + 1)))
     return out
 
 
-def shared_batches(batches: Sequence[Batch], active: bool) -> list[Weighted]:
-    """This rank's ``(batch, global weight)`` pairs (all batches with ``n_b / n`` when not splitting)."""
+def shared_batches(batches: Sequence[Batch], active: bool, objective: Any = None) -> list[Weighted]:
+    """This rank's ``(batch, global weight)`` pairs (all batches with ``c_b / C`` when not splitting).
+
+    ``c_b`` is the batch's number of targets as ``objective`` counts them (examples by default).
+    """
     _, world = rank_and_world(active)
     pieces = _pieces(batches, world) if active else list(batches)
-    total = float(sum(len(x) for x, _ in pieces))
-    weighted = [(b, len(b[0]) / total) for b in pieces]
+    weighted = list(zip(pieces, batch_weights(pieces, objective)))
     return [weighted[i] for i in my_indices(len(weighted), active)]
 
 
