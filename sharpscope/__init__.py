@@ -17,6 +17,10 @@ from ._version import __version__ as __version__
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("HessianOperator",), "analysis.curvature"),
+    **dict.fromkeys(("Objective", "ClassificationLoss", "TokenCrossEntropy", "ModelOutputLoss", "BatchLoss",
+                     "as_objective"), "analysis.objective"),
+    **dict.fromkeys(("math_attention",), "analysis.attention"),
+    **dict.fromkeys(("GGNOperator",), "analysis.ggn"),
     **dict.fromkeys(("Direction", "TrajectoryDirections", "eigen_directions", "interpolation_direction",
                      "random_directions", "trajectory_directions"), "analysis.directions"),
     **dict.fromkeys(("ZScoreResult", "gradient_zscores", "load_zscores"), "analysis.gradients"),
@@ -24,6 +28,7 @@ _EXPORTS: dict[str, str] = {
                      "hessian_eigenvalues", "hessian_trace", "layer_curvature", "load_layer_curvature",
                      "save_layer_curvature"), "analysis.hessian"),
     **dict.fromkeys(("Landscape", "interpolate", "landscape_1d", "landscape_2d"), "analysis.landscape"),
+    **dict.fromkeys(("layer_block", "layer_groups", "layer_kind", "layer_part"), "analysis.layer_groups"),
     **dict.fromkeys(("AlignmentResult", "MaskStatisticsResult", "ZSharpMasks", "load_mask_log",
                      "load_mask_statistics", "mask_statistics", "perturbation_alignment",
                      "save_mask_statistics", "zsharp_masks"), "analysis.masks"),
