@@ -21,7 +21,7 @@ import functools
 import inspect
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -137,9 +137,12 @@ def thread_policy(trial: Callable[[], Any] | None = None, threads: int | None = 
         torch.set_num_threads(saved)
 
 
-def forward_backward_trial(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], batch: Any,
+def forward_backward_trial(model: torch.nn.Module, loss_fn: Any, batch: Any,
                            n: int | None = None) -> Callable[[], None]:
     """A unit of an analysis' work: loss and parameter gradients on the first ``n`` examples of ``batch``.
+
+    ``batch``: ``(x, y)``, a dict of tensors or anything ``loss_fn(model, batch)`` understands;
+    ``loss_fn``: anything :func:`~sharpscope.analysis.objective.as_objective` accepts.
 
     Uses ``torch.autograd.grad`` in eval mode, so ``.grad``, buffers and the train flag stay as found.
     ``n=None`` sizes the unit, on its first call, to take about :data:`TRIAL_SECONDS` at one thread
@@ -152,17 +155,26 @@ def forward_backward_trial(model: torch.nn.Module, loss_fn: Callable[..., torch.
 
 
 class _ForwardBackward:
-    """The callable behind :func:`forward_backward_trial`; ``work_key`` names the work for reuse."""
+    """The callable behind :func:`forward_backward_trial`; ``work_key`` names the work for reuse.
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], batch: Any,
-                 n: int | None) -> None:
-        self.model, self.loss_fn = model, loss_fn
+    ``batch`` is any batch an analysis takes (``(x, y)``, a dict of tensors, ...) and ``loss_fn``
+    anything :func:`~sharpscope.analysis.objective.as_objective` accepts; the unit is the objective's
+    loss on the batch's first examples (:func:`~sharpscope.analysis.batching.slice_batch`).
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Any, batch: Any, n: int | None) -> None:
+        from .analysis.batching import batch_size  # the analysis package imports this module
+        from .analysis.objective import as_objective, first_tensor
+
+        self.model, self.objective, self.batch = model, as_objective(loss_fn, model), batch
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.inputs, self.targets = batch[0], batch[1]
+        self.examples = batch_size(batch)
+        first = first_tensor(batch)
         self.plan = None if n is None else (n, 1)
         self.work_key = (type(model).__qualname__, sum(p.numel() for p in self.params),
-                         tuple(self.inputs.shape[1:]), str(self.inputs.dtype), str(self.device), n)
+                         None if first is None else tuple(first.shape[1:]),
+                         None if first is None else str(first.dtype), str(self.device), n, self.objective.name)
 
     def __call__(self) -> None:
         if self.plan is None:
@@ -170,12 +182,14 @@ class _ForwardBackward:
         self._run(*self.plan)
 
     def _run(self, size: int, repeats: int = 1) -> None:
-        x, y = self.inputs[:size].to(self.device), self.targets[:size].to(self.device)
+        from .analysis.batching import slice_batch, to_device
+
+        batch = to_device(slice_batch(self.batch, slice(0, size)), self.device)
         flags = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
             for _ in range(repeats):
-                loss = self.loss_fn(self.model(x), y)
+                loss = self.objective(self.model, batch)
                 if self.params and loss.requires_grad:
                     torch.autograd.grad(loss, self.params, allow_unused=True)
         finally:
@@ -189,7 +203,7 @@ class _ForwardBackward:
         :data:`MAX_TRIAL_EXAMPLES` examples repeats its unit, so that a timing spans several scheduler
         time slices (a few ms each) and sees the cost of a busy neighbour.
         """
-        available = len(self.inputs)
+        available = self.examples
         probe = min(MIN_TRIAL_EXAMPLES, available)
         saved = torch.get_num_threads()
         try:
@@ -204,6 +218,8 @@ class _ForwardBackward:
 
 def _first_batch(data: Any) -> Any | None:
     """The first batch of ``data``, or None for a one-shot iterator (reading it would consume it)."""
+    if isinstance(data, Mapping):  # one dict batch (iterating it would give its keys)
+        return data
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         return data
     try:
@@ -238,5 +254,11 @@ def analysis_threads(func: F) -> F:
 
 def _trial_or_none(model: Any, loss_fn: Any, data: Any) -> Callable[[], None] | None:
     """The trial for this call, or None when it cannot be built (the analysis reports bad input itself)."""
-    batch = _first_batch(data) if isinstance(model, torch.nn.Module) and callable(loss_fn) else None
-    return None if batch is None else forward_backward_trial(model, loss_fn, batch)
+    usable_loss = loss_fn is None or callable(loss_fn) or isinstance(loss_fn, str)
+    batch = _first_batch(data) if isinstance(model, torch.nn.Module) and usable_loss else None
+    if batch is None:
+        return None
+    try:
+        return forward_backward_trial(model, loss_fn, batch)
+    except (ValueError, TypeError, KeyError, AttributeError):  # an unknown loss name, a batch without tensors
+        return None

@@ -50,6 +50,7 @@ from .batching import (
     Batch,
     LossFn,
     as_batches,
+    batch_size,
     checked_loss,
     model_device,
     preserved_model_state,
@@ -58,6 +59,7 @@ from .batching import (
     trainable_named_parameters,
 )
 from .evaluation import check_finite_parameters, check_model_accepts
+from .objective import Objective, as_objective
 from .parallel import (
     gather_in_order,
     main_progress,
@@ -104,12 +106,11 @@ def select_parameters(model: nn.Module, include: str = "filtered",
 
 
 # --- gradients ---------------------------------------------------------------------------------------
-def _batch_gradient(model: nn.Module, loss_fn: LossFn, batch: Batch, named: Sequence[tuple[str, nn.Parameter]],
-                    device: torch.device) -> list[torch.Tensor | None]:
+def _batch_gradient(model: nn.Module, objective: Objective, batch: Batch,
+                    named: Sequence[tuple[str, nn.Parameter]], device: torch.device) -> list[torch.Tensor | None]:
     """The gradient of one batch's mean loss (``None`` for a tensor the loss does not reach), checked finite."""
-    x, y = to_device(batch, device)
     with torch.enable_grad():
-        loss = checked_loss(loss_fn(model(x), y))
+        loss = checked_loss(objective(model, to_device(batch, device)))
         require_finite(loss.detach().item(), "the loss")
         grads = list(torch.autograd.grad(loss, [p for _, p in named], allow_unused=True))
     for (name, _), g in zip(named, grads):
@@ -121,18 +122,21 @@ def _batch_gradient(model: nn.Module, loss_fn: LossFn, batch: Batch, named: Sequ
 def full_data_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
                         named: Sequence[tuple[str, nn.Parameter]], show_progress: bool = True,
                         desc: str = "gradients", distributed: bool = False) -> list[torch.Tensor | None]:
-    """``sum_b (n_b / n) grad L_b``: the gradient of the mean loss over all samples (``None``: unused tensor).
+    """``sum_b (c_b / C) grad L_b``: the gradient of the mean loss over all targets (``None``: unused tensor).
 
+    ``c_b`` is batch ``b``'s number of targets as the objective counts them (examples for a classifier,
+    target tokens for a language model), so the result is exact whatever the batch sizes or padding.
     With ``distributed`` each rank sums its share of the batches (global weights) and one all-reduce adds
     the shares and a count of the batches in which each tensor got a gradient (so ``None`` is decided
     over all batches, as in one process).
     """
+    objective = as_objective(loss_fn, model)
     device = model_device(model)
-    share = shared_batches(batches, distributed)
+    share = shared_batches(batches, distributed, objective)
     total = [torch.zeros_like(p) for _, p in named]
     seen = torch.zeros(len(named), dtype=total[0].dtype if total else torch.float64, device=device)
     for batch, weight in _progress(share, enabled=show_progress and len(share) > 1, desc=desc, total=len(share)):
-        for i, g in enumerate(_batch_gradient(model, loss_fn, batch, named, device)):
+        for i, g in enumerate(_batch_gradient(model, objective, batch, named, device)):
             if g is not None:
                 total[i].add_(g, alpha=weight)
                 seen[i] += 1
@@ -148,8 +152,10 @@ def iter_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
 
     The caller holds the model in the state it wants (eval mode, under
     :func:`~sharpscope.analysis.batching.preserved_model_state`); ``.grad`` is not touched
-    (``torch.autograd.grad``). With ``full_data`` a single list is yielded: the batch-size-weighted
-    mean of the batch gradients, i.e. the gradient of the mean loss over all samples
+    (``torch.autograd.grad``). ``loss_fn`` is anything
+    :func:`~sharpscope.analysis.objective.as_objective` accepts. With ``full_data`` a single list is
+    yielded: the mean of the batch gradients weighted by their numbers of targets, i.e. the gradient of
+    the mean loss over all targets
     (:func:`full_data_gradients`). With ``distributed`` (an active split, see
     :mod:`sharpscope.analysis.parallel`) only this rank's batches ``my_indices(len(batches))`` are
     yielded, in order; with ``full_data`` the one gradient is summed over ranks.
@@ -157,10 +163,11 @@ def iter_gradients(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
     if full_data:
         yield full_data_gradients(model, loss_fn, batches, named, show_progress, desc, distributed)
         return
+    objective = as_objective(loss_fn, model)
     device = model_device(model)
     mine = my_indices(len(batches), distributed)
     for b in _progress(mine, enabled=show_progress and len(mine) > 1, desc=desc, total=len(mine)):
-        yield _batch_gradient(model, loss_fn, batches[b], named, device)
+        yield _batch_gradient(model, objective, batches[b], named, device)
 
 
 # --- statistics of one tensor ------------------------------------------------------------------------
@@ -466,12 +473,13 @@ def gradient_zscores(model: nn.Module, loss_fn: LossFn, data: Any, bins: int | S
 
     Args:
         model: any ``nn.Module`` with finite weights; run in eval mode and restored exactly afterwards.
-        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced scalar.
-        data: one ``(inputs, targets)`` batch or an iterable of them (a DataLoader).
+        loss_fn: ``loss_fn(outputs, targets)`` (mean-reduced), ``loss_fn(model, batch)``, a name
+            (``"lm"``, ``"hf"``) or an :class:`~sharpscope.analysis.objective.Objective`.
+        data: one batch (``(inputs, targets)`` or a dict of tensors) or an iterable of them (a DataLoader).
         bins: number of equal histogram bins over ``z_range``, or the bin edges.
         percentile: ZSharp's percentile in (0, 1); the threshold reported is its ``Q_p(|z|)``.
-        full_data: analyse the gradient of the mean loss over all of ``data`` (one "batch") instead
-            of each batch's gradient.
+        full_data: analyse the gradient of the mean loss over all of ``data`` (one "batch"; batches
+            weighted by their numbers of targets) instead of each batch's gradient.
         z_range: the histogram's range when ``bins`` is a number.
         tails: levels ``t`` of the tail fractions ``P(|z| > t)``.
         include: ``"filtered"`` (tensors with ``ndim > 1``, what ZSharp filters) or ``"all"``.
@@ -494,14 +502,15 @@ def gradient_zscores(model: nn.Module, loss_fn: LossFn, data: Any, bins: int | S
     """
     percentile, tails, edges_np = _checked_levels(percentile, tails, bins, z_range)
     named = select_parameters(model, include, params)
+    objective = as_objective(loss_fn, model)
     batches = as_batches(data)
     check_finite_parameters(model)
-    check_model_accepts(model, loss_fn, batches[0])
+    check_model_accepts(model, objective, batches[0])
     active = use_ranks(distributed)
-    per_batch = _batch_statistics(model, loss_fn, batches, named, edges_np, percentile, tails, full_data,
+    per_batch = _batch_statistics(model, objective, batches, named, edges_np, percentile, tails, full_data,
                                   main_progress(progress), active)
     names, numel, stats = _used_tensors(named, per_batch)
-    sizes = [len(x) for x, _ in batches]
+    sizes = [batch_size(b) for b in batches]
     settings = {
         "percentile": percentile, "tails": tails, "full_data": bool(full_data), "include": include,
         "batch_sizes": sizes, "n_samples": int(sum(sizes)), "model_fingerprint": model_fingerprint(model),

@@ -1,7 +1,8 @@
 """Loss-landscape slices: 1-D and 2-D slices along directions, and linear interpolation.
 
 Li et al., "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018: the loss (and accuracy)
-of the whole ``data`` at ``w + x d_1`` (1-D) or ``w + x d_1 + y d_2`` (2-D) over a grid of
+of the whole ``data`` (the mean over all its targets: examples, or tokens of a language model; see
+:mod:`sharpscope.analysis.objective`) at ``w + x d_1`` (1-D) or ``w + x d_1 + y d_2`` (2-D) over a grid of
 coordinates, with filter-normalised Gaussian directions by default (see
 :mod:`sharpscope.analysis.directions`); Goodfellow et al., ICLR 2015: the loss along
 ``(1 - alpha) w_a + alpha w_b``.
@@ -59,7 +60,17 @@ from .. import _validate
 from .._progress import progress as _progress
 from ..errors import UserInputError
 from ..threads import analysis_threads
-from .batching import Batch, as_batches, checked_loss, model_device, preserved_model_state, to_device
+from .batching import (
+    Batch,
+    as_batches,
+    batch_size,
+    batch_weights,
+    checked_loss,
+    model_device,
+    preserved_model_state,
+    slice_batch,
+    to_device,
+)
 from .directions import (
     Direction,
     TrajectoryDirections,
@@ -78,6 +89,7 @@ from .evaluation import (
     offset_parameters,
     weighted_loss_sums,
 )
+from .objective import ClassificationLoss, Objective, TokenCrossEntropy, as_objective
 from .parallel import shared_batches
 from .results import (
     DatasetResult,
@@ -240,10 +252,28 @@ class GridOptions:
         )
 
 
+def _named_tensors(batch: Any, key: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a batch in order, each with its dict key path (empty inside tuples and lists)."""
+    if isinstance(batch, torch.Tensor):
+        yield key, batch
+    elif isinstance(batch, Mapping):
+        for k, v in batch.items():
+            yield from _named_tensors(v, f"{key}/{k}")
+    elif isinstance(batch, (tuple, list)):
+        for v in batch:
+            yield from _named_tensors(v, key)
+
+
 def _data_fingerprint(batches: Sequence[Batch]) -> str:
+    """Digest of every tensor's shape, dtype and bytes (and dict keys), batch by batch.
+
+    An ``(x, y)`` batch hashes exactly as in sharpscope 0.1, so older resume files stay valid.
+    """
     digest = hashlib.sha256()
-    for x, y in batches:
-        for t in (x, y):
+    for batch in batches:
+        for key, t in _named_tensors(batch):
+            if key:
+                digest.update(key.encode())
             digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
             digest.update(tensor_bytes(t))
     return digest.hexdigest()[:16]
@@ -288,6 +318,16 @@ def _code_digest(fn: Any) -> str:
     return hashlib.sha256(code.co_code + repr(plain).encode()).hexdigest()[:16]
 
 
+def _objective_identity(objective: Objective) -> str:
+    """:func:`callable_identity` of an objective: its class, plain settings and the identity of every
+    function it holds; ``ClassificationLoss(fn)`` is ``fn`` itself (the loss of ``(x, y)`` batches it
+    always was, so a grid started with ``fn`` resumes with it)."""
+    if type(objective) is ClassificationLoss:
+        return callable_identity(objective.loss_fn)
+    held = sorted((k, callable_identity(v)) for k, v in vars(objective).items() if callable(v))
+    return f"{_qualified(type(objective))}{_plain_state(objective)}{held if held else ''}"
+
+
 def callable_identity(fn: Any) -> str:
     """Text that differs whenever ``fn`` computes something else, and is stable across processes.
 
@@ -298,8 +338,12 @@ def callable_identity(fn: Any) -> str:
       defaults and plain closure values;
     - ``functools.partial``: the function's identity and the bound arguments;
     - a bound method: its function and the plain state of the object; another callable object:
-      its class and plain public attributes.
+      its class and plain public attributes;
+    - an :class:`~sharpscope.analysis.objective.Objective`: its class, plain settings and the
+      identities of the functions it holds (``ClassificationLoss(fn)``: that of ``fn``).
     """
+    if isinstance(fn, Objective):
+        return _objective_identity(fn)
     if isinstance(fn, functools.partial):
         return f"partial({callable_identity(fn.func)}, {fn.args!r}, {sorted(fn.keywords.items())!r})"
     if isinstance(fn, nn.Module):
@@ -313,19 +357,29 @@ def callable_identity(fn: Any) -> str:
     return f"{_qualified(type(fn))}{_plain_state(fn)}"
 
 
-def _grid_settings(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], settings: Mapping[str, Any],
-                   options: GridOptions) -> dict[str, Any]:
+def _loss_name(loss_fn: Any, objective: Objective) -> str:
+    """A short name of the loss for the settings: the function's name, or the objective's."""
+    if isinstance(loss_fn, str):
+        return loss_fn
+    if type(objective) is ClassificationLoss:
+        fn = objective.loss_fn
+        return getattr(fn, "__name__", type(fn).__name__)
+    return objective.name
+
+
+def _grid_settings(model: nn.Module, loss_fn: Any, objective: Objective, batches: Sequence[Batch],
+                   settings: Mapping[str, Any], options: GridOptions) -> dict[str, Any]:
     """The slice's settings plus everything else that determines its values (checked on resume)."""
     metrics = dict(options.metrics or {})
     out = dict(settings)
     out.update(
         bn=options.bn, recalibration_batches=options.recalibration_batches if options.bn == "recalibrate" else None,
-        metrics=["loss", "accuracy", *metrics], n_samples=int(sum(len(x) for x, _ in batches)),
+        metrics=["loss", "accuracy", *metrics], n_samples=int(sum(batch_size(b) for b in batches)),
         n_batches=len(batches), data_fingerprint=_data_fingerprint(batches),
         model_fingerprint=model_fingerprint(model),
         model_structure=hashlib.sha256(repr(model).encode()).hexdigest()[:16],
-        loss_fn=getattr(loss_fn, "__name__", type(loss_fn).__name__),
-        loss_fn_identity=callable_identity(loss_fn),
+        loss_fn=_loss_name(loss_fn, objective),
+        loss_fn_identity=callable_identity(objective),
         metric_functions={name: callable_identity(fn) for name, fn in metrics.items()},
         provenance=provenance(),
     )
@@ -334,47 +388,79 @@ def _grid_settings(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch]
 
 # --- evaluation of points ---------------------------------------------------------------------
 
-def _add_metrics(total: torch.Tensor, metrics: Mapping[str, Metric], out: torch.Tensor, y: torch.Tensor,
-                 weight: float) -> None:
-    """``total[k] += weight * metric_k(out, y)`` (``weight`` = the batch's share of the samples)."""
+def _metric_arguments(objective: Objective, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(outputs, targets)`` a user metric gets: ``(model(x), y)`` for a classifier; for a language
+    model the logits and the targets they predict (shifted, ``ignore_index`` where nothing is)."""
+    if isinstance(objective, TokenCrossEntropy):
+        return (out[..., :-1, :] if objective.shift else out), objective.targets(batch)
+    return out, objective.targets(batch)  # type: ignore[attr-defined]  # a ClassificationLoss
+
+
+def _check_metric_objective(objective: Objective, metrics: Mapping[str, Metric]) -> None:
+    if metrics and not isinstance(objective, (ClassificationLoss, TokenCrossEntropy)):
+        raise UserInputError(f"metrics fn(outputs, targets) need a loss with outputs and targets (classification "
+                             f"or 'lm'); the {objective.name} objective has none: drop metrics")
+
+
+def _add_metrics(total: torch.Tensor, metrics: Mapping[str, Metric], objective: Objective, out: torch.Tensor,
+                 batch: Batch, weight: float) -> None:
+    """``total[k] += weight * metric_k(outputs, targets)`` (``weight`` = the batch's share of the targets)."""
+    if not metrics:
+        return
+    outputs, targets = _metric_arguments(objective, out, batch)
     for k, fn in enumerate(metrics.values()):
-        total[k] += checked_loss(torch.as_tensor(fn(out, y)), "metric").double() * weight
+        total[k] += checked_loss(torch.as_tensor(fn(outputs, targets)), "metric").double() * weight
 
 
-def _is_classification(model: nn.Module, batch: Batch) -> bool:
-    """Whether accuracy is defined: class scores ``(N, C)`` against integer labels ``(N,)``."""
-    x, y = to_device((batch[0][:2], batch[1][:2]), model_device(model))
+def _has_accuracy(model: nn.Module, objective: Objective, batch: Batch) -> bool:
+    """Whether accuracy is defined: the objective counts correct predictions (``objective.correct``);
+    for a classifier, class scores ``(N, C)`` against integer labels ``(N,)``."""
+    small = to_device(slice_batch(batch, slice(0, 2)), model_device(model))
     with torch.no_grad():
-        out = model(x)
-    return out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
+        out = objective.outputs(model, small)
+        correct = objective.correct(out, small)
+    if isinstance(objective, ClassificationLoss):  # per-example accuracy only (not per pixel of a segmentation)
+        return correct is not None and out.dim() == 2
+    return correct is not None
 
 
-class _MetricTap:
-    """The loss function handed to :func:`full_data_loss`, adding the user metrics of the same outputs.
+class _MetricTap(Objective):
+    """The objective handed to :func:`full_data_loss`: ``objective``'s, adding the user metrics of the
+    same outputs.
 
-    ``full_data_loss`` calls it once per batch, so loss, accuracy and metrics come from one pass.
+    ``full_data_loss`` calls :meth:`loss` once per batch, so loss, accuracy and metrics come from one pass.
     """
 
-    def __init__(self, loss_fn: Callable, metrics: Mapping[str, Metric], n: float, device: torch.device) -> None:
-        self.loss_fn, self.metrics, self.n = loss_fn, metrics, n
+    def __init__(self, objective: Objective, metrics: Mapping[str, Metric], n: float, device: torch.device) -> None:
+        self.objective, self.metrics, self.n = objective, metrics, n
+        self.name, self.outputs_are_logits = objective.name, objective.outputs_are_logits
         self.total = torch.zeros(len(metrics), dtype=torch.float64, device=device)
 
-    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _add_metrics(self.total, self.metrics, out, y, len(y) / self.n)
-        return self.loss_fn(out, y)
+    def outputs(self, model: Callable[..., Any], batch: Batch) -> Any:
+        return self.objective.outputs(model, batch)
+
+    def loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        _add_metrics(self.total, self.metrics, self.objective, outputs, batch, self.objective.count(batch) / self.n)
+        return self.objective.loss(outputs, batch)
+
+    def count(self, batch: Batch) -> int:
+        return self.objective.count(batch)
+
+    def correct(self, outputs: Any, batch: Batch) -> torch.Tensor | None:
+        return self.objective.correct(outputs, batch)
 
 
 class _Evaluator:
     """``[loss, accuracy, *metrics]`` of the current weights over all batches (float64, on the device)."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], options: GridOptions,
+    def __init__(self, model: nn.Module, objective: Objective, batches: Sequence[Batch], options: GridOptions,
                  classification: bool, data_split: bool = False) -> None:
-        self.model, self.loss_fn, self.classification = model, loss_fn, classification
+        self.model, self.objective, self.classification = model, objective, classification
         self.device = model_device(model)
         self.batches = [to_device(b, self.device) for b in batches]
         # split="data": this rank's share with global weights; its partial sums are all-reduced per round
-        self.share = shared_batches(self.batches, True) if data_split else None
-        self.n = float(sum(len(x) for x, _ in self.batches))
+        self.share = shared_batches(self.batches, True, objective) if data_split else None
+        self.n = float(sum(objective.count(b) for b in self.batches))  # targets: examples, or tokens
         self.metrics = dict(options.metrics or {})
         self.bn_modules = [m for m in model.modules()
                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -387,15 +473,15 @@ class _Evaluator:
             m.momentum = None  # cumulative average: exact mean of the batch statistics
             m.train()
         with torch.no_grad():
-            for x, _ in self.recal:
-                self.model(x)
+            for batch in self.recal:
+                self.objective.outputs(self.model, batch)
         for m in self.bn_modules:
             m.eval()
 
     def __call__(self) -> torch.Tensor:
         if self.recalibrate:
             self._recalibrate()
-        tap = _MetricTap(self.loss_fn, self.metrics, self.n, self.device)
+        tap = _MetricTap(self.objective, self.metrics, self.n, self.device)
         if self.share is not None:
             sums = weighted_loss_sums(self.model, tap, self.share, with_accuracy=self.classification)
             accuracy = sums[1:] / self.n if self.classification else torch.full_like(sums[1:], math.nan)
@@ -473,8 +559,9 @@ class _VmapEvaluator:
     Only the tensors that move are stacked (``points x shape``); the rest of the model is shared.
     This keeps a GPU busy when one point is too small a workload; the model must be
     vmap-compatible (standard layers are) and BatchNorm must use running statistics (``bn="eval"``).
-    Each point's values are accumulated as :func:`full_data_loss` does (batch weights ``n_b / N``,
-    float64; accuracy as a count divided by ``N`` at the end).
+    Each point's values are accumulated as :func:`full_data_loss` does (batch weights ``c_b / C``,
+    float64; accuracy as a count divided by ``C`` at the end). The objective's outputs must be tensors
+    (classification, ``"lm"``); the loss of each point is computed outside the ``vmap``.
     """
 
     def __init__(self, evaluator: _Evaluator, setter: _LinearSetter) -> None:
@@ -500,18 +587,23 @@ class _VmapEvaluator:
         ev = self.ev
         stacked = self._stacked(coords)
 
-        def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(ev.model, (params, self.fixed), (x,))
+        objective = ev.objective
+
+        def forward(params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+            def model(*args: Any, **kwargs: Any) -> Any:
+                return torch.func.functional_call(ev.model, (params, self.fixed), args, kwargs)
+
+            return objective.outputs(model, batch)
 
         total = torch.zeros(len(coords), 2 + len(ev.metrics), dtype=torch.float64, device=ev.device)
-        weighted = ev.share if ev.share is not None else [(b, len(b[0]) / ev.n) for b in ev.batches]
-        for (x, y), w in weighted:
-            outs = torch.func.vmap(forward, in_dims=(0, None))(stacked, x)
+        weighted = ev.share if ev.share is not None else list(zip(ev.batches, batch_weights(ev.batches, objective)))
+        for batch, w in weighted:
+            outs = torch.func.vmap(forward, in_dims=(0, None))(stacked, batch)
             for p, out in enumerate(outs):
-                total[p, 0] += checked_loss(ev.loss_fn(out, y)).double() * w
+                total[p, 0] += checked_loss(objective.loss(out, batch)).double() * w
                 if ev.classification:
-                    total[p, 1] += (out.argmax(dim=1) == y).sum()
-                _add_metrics(total[p, 2:], ev.metrics, out, y, w)
+                    total[p, 1] += objective.correct(out, batch)
+                _add_metrics(total[p, 2:], ev.metrics, objective, out, batch, w)
         total[:, 1] = total[:, 1] / ev.n if ev.classification else math.nan
         return total
 
@@ -630,26 +722,38 @@ def _data_split(options: GridOptions, world: int) -> bool:
     return options.split == "data" and world > 1
 
 
-def _point_evaluator(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], options: GridOptions,
+def _point_evaluator(model: nn.Module, objective: Objective, batches: Sequence[Batch], options: GridOptions,
                      setter: Callable[[Sequence[float]], None], world: int = 1) -> _Sequential | _VmapEvaluator:
-    evaluator = _Evaluator(model, loss_fn, batches, options, _is_classification(model, batches[0]),
+    evaluator = _Evaluator(model, objective, batches, options, _has_accuracy(model, objective, batches[0]),
                            _data_split(options, world))
     if options.points_per_call > 1 and getattr(setter, "names", None):
         return _VmapEvaluator(evaluator, setter)  # type: ignore[arg-type]
     return _Sequential(evaluator, setter)
 
 
-def _run_grid(model: nn.Module, loss_fn: Callable, data: Any, coords: dict[str, np.ndarray],
+def _grid_objective(model: nn.Module, loss_fn: Any, options: GridOptions) -> Objective:
+    """The objective of the slice, refusing what the grid options cannot use (one line)."""
+    if not (callable(loss_fn) or isinstance(loss_fn, str)):
+        raise UserInputError("loss_fn must be callable loss_fn(outputs, targets) -> scalar, loss_fn(model, batch), "
+                             "a loss name or a sharpscope Objective")
+    objective = as_objective(loss_fn, model)
+    _check_metric_objective(objective, options.metrics or {})
+    if options.points_per_call > 1 and not objective.outputs_are_logits:
+        raise UserInputError(f"points_per_call > 1 needs a loss computed from the model's output tensor "
+                             f"(classification or 'lm'), not the {objective.name} objective: use points_per_call=1")
+    return objective
+
+
+def _run_grid(model: nn.Module, loss_fn: Any, data: Any, coords: dict[str, np.ndarray],
               make_setter: Callable[[], Callable[[Sequence[float]], None]], settings: dict[str, Any],
               options: GridOptions) -> Landscape:
     """Evaluate every grid point not yet done (resuming, sharing points among ranks, saving rounds)."""
     options = options.checked()
-    if not callable(loss_fn):
-        raise UserInputError("loss_fn must be callable loss_fn(outputs, targets) -> scalar")
+    objective = _grid_objective(model, loss_fn, options)
     batches = as_batches(data)
-    check_model_accepts(model, loss_fn, batches[0])
+    check_model_accepts(model, objective, batches[0])
     path = Path(options.checkpoint_path) if options.checkpoint_path is not None else None
-    grid = _GridState(coords, _grid_settings(model, loss_fn, batches, settings, options), path)
+    grid = _GridState(coords, _grid_settings(model, loss_fn, objective, batches, settings, options), path)
     rank, world = _dist_info(options.distributed)
     rounds = _rounds(np.flatnonzero(~grid.done), options, grid.size)
     per_rank = (lambda c: c) if _data_split(options, world) else (lambda c: c[rank::world])
@@ -657,7 +761,7 @@ def _run_grid(model: nn.Module, loss_fn: Callable, data: Any, coords: dict[str, 
                     desc=f"{settings['slice']} slice")
     ticks = iter(bar)  # advanced once per point evaluated here
     with preserved_model_state(model, train=False):
-        evaluate = _point_evaluator(model, loss_fn, batches, options, make_setter(), world)
+        evaluate = _point_evaluator(model, objective, batches, options, make_setter(), world)
         with _bn_momentum_kept(evaluate.ev.bn_modules):
             for chunk in rounds:
                 values = _evaluate_round(grid, chunk, evaluate, options, rank, world, lambda: next(ticks, None))
@@ -723,27 +827,34 @@ def landscape_1d(model: nn.Module, loss_fn: Callable, data: Any,
 
     Args:
         model: the network at ``w`` (finite weights); left exactly as found.
-        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced.
-        data: one ``(inputs, targets)`` batch or an iterable of them (all of it is evaluated).
+        loss_fn: ``loss_fn(outputs, targets)`` (mean-reduced), ``loss_fn(model, batch)``, a name
+            (``"lm"``, ``"hf"``) or an :class:`~sharpscope.analysis.objective.Objective`. The loss at a
+            point is the mean over all targets of ``data`` (examples, or tokens of a language model);
+            accuracy is reported when the objective counts correct predictions (else NaN).
+        data: one batch (``(inputs, targets)`` or a dict of tensors) or an iterable of them (all of it
+            is evaluated).
         direction: a :class:`Direction` (or mapping name -> tensor); by default one
             ``random_directions(model, 1, normalization, ignore, seed)``.
         steps: the coordinates, or a number of points evenly spaced on ``[-1, 1]``.
         normalization, ignore, seed: of the random direction (unused when ``direction`` is given).
         bn: ``"eval"`` or ``"recalibrate"`` (see the module docstring).
         recalibration_batches: batches of ``data`` used per point by ``bn="recalibrate"``.
-        metrics: extra ``name -> fn(outputs, targets)`` scalars, averaged over samples.
+        metrics: extra ``name -> fn(outputs, targets)`` scalars, averaged over the targets (a language
+            model's metric gets the logits and the targets they predict); not for a ``loss_fn(model,
+            batch)`` or a model's own loss, which have no outputs and targets.
         checkpoint_path: save progress here and resume from it if it exists (a file made with
             another model, data, loss function, metrics or settings is refused).
         checkpoint_every: points between saves (default: every 5 % of the grid).
         distributed: use the ranks of ``torch.distributed`` (default: when a process group is initialised).
         split: with several ranks, ``"points"`` deals the grid points round-robin (each rank evaluates
             whole points on all the data); ``"data"`` evaluates every point on every rank over its share
-            of the batches (global weights ``n_b / n``, partial sums all-reduced once per round) -- for
+            of the batches (global weights ``c_b / C``, partial sums all-reduced once per round) -- for
             points too large for one rank. The values are the same either way.
         progress: show a progress bar.
         points_per_call: evaluate this many points per forward call with ``torch.func.vmap`` over
             stacked weights (memory grows with it; useful on a GPU when one point leaves it idle;
-            needs ``bn="eval"``). The default 1 sets the model's weights in place per point.
+            needs ``bn="eval"`` and a loss of the model's output tensor: classification or ``"lm"``).
+            The default 1 sets the model's weights in place per point.
     """
     x = _coordinates(steps, "steps")
     check_finite_parameters(model)

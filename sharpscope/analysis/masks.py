@@ -46,10 +46,11 @@ from ..optim import ASAM, SAM, ZSharp
 from ..optim.zscore import check_percentile, is_filtered, zscore_masks
 from ..optim.zsharp import MASK_STATS_COLUMNS
 from ..threads import analysis_threads
-from .batching import Batch, LossFn, as_batches, preserved_model_state, trainable_named_parameters
+from .batching import Batch, LossFn, as_batches, batch_size, preserved_model_state, trainable_named_parameters
 from .directions import TensorMapping, read_tensor_file, write_tensor_file
 from .evaluation import check_finite_parameters, check_model_accepts, full_data_loss, global_norm
 from .gradients import iter_gradients
+from .objective import Objective, as_objective
 from .parallel import gather_in_order, main_progress, my_indices, rank_and_world, use_ranks
 from .results import (
     DatasetResult,
@@ -148,14 +149,20 @@ def _check_scope(threshold_scope: str) -> str:
 
 
 def _checked_model_and_data(model: nn.Module, loss_fn: LossFn, data: Any, params: Any
-                            ) -> tuple[list[tuple[str, nn.Parameter]], list[Batch]]:
-    """The filtered-model parameters and the batches, after the up-front checks (finite weights, a
-    model that runs on the data)."""
+                            ) -> tuple[Objective, list[tuple[str, nn.Parameter]], list[Batch]]:
+    """The objective, the filtered-model parameters and the batches, after the up-front checks (finite
+    weights, a model that runs on the data)."""
     named = _named_filtered_model(model, params)
+    objective = as_objective(loss_fn, model)
     batches = as_batches(data)
     check_finite_parameters(model)
-    check_model_accepts(model, loss_fn, batches[0])
-    return named, batches
+    check_model_accepts(model, objective, batches[0])
+    return objective, named, batches
+
+
+def _n_samples(batches: Sequence[Batch]) -> int:
+    """Number of examples (leading sizes of the batches; sequences for a language model)."""
+    return int(sum(batch_size(b) for b in batches))
 
 
 @analysis_threads
@@ -171,13 +178,13 @@ def zsharp_masks(model: nn.Module, loss_fn: LossFn, data: Any, percentile: float
     """
     percentile = check_percentile(percentile)
     _check_scope(threshold_scope)
-    named, batches = _checked_model_and_data(model, loss_fn, data, params)
+    loss_fn, named, batches = _checked_model_and_data(model, loss_fn, data, params)
     with preserved_model_state(model, train=False):
         grads = next(iter_gradients(model, loss_fn, batches, named, True, False, distributed=use_ranks(distributed)))
     names, present, filtered = _filtered_with_grad(named, grads)
     filters = zscore_masks([present[i] for i in filtered], percentile, threshold_scope)
     settings = {"percentile": percentile, "threshold_scope": threshold_scope,
-                "n_samples": int(sum(len(x) for x, _ in batches)), "model_fingerprint": model_fingerprint(model),
+                "n_samples": _n_samples(batches), "model_fingerprint": model_fingerprint(model),
                 "provenance": provenance()}
     return ZSharpMasks({names[i]: f.mask for i, f in zip(filtered, filters)}, settings)
 
@@ -354,7 +361,7 @@ def mask_statistics(model: nn.Module, loss_fn: LossFn, data: Any, percentile: fl
     percentile = check_percentile(percentile)
     rho = _check_rho(rho)
     _check_scope(threshold_scope)
-    named, batches = _checked_model_and_data(model, loss_fn, data, params)
+    loss_fn, named, batches = _checked_model_and_data(model, loss_fn, data, params)
     active = use_ranks(distributed)
     table, masks = _per_batch_table(model, loss_fn, batches, named, rho, percentile, threshold_scope,
                                     main_progress(progress), active)
@@ -747,6 +754,7 @@ def perturbation_alignment(model: nn.Module, loss_fn: LossFn, data: Any, k: int 
     rho = _check_rho(rho)
     percentile = check_percentile(percentile)
     methods, k, named = _checked_alignment_model(model, methods, k)
+    loss_fn = as_objective(loss_fn, model)
     batches = as_batches(data)
     check_finite_parameters(model)
     check_model_accepts(model, loss_fn, batches[0])
@@ -761,7 +769,7 @@ def perturbation_alignment(model: nn.Module, loss_fn: LossFn, data: Any, k: int 
                                                                  progress, active)
     settings = {
         "rho": rho, "k": k, "percentile": percentile, "asam_eta": float(asam_eta), "seed": int(seed),
-        "base_loss": base_loss, "n_samples": int(sum(len(x) for x, _ in batches)),
+        "base_loss": base_loss, "n_samples": _n_samples(batches),
         "model_fingerprint": model_fingerprint(model), "eigen_converged": bool(getattr(eigen, "converged", True)),
         "eigen_n_hvp": int(getattr(eigen, "n_hvp", 0)), "world_size": rank_and_world(active)[1],
         "provenance": provenance(),

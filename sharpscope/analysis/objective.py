@@ -140,9 +140,15 @@ class ClassificationLoss(Objective):
     def count(self, batch: Any) -> int:
         return len(self._split(batch)[1])
 
+    def targets(self, batch: Any) -> torch.Tensor:
+        """The batch's target tensor."""
+        return self._split(batch)[1]
+
     def correct(self, outputs: Any, batch: Any) -> torch.Tensor | None:
+        """Correct argmax predictions of an ``(N, C)`` output against integer targets (None otherwise:
+        ``count`` counts examples, so per-pixel or per-token counts would not be an accuracy)."""
         y = self._split(batch)[1]
-        if outputs.dim() >= 2 and y.dim() == outputs.dim() - 1 and not torch.is_floating_point(y):
+        if outputs.dim() == 2 and y.dim() == 1 and not torch.is_floating_point(y):
             return (outputs.argmax(1) == y).sum()
         return None
 

@@ -14,6 +14,10 @@ PyHessian 0.1 as installed is used unmodified; inside :func:`pyhessian_session` 
   the bar closes early when PyHessian's own stopping rule ends the call sooner;
 * the model's parameters, buffers, ``.grad``, ``requires_grad`` and train/eval flags are restored exactly.
 
+PyHessian understands only ``(inputs, targets)`` batches and a ``criterion(outputs, targets)``: dict
+batches and the other objectives (language-model token cross-entropy, a model's own ``.loss``,
+``loss_fn(model, batch)``) are refused in one line pointing to ``backend="sharpscope"``.
+
 PyHessian computes the Hessian of the model's dtype, without error bars or convergence information:
 residuals of its eigenpairs are computed afterwards with our operator (those extra products are reported
 as ``settings["n_hvp_check"]``, not in ``n_hvp``).
@@ -33,8 +37,10 @@ import torch
 from torch import nn
 
 from .._progress import progress as progress_bar
-from .batching import Batch, as_batches, model_device, preserved_model_state
+from ..errors import UserInputError
+from .batching import Batch, as_batches, batch_size, model_device, preserved_model_state
 from .curvature import HessianOperator, LossFn
+from .objective import ClassificationLoss, as_objective
 
 _MISSING = object()
 
@@ -63,6 +69,18 @@ class _Counter:
             self.bar.close()  # type: ignore[attr-defined]
 
 
+def pyhessian_criterion(model: nn.Module, loss_fn: Any, batches: list[Batch]) -> Any:
+    """The ``criterion(outputs, targets)`` to hand PyHessian; refuse what it cannot run (one line)."""
+    objective = as_objective(loss_fn, model)
+    if not isinstance(objective, ClassificationLoss):
+        raise UserInputError(f"backend='pyhessian' needs a loss_fn(outputs, targets); the {objective.name} "
+                             "objective is not one: use backend='sharpscope'")
+    if not all(isinstance(b, tuple) and len(b) == 2 for b in batches):
+        raise UserInputError("backend='pyhessian' understands only (inputs, targets) batches, not dicts of "
+                             "tensors: use backend='sharpscope'")
+    return objective.loss_fn
+
+
 @contextlib.contextmanager
 def pyhessian_session(model: nn.Module, loss_fn: LossFn, data: Any, seed: int = 0,
                       counter: _Counter | None = None) -> Iterator[tuple[Any, _Counter]]:
@@ -71,8 +89,9 @@ def pyhessian_session(model: nn.Module, loss_fn: LossFn, data: Any, seed: int = 
     ``counter`` (default: a silent one) counts the products; its progress bar is closed on exit.
     """
     # ``pyhessian.hessian`` the attribute is the class (re-exported by the package); we need the module.
-    ph = importlib.import_module("pyhessian.hessian")
     batches = as_batches(data)
+    criterion = pyhessian_criterion(model, loss_fn, batches)
+    ph = importlib.import_module("pyhessian.hessian")
     device = model_device(model)
     counter = _Counter() if counter is None else counter
     original_hvp = ph.hessian_vector_product
@@ -93,9 +112,9 @@ def pyhessian_session(model: nn.Module, loss_fn: LossFn, data: Any, seed: int = 
         try:
             cuda = device.type == "cuda"
             if len(batches) == 1:
-                h = ph.hessian(model, loss_fn, data=batches[0], cuda=cuda)
+                h = ph.hessian(model, criterion, data=batches[0], cuda=cuda)
             else:
-                h = ph.hessian(model, loss_fn, dataloader=batches, cuda=cuda)
+                h = ph.hessian(model, criterion, dataloader=batches, cuda=cuda)
                 original_dl = h.dataloader_hv_product
 
                 def counted_dl(v: Any) -> Any:
@@ -118,7 +137,7 @@ def _settings(model: nn.Module, batches: list[Batch], seed: int, seconds: float)
     from .hessian import _base_settings
 
     settings = _base_settings(model, seed, "pyhessian", None)
-    settings.update({"n_examples": int(sum(len(x) for x, _ in batches)), "n_batches": len(batches),
+    settings.update({"n_examples": int(sum(batch_size(b) for b in batches)), "n_batches": len(batches),
                      "device": str(model_device(model)), "seconds": seconds})
     return settings
 
@@ -139,6 +158,7 @@ def pyhessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Any, k: int =
 
     start = time.perf_counter()
     batches = as_batches(data)
+    pyhessian_criterion(model, loss_fn, batches)  # refused before a progress bar opens
     counter = _Counter(progress, k * max_iter, f"PyHessian top-{k} (power iteration)")
     with pyhessian_session(model, loss_fn, batches, seed, counter) as (h, counter):
         values, vectors = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
@@ -170,6 +190,7 @@ def pyhessian_trace(model: nn.Module, loss_fn: LossFn, data: Any, max_iter: int 
 
     start = time.perf_counter()
     batches = as_batches(data)
+    pyhessian_criterion(model, loss_fn, batches)  # refused before a progress bar opens
     counter = _Counter(progress, max_iter, "PyHessian trace (hutchinson)")
     with pyhessian_session(model, loss_fn, batches, seed, counter) as (h, counter):
         samples = np.asarray(h.trace(maxIter=max_iter, tol=tol), dtype=np.float64)
@@ -192,6 +213,7 @@ def pyhessian_density(model: nn.Module, loss_fn: LossFn, data: Any, n_iter: int 
 
     start = time.perf_counter()
     batches = as_batches(data)
+    pyhessian_criterion(model, loss_fn, batches)  # refused before a progress bar opens
     counter = _Counter(progress, n_iter * n_runs, "PyHessian SLQ")
     with pyhessian_session(model, loss_fn, batches, seed, counter) as (h, counter):
         eigen_runs, weight_runs = h.density(iter=n_iter, n_v=n_runs)

@@ -48,12 +48,14 @@ from ..errors import UserInputError
 from ..threads import analysis_threads
 from .batching import (
     Batch,
+    batch_size,
     model_device,
     prepared_batches,
     preserved_model_state,
     to_device,
 )
 from .evaluation import assign_parameters, full_data_gradient, full_data_loss, global_norm
+from .objective import as_objective
 from .parallel import main_progress, rank_and_world, use_ranks
 from .results import Result, damaged_result_file, model_fingerprint, provenance, read_dataset, write_dataset
 
@@ -248,8 +250,10 @@ def sharpness(model: nn.Module, loss_fn: Callable, data: Any, rho: float = 0.05,
 
     Args:
         model: the network at ``w``; evaluated in eval mode and left exactly as found.
-        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced.
-        data: one ``(inputs, targets)`` batch or an iterable of them (the loss is over all of it).
+        loss_fn: ``loss_fn(outputs, targets)`` (mean-reduced), ``loss_fn(model, batch)``, a name
+            (``"lm"``, ``"hf"``) or an :class:`~sharpscope.analysis.objective.Objective`.
+        data: one batch (``(inputs, targets)`` or a dict of tensors) or an iterable of them (the loss is
+            the mean over all of its targets).
         rho: radius of the ball (in ``u = T^-1 e`` when adaptive), > 0.
         kind: ``"worst"`` (projected gradient ascent) or ``"average"`` (random directions).
         adaptive: scale the ball elementwise by ``T = |w| + eta`` (Kwon et al. 2021).
@@ -270,13 +274,14 @@ def sharpness(model: nn.Module, loss_fn: Callable, data: Any, rho: float = 0.05,
     data (checked before any long work); ``FloatingPointError`` if the loss overflows within ``rho``.
     """
     rho, steps, n_samples, eta, seed = _checked_arguments(rho, kind, ignore, steps, n_samples, eta, seed)
+    loss_fn = as_objective(loss_fn, model)
     batches = prepared_batches(model, loss_fn, data)
     named = _perturbed(model, ignore)
     settings = {"rho": rho, "adaptive": bool(adaptive), "eta": eta if adaptive else None,
                 "ignore": ignore, "seed": seed, "steps": steps if kind == "worst" else None,
                 "n_samples": n_samples if kind == "average" else None,
                 "antithetic": bool(antithetic) if kind == "average" else None,
-                "n_examples": int(sum(len(x) for x, _ in batches)), "model_fingerprint": model_fingerprint(model),
+                "n_examples": int(sum(batch_size(b) for b in batches)), "model_fingerprint": model_fingerprint(model),
                 "parameters": [n for n, _ in named], "provenance": provenance()}
     active = use_ranks(distributed)
     settings["world_size"] = rank_and_world(active)[1]
