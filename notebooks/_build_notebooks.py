@@ -1,4 +1,4 @@
-"""Write the five tutorial notebooks (``python notebooks/_build_notebooks.py``).
+"""Write the six tutorial notebooks (``python notebooks/_build_notebooks.py``).
 
 The ``.ipynb`` files are the deliverable; this script is their source, kept so that an edit to a
 notebook is an edit to plain Python strings that review well. Notebooks are written without outputs
@@ -765,12 +765,145 @@ sorted(p.name for p in OUT.iterdir() if p.is_file())
 '''),
 ]
 
+# ---------------------------------------------------------------------------------------------------
+TRANSFORMER = [
+    md("""
+# 06 · A transformer: its Hessian spectrum and which layers ZSharp selects
+
+Second-order analyses work on transformers as on any model: inside every analysis that differentiates
+twice, attention runs on PyTorch's math kernel (the fused flash/memory-efficient kernels have no double
+backward), which costs memory for the attention matrix but nothing else. This notebook trains a tiny
+**12-block ViT** (sharpscope's `vit`, the ZSharp paper's architecture at toy width) for a few ZSharp steps,
+computes its Hessian spectrum, and shows ZSharp's layer selection **grouped by block and by kind**
+(attention / MLP / embedding), the way a 12-block model reads at a glance.
+"""),
+    code('''
+# Parameters
+CHECKPOINT = None           # a transformer .pt from `sharpscope train`; None: train a tiny ViT first
+DATASET = "digits"          # 8x8 grey images, bundled; CIFAR checkpoints: "cifar10" (needs DATA_ROOT)
+DATA_ROOT = None
+MODEL = "vit"               # used only when CHECKPOINT is None
+MODEL_KWARGS = {"image_size": 8, "patch_size": 2, "in_channels": 1, "dim": 16, "depth": 12, "heads": 2,
+                "mlp_dim": 32}
+TRAIN_EXAMPLES = 512        # a few ZSharp steps: this is a demo of the tools, not of the training
+EPOCHS = 2
+LR = 3e-3                   # Adam base optimizer, as in the paper's ViT recipe
+RHO = 0.05
+PERCENTILE = 0.95
+ANALYSIS_EXAMPLES = 128     # training examples the Hessian and the masks are measured on
+BATCH_SIZE = 64             # masks are per batch, as in training
+TOP_K = 3
+DENSITY_ITER = 24           # Lanczos steps of the spectral density
+SEED = 0
+OUT_DIR = None
+PROGRESS = False
+''', parameters=True),
+    imports("pandas"),
+    code(OUT_SETUP),
+    code('''
+train = ss.load_dataset(DATASET, root=DATA_ROOT, train=True)
+if CHECKPOINT is None:
+    model = ss.build_model(MODEL, num_classes=train.num_classes, seed=SEED, **MODEL_KWARGS)
+    subset = train.subset(range(min(TRAIN_EXAMPLES, len(train))))
+    test = ss.load_dataset(DATASET, root=DATA_ROOT, train=False)
+    ss.fit(model, subset, test, optimizer="zsharp", base="adam", lr=LR, weight_decay=5e-5, rho=RHO,
+           percentile=PERCENTILE, epochs=EPOCHS, batch_size=BATCH_SIZE, seed=SEED, device="cpu",
+           out=OUT / "zsharp", log_mask_every=2, progress=PROGRESS)
+    CHECKPOINT = OUT / "zsharp" / "last.pt"
+ck = ss.load_checkpoint(CHECKPOINT)
+model = ck.model
+data = train.subset(range(min(ANALYSIS_EXAMPLES, len(train)))).loader(batch_size=BATCH_SIZE)
+loss_fn = F.cross_entropy
+n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+print(f"{CHECKPOINT}: {n_params} parameters in {len(list(model.parameters()))} tensors, epoch {ck.epoch}")
+'''),
+    md("""
+## 1. Which tensors does ZSharp filter?
+
+ZSharp filters every tensor with `ndim > 1`: the patch embedding, the class token and the position
+embedding (shaped `(1, tokens, dim)`), the attention projections (one fused `qkv` here; Hugging Face
+models have separate `q`, `k`, `v`), the MLP layers and the head. Biases and LayerNorm parameters
+(`ndim` 1) keep SAM's plain direction. `ss.layer_groups` names the block, kind and part of every tensor
+from its name (sharpscope/timm ViT, `nn.TransformerEncoder`, Hugging Face GPT-2/BERT/ViT/LLaMA
+conventions) and says whether ZSharp filters it:
+"""),
+    code('''
+groups = ss.layer_groups(model)
+display(pd.crosstab(groups["kind"], groups["filtered"].map({True: "filtered", False: "SAM direction"})))
+groups[groups["block"] == 0]
+'''),
+    md("""
+## 2. The Hessian spectrum
+
+The top eigenvalues (Lanczos, with residuals) and the spectral density (stochastic Lanczos quadrature),
+on the same training examples. The triangles are the top eigenvalues; they should sit at the right edge
+of the density. A ViT this young has a bulk at zero, a few outliers, and can have negative eigenvalues
+too: it is not at a minimum yet.
+"""),
+    code('''
+eig = ss.hessian_eigenvalues(model, loss_fn, data, k=TOP_K, seed=SEED, progress=PROGRESS)
+dens = ss.hessian_density(model, loss_fn, data, n_iter=DENSITY_ITER, seed=SEED, progress=PROGRESS)
+with ss.style("neurips"):
+    ax = ssplot.plot_density(dens, eigenvalues=eig)
+    ss.save_figure(ax.figure, OUT / "density")
+eig.to_dataframe().set_index("rank")[["eigenvalue", "residual", "converged"]]
+'''),
+    md("""
+## 3. ZSharp's layer selection, by block and part
+
+`mask_statistics` applies ZSharp's filter to each batch's gradient exactly as a training step does.
+How many entries the mask keeps is fixed by `PERCENTILE` and each tensor's size (about 5 %); what it
+*selects* shows in `energy_kept`, the share of the gradient's squared norm in the kept entries: near
+100 % the gradient sits in a few entries (heavy tails) and ZSharp's ascent is close to SAM's on that
+tensor; near 5 % it is spread evenly. `plot_layer_selection` draws one row per block and one column per
+part, with the tensors outside the blocks in a strip above (embeddings) and below (head);
+`layer_selection_table` returns the numbers drawn.
+"""),
+    code('''
+stats = ss.mask_statistics(model, loss_fn, data, percentile=PERCENTILE, rho=RHO, progress=PROGRESS)
+with ss.style("neurips"):
+    fig = ssplot.plot_layer_selection(stats, "energy_kept")
+    ss.save_figure(fig, OUT / "layer_selection")
+ssplot.layer_selection_table(stats, "energy_kept").drop(columns="layers").head(8)
+'''),
+    md("""
+## 4. Where the perturbation goes: SAM against ZSharp
+
+From the mask log written during training (`masks.csv`), by kind and summed over each cell: SAM's
+perturbation is the gradient, so a layer's share of it is its share of `||g||^2` (left); ZSharp normalises
+each filtered tensor's perturbation to norm `rho`, so every tensor gets the same share and a block gets
+its number of tensors' worth (right). Both panels share one logarithmic colour scale. So SAM's
+perturbation follows wherever the gradient is large (often the head, early in training), while ZSharp's
+is spread over every block by construction.
+"""),
+    code('''
+from matplotlib.colors import LogNorm
+
+run_dir = Path(CHECKPOINT).parent
+if (run_dir / "masks.csv").is_file():
+    log = ss.load_mask_log(run_dir, model=model)
+    scale = LogNorm(0.01, 100)  # one log scale for both panels: equal colours, equal shares
+    with ss.style("neurips", "double"):
+        fig, ax = ssplot.new_figure(aspect=0.55)
+        ax.remove()
+        left, right = fig.subfigures(1, 2)
+        ssplot.plot_layer_selection(log, "grad_share", by="kind", norm=scale, fig=left)
+        ssplot.plot_layer_selection(log, "perturbation_share", by="kind", norm=scale, fig=right)
+        left.suptitle("SAM")
+        right.suptitle("ZSharp")
+        ss.save_figure(fig, OUT / "perturbation_shares")
+else:
+    print(f"no masks.csv in {run_dir}: train with optimizer='zsharp' and log_mask_every > 0 to get one")
+'''),
+]
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
     "02_hessian_spectrum.ipynb": SPECTRUM,
     "03_loss_landscapes.ipynb": LANDSCAPES,
     "04_which_layers_does_zsharp_select.ipynb": LAYERS,
     "05_compare_checkpoints.ipynb": COMPARE,
+    "06_transformer_spectrum_and_zsharp.ipynb": TRANSFORMER,
 }
 
 

@@ -23,6 +23,7 @@ NOTEBOOKS = (
     "03_loss_landscapes.ipynb",
     "04_which_layers_does_zsharp_select.ipynb",
     "05_compare_checkpoints.ipynb",
+    "06_transformer_spectrum_and_zsharp.ipynb",
 )
 #: Seconds one cell may take, and one whole notebook (kernel start included); the defaults take 15-25 s.
 CELL_TIMEOUT = 180
@@ -44,7 +45,7 @@ def _python_source(cell: nbformat.NotebookNode) -> str:
     return "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
 
 
-def test_notebook_folder_holds_exactly_the_five_notebooks():
+def test_notebook_folder_holds_exactly_the_listed_notebooks():
     """The committed set of notebooks is the documented one (checked against the list above)."""
     assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(NOTEBOOKS)
 

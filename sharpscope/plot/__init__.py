@@ -54,7 +54,9 @@ from .sweep import (
     plot_sweep,
     rank_correlations,
 )
+from .tracking import plot_sharpness_over_training, tracked_masks, tracked_rows
 from .training import plot_training_curve, plot_training_curves, read_history
+from .transformer import layer_selection_table, plot_layer_selection
 from .zsharp import (
     plot_alignment,
     plot_alignment_summary,
@@ -93,8 +95,11 @@ __all__ = [
     "plot_landscape_1d",
     "plot_landscape_1d_panels",
     "plot_layer_curvature",
+    "plot_layer_selection",
+    "layer_selection_table",
     "plot_mask_heatmap",
     "plot_mask_summary",
+    "plot_sharpness_over_training",
     "plot_sharpness_summary",
     "plot_surface",
     "plot_surfaces",
@@ -107,4 +112,6 @@ __all__ = [
     "save_figure",
     "style",
     "surface_limits",
+    "tracked_masks",
+    "tracked_rows",
 ]
