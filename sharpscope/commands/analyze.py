@@ -34,6 +34,17 @@ count; and ``--out`` must be a writable folder. A landscape grid saves its progr
 continued by the next one with the same settings (and refused, naming the file, with others).
 Each analysis is one function in :data:`ANALYSIS_STEPS`, ``name -> step(job) -> written paths``.
 
+Files written by other tools (:func:`~sharpscope.train.load_checkpoint` lists them: a bare ``state_dict``,
+DDP, Lightning, timm, a training script's dict, safetensors, a Hugging Face folder) hold weights but not
+the architecture: say it with ``--model NAME`` (a zoo name or ``timm:NAME``; ``--num-classes N``, default
+the dataset's; the input shape of the dataset as ``sharpscope train`` passes it; ``--model-arg KEY=VALUE``
+for any other option) or ``--hf PATH`` (a ``save_pretrained`` folder or a ``config.json``, built offline;
+without a checkpoint the folder itself is analysed). ``--data`` also takes a ``.pt``/``.safetensors`` file
+of a dict of tensors sharing their first dimension (``input_ids``, ``attention_mask``, ``labels``,
+``pixel_values``, ...), cut into batches of ``--batch-size``; the loss is then the model's own ``.loss``
+(``--loss hf``, the default for a Hugging Face model given ``labels``) or the next-token cross-entropy
+(``--loss lm``, the default without ``labels``).
+
 Several processes: ``torchrun --nproc_per_node N -m sharpscope analyze ...`` takes the same arguments.
 Every rank reads the same seeded sample; the Hessian, sharpness, alignment and Z-score/mask analyses
 split its batches over the ranks (each product, loss and gradient all-reduced), the landscape grids
@@ -76,7 +87,12 @@ MASK_LOG_KIND = "mask_log"
 MASKS_KIND = "mask_statistics"
 #: The coefficient range of ``--interpolate``: both end points plus a quarter of extrapolation each side.
 INTERPOLATION_RANGE: tuple[float, float] = (-0.25, 1.25)
-_GENERIC_STEMS = (Path(RunLayout.LAST).stem, Path(RunLayout.BEST).stem, "model", "checkpoint")
+_GENERIC_STEMS = (Path(RunLayout.LAST).stem, Path(RunLayout.BEST).stem, "model", "checkpoint", "config",
+                  "pytorch_model")
+#: ``--data`` files of tensors (the rest of the values name a dataset).
+TENSOR_FILE_SUFFIXES = (".pt", ".pth", ".safetensors")
+#: ``--loss``: the objective names of :func:`~sharpscope.analysis.objective.as_objective` offered on the command line.
+LOSS_CHOICES = ("cross_entropy", "lm", "hf")
 
 
 #: ``--layers``: which tensors get per-layer curvature
@@ -193,27 +209,94 @@ def split_result_name(path: str | Path) -> tuple[str, str]:
     return (run, analysis) if sep else (stem, stem)
 
 
-def sample_batches(data: Any, samples: int | None, batch_size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A seeded subset of a :class:`~sharpscope.data.TensorData` as a list of normalised batches.
+@dataclass
+class TensorFile:
+    """``--data FILE``: a dict of tensors sharing their first dimension, read from a ``.pt``/``.safetensors`` file.
+
+    :func:`sample_batches` cuts it into dict batches (``{"input_ids": ..., "labels": ...}``).
+    """
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return int(next(iter(self.tensors.values())).shape[0])
+
+    @classmethod
+    def read(cls, path: str | Path) -> TensorFile:
+        """Read and check the file: a non-empty dict of tensors with one shared, non-zero leading size."""
+        path = Path(path)
+        tensors = _read_tensors(path)
+        if not isinstance(tensors, dict) or not tensors or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+            raise UserInputError(f"--data {str(path)!r} must hold a dict of named tensors (e.g. input_ids, "
+                                 f"attention_mask, labels); got {type(tensors).__name__}")
+        sizes = {k: (int(v.shape[0]) if v.dim() else None) for k, v in tensors.items()}
+        if len(set(sizes.values())) != 1 or None in sizes.values():
+            shown = ", ".join(f"{k}: {n}" for k, n in sizes.items())
+            raise UserInputError(f"--data {str(path)!r}: every tensor needs the same first dimension (the "
+                                 f"examples); got {shown}")
+        data = cls(path.name, dict(tensors))
+        if len(data) == 0:
+            raise UserInputError(f"--data {str(path)!r} holds no example: nothing to analyse")
+        return data
+
+    def batches(self, samples: int | None, batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
+        """A seeded subset of ``samples`` examples (in file order) in consecutive dict batches."""
+        index = _seeded_subset(len(self), samples, seed)
+        return [{k: v[index[i:i + batch_size]] for k, v in self.tensors.items()}
+                for i in range(0, len(index), batch_size)]
+
+
+def _read_tensors(path: Path) -> Any:
+    """The object of a ``.pt`` (loaded with ``weights_only=True``) or ``.safetensors`` file."""
+    if not path.is_file():
+        raise UserInputError(f"--data {str(path)!r} does not exist" if not path.exists()
+                             else f"--data {str(path)!r} is not a file")
+    safetensors = path.suffix.lower() == ".safetensors"
+    if safetensors:
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserInputError("reading a .safetensors file needs safetensors: pip install safetensors") from None
+    try:
+        if safetensors:
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (torch and safetensors raise many types for a bad file)
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise UserInputError(f"--data {str(path)!r} is not a readable {path.suffix} file of tensors: {reason}") from None
+
+
+def _seeded_subset(total: int, samples: int | None, seed: int) -> torch.Tensor:
+    """The sorted indices of a seeded random subset of ``min(samples, total)`` of ``total`` examples."""
+    n = total if samples is None else min(int(samples), total)
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))[:n]
+    return torch.sort(order).values
+
+
+def sample_batches(data: Any, samples: int | None, batch_size: int, seed: int) -> list[Any]:
+    """A seeded subset of a :class:`~sharpscope.data.TensorData` (or a :class:`TensorFile`) as a list of batches.
 
     Anything else (one batch, a DataLoader) is used as given, all of it.
     """
     from ..analysis.batching import as_batches
     from ..data import TensorData
 
+    if isinstance(data, TensorFile):
+        return data.batches(samples, batch_size, seed)
     if not isinstance(data, TensorData):
         return as_batches(data)
-    n = len(data) if samples is None else min(int(samples), len(data))
-    if n < 1:
+    if len(data) == 0 or samples is not None and int(samples) < 1:
         raise UserInputError(f"the data {data.name!r} is empty: nothing to analyse")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(int(seed)))[:n]
-    subset = data.subset(torch.sort(order).values)
+    subset = data.subset(_seeded_subset(len(data), samples, seed))
     return list(subset.batches(batch_size, shuffle=False, augment=False))
 
 
-def _device_batches(data: Any, options: AnalysisOptions, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    batches = [(x.to(device), y.to(device)) for x, y in
-               sample_batches(data, options.samples, options.batch_size, options.seed)]
+def _device_batches(data: Any, options: AnalysisOptions, device: torch.device) -> list[Any]:
+    from ..analysis.batching import to_device
+
+    batches = [to_device(b, device) for b in sample_batches(data, options.samples, options.batch_size, options.seed)]
     if not batches:
         raise UserInputError("the data holds no batch: nothing to analyse")
     return batches
@@ -249,11 +332,35 @@ def _result_folder(out_dir: str | Path) -> Path:
     return out
 
 
-def _load(checkpoint: Any, device: torch.device) -> Any:
+@dataclass
+class ModelChoice:
+    """The architecture given on the command line (``--model``/``--hf``) for files that hold only weights.
+
+    ``build()`` makes a fresh model; ``hf_source`` is the ``--hf`` path (analysed as it is when it is also
+    the checkpoint: its own weights, or a fresh initialisation from a bare config).
+    """
+
+    build: Callable[[], nn.Module]
+    hf_source: Path | None = None
+
+    def checkpoint(self, path: Path) -> Any:
+        """The checkpoint of ``path``: the ``--hf`` model itself, or ``path``'s weights loaded into a fresh model."""
+        from ..train.checkpoint import Checkpoint, load_checkpoint
+
+        if self.hf_source is not None and path.resolve() == self.hf_source.resolve():
+            model = self.build()
+            fmt = "huggingface" if model.sharpscope_hf.get("pretrained") else "huggingface-config"
+            return Checkpoint(path=path, model=model, spec=None, state_dict=model.state_dict(), source_format=fmt)
+        return load_checkpoint(path, map_location="cpu", model=self.build())
+
+
+def _load(checkpoint: Any, device: torch.device, choice: ModelChoice | None = None) -> Any:
     from ..train.checkpoint import Checkpoint, load_checkpoint
 
     if isinstance(checkpoint, Checkpoint):
         ckpt = checkpoint
+    elif choice is not None:
+        ckpt = choice.checkpoint(Path(checkpoint))
     else:
         ckpt = load_checkpoint(checkpoint, map_location="cpu")
     if ckpt.model is None:
@@ -283,6 +390,8 @@ def check_ready(ckpt: Any, loss_fn: LossFn, batches: Sequence[Batch], options: A
 
 def _check_class_labels(model: nn.Module, batches: Sequence[Batch]) -> None:
     """Class-index targets must be below the number of outputs (on a GPU, a kernel would assert)."""
+    if not isinstance(batches[0], tuple):
+        return  # dict batches: the objective checks its labels
     x, y = batches[0]
     if y.dim() != 1 or y.dtype not in (torch.int64, torch.int32):
         return
@@ -300,7 +409,8 @@ def checkpoint_identity(ckpt: Any, run: str) -> dict[str, Any]:
     """Where a result comes from: run name, checkpoint file, its run folder, epoch, step and optimizer."""
     path = Path(ckpt.path)
     return {"run": run, "path": str(path), "run_dir": str(path.resolve().parent), "epoch": int(ckpt.epoch),
-            "step": int(ckpt.step), "optimizer": (ckpt.optimizer_config or {}).get("name")}
+            "step": int(ckpt.step), "optimizer": (ckpt.optimizer_config or {}).get("name"),
+            "format": getattr(ckpt, "source_format", "sharpscope-checkpoint")}
 
 
 # --- one function per analysis ------------------------------------------------------------------------
@@ -501,13 +611,16 @@ def analyze_checkpoint(checkpoint: Any, data: Any, what: Sequence[str] = ANALYSE
 
     Args:
         checkpoint: a checkpoint path or a loaded :class:`~sharpscope.train.Checkpoint`.
-        data: a :class:`~sharpscope.data.TensorData` split (a seeded subset of ``options.samples``
-            examples is used) or one ``(inputs, targets)`` batch / an iterable of batches (used whole).
+        data: a :class:`~sharpscope.data.TensorData` split or a :class:`TensorFile` (a seeded subset of
+            ``options.samples`` examples is used), or one batch (``(inputs, targets)`` or a dict of tensors) /
+            an iterable of batches (used whole).
         what: any of :data:`ANALYSES`.
         out_dir: folder of the result files (created).
         name: the ``<run>`` part of the file names (default: :func:`run_name` of the path).
         options: the budgets (:class:`AnalysisOptions`).
-        loss_fn: mean-reduced ``loss_fn(outputs, targets)``.
+        loss_fn: mean-reduced ``loss_fn(outputs, targets)``, or anything
+            :func:`~sharpscope.analysis.objective.as_objective` takes (a name such as ``"lm"``/``"hf"`` is
+            resolved against the checkpoint's model).
         device: where the model and batches go.
         show_progress: progress bars (one per analysis).
     """
@@ -518,6 +631,7 @@ def analyze_checkpoint(checkpoint: Any, data: Any, what: Sequence[str] = ANALYSE
     run = name or run_name(ckpt.path)
     out = _result_folder(out_dir)
     batches = _device_batches(data, options, device)
+    loss_fn = _objective_of(loss_fn, ckpt.model)
     check_ready(ckpt, loss_fn, batches, options, what)
     job = AnalysisJob(ckpt.model, loss_fn, batches, options, out, run, checkpoint_identity(ckpt, run),
                       show_progress)
@@ -525,6 +639,13 @@ def analyze_checkpoint(checkpoint: Any, data: Any, what: Sequence[str] = ANALYSE
     for analysis in what:
         written += ANALYSIS_STEPS[analysis](job)
     return written
+
+
+def _objective_of(loss_fn: Any, model: nn.Module) -> Any:
+    """A loss named by a string becomes its objective for ``model`` (a causal LM shifts its targets)."""
+    from ..analysis.objective import as_objective
+
+    return as_objective(loss_fn, model) if isinstance(loss_fn, str) else loss_fn
 
 
 def interpolation_path(out_dir: str | Path, run_a: str, run_b: str) -> Path:
@@ -547,6 +668,7 @@ def interpolate_checkpoints(checkpoint_a: Any, checkpoint_b: Any, data: Any, out
     options = (options or AnalysisOptions()).validate()
     device = torch.device(device)
     a, b = _load(checkpoint_a, device), _load(checkpoint_b, device)
+    loss_fn = _objective_of(loss_fn, a.model)
     run_a, run_b = names or (run_name(a.path), run_name(b.path))
     if run_a == run_b:
         raise UserInputError(f"the two end points of an interpolation need different names, both are {run_a!r}")
@@ -569,14 +691,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..data import DATASET_NAMES
 
     d = AnalysisOptions()
-    parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files (.pt) to analyse")
+    parser.add_argument("checkpoints", nargs="*", metavar="CKPT",
+                        help="checkpoints to analyse: sharpscope .pt files, or weights written by other tools "
+                             "(state_dict, DDP, Lightning, timm, safetensors, Hugging Face folders; say the "
+                             "architecture with --model or --hf); none with --hf: the --hf model itself")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="digits", help=f"dataset: {', '.join(DATASET_NAMES)} (default: digits)")
+    data.add_argument("--data", default="digits",
+                      help=f"dataset: {', '.join(DATASET_NAMES)} (default: digits), or a .pt/.safetensors file "
+                           f"of a dict of tensors sharing their first dimension (input_ids, attention_mask, "
+                           f"labels, pixel_values, ...)")
     data.add_argument("--data-root", default=None, help="folder with the dataset files (CIFAR, Tiny-ImageNet)")
     data.add_argument("--split", choices=["train", "test"], default="train", help="split analysed (default: train)")
     data.add_argument("--samples", type=int, default=d.samples,
                       help=f"examples analysed, a seeded random subset (default {d.samples}; 0: all)")
     data.add_argument("--batch-size", type=int, default=d.batch_size, help=f"batch size (default {d.batch_size})")
+    _add_model_arguments(parser)
     which = parser.add_argument_group("analyses (default: all)")
     for analysis in ANALYSES:
         which.add_argument(f"--{analysis}", action="store_true", help=_HELP[analysis])
@@ -609,6 +738,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..models import HF_TASKS, MODEL_NAMES
+
+    model = parser.add_argument_group("model (for files of weights only, e.g. written by other tools)")
+    model.add_argument("--model", default=None, metavar="NAME",
+                       help=f"architecture of the checkpoints: {', '.join(MODEL_NAMES)}, or timm:NAME (built by "
+                            f"timm, untrained; pip install timm)")
+    model.add_argument("--num-classes", type=int, default=None, metavar="N",
+                       help="outputs of --model (default: the dataset's number of classes)")
+    model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="an option of --model, e.g. width=16 or hidden=[64,64] (JSON values; repeatable); "
+                            "the dataset's input shape is passed as sharpscope train does")
+    model.add_argument("--hf", default=None, metavar="PATH",
+                       help="a Hugging Face save_pretrained folder or config.json, built offline with "
+                            "transformers (pip install 'sharpscope[hf]')")
+    model.add_argument("--task", choices=tuple(HF_TASKS), default=None,
+                       help="head of the --hf model (default: the architecture its config names)")
+    model.add_argument("--loss", choices=LOSS_CHOICES, default=None,
+                       help="cross_entropy (classification), lm (next-token cross-entropy) or hf (the model's "
+                            "own .loss); default: hf for a Hugging Face model given labels, lm without, else "
+                            "cross_entropy")
+
+
 _HELP = {
     "hessian": "top eigenvalues, trace, spectral density, per-layer curvature",
     "landscape": "1-D and 2-D loss-landscape slices",
@@ -630,14 +782,21 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
 
 def _checkpoint_paths(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
     """The checkpoint files (each must exist) and their unique ``<run>`` names."""
-    paths = [Path(p) for p in args.checkpoints]
+    from ..train.checkpoint import is_hf_folder
+
+    paths = [Path(p) for p in args.checkpoints] or ([Path(args.hf)] if args.hf else [])
+    if not paths:
+        raise UserInputError("give at least one checkpoint to analyse (or --hf PATH to analyse that model)")
     if args.interpolate and len(paths) < 2:
         raise UserInputError(f"--interpolate needs at least 2 checkpoints (it follows the line between "
                              f"consecutive ones), got {len(paths)}")
     for path in paths:  # fail before the slow part
+        if args.hf and path == Path(args.hf) or is_hf_folder(path):
+            continue
         if not path.is_file():
             raise UserInputError(f"checkpoint {str(path)!r} does not exist" if not path.exists()
-                                 else f"checkpoint {str(path)!r} is not a file")
+                                 else f"checkpoint {str(path)!r} is not a file (nor a Hugging Face "
+                                      f"save_pretrained folder)")
     names = [run_name(p) for p in paths]
     if len(set(names)) < len(names):  # two last.pt in folders of the same name: fall back to full paths
         names = [re.sub(r"[^A-Za-z0-9_.+-]", "_", str(p.with_suffix(""))).strip("_") for p in paths]
@@ -658,45 +817,133 @@ def _device(name: str) -> torch.device:
 def run(args: argparse.Namespace) -> int:
     """The command; under torchrun it joins the process group first (rank 0 prints and writes)."""
     from .. import distributed as dist
+    from ..train.checkpoint import MissingModelError
 
     joined = not dist.is_initialized() and dist.init_from_env()
     try:
         return _run(args)
+    except MissingModelError as exc:  # the Python advice (model=/spec=) means nothing on the command line
+        raise UserInputError(f"{str(exc.path)!r} holds weights but not which model they belong to: say it with "
+                             f"--model NAME --num-classes N (a zoo name or timm:NAME) or --hf PATH") from None
     finally:
         if joined:
             dist.destroy()
 
 
+def _is_tensor_file(value: str) -> bool:
+    return Path(value).suffix.lower() in TENSOR_FILE_SUFFIXES
+
+
+def _read_data(args: argparse.Namespace) -> Any:
+    """``--data``: a dataset split, or a :class:`TensorFile`."""
+    from ..data import load_dataset
+
+    if _is_tensor_file(args.data):
+        return TensorFile.read(args.data)
+    return load_dataset(args.data, root=args.data_root, train=args.split == "train")
+
+
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """Refuse contradictory model flags before any file is read."""
+    if args.model and args.hf:
+        raise UserInputError("give either --model (a zoo or timm model) or --hf (a Hugging Face model), not both")
+    if not args.hf and args.task:
+        raise UserInputError("--task chooses the head of an --hf model; add --hf PATH or drop --task")
+    if not args.model and (args.num_classes is not None or args.model_arg):
+        flag = "--num-classes" if args.num_classes is not None else "--model-arg"
+        raise UserInputError(f"{flag} describes the --model to build; add --model NAME or drop {flag}")
+    if args.num_classes is not None:
+        _validate.positive_int(args.num_classes, "--num-classes")
+
+
+def model_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["width=16", "hidden=[64,64]"]`` -> ``{"width": 16, "hidden": [64, 64]}`` (JSON values, else strings)."""
+    import json
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UserInputError(f"--model-arg {pair!r} must be KEY=VALUE, e.g. width=16")
+        try:
+            options[key.strip()] = json.loads(text)
+        except ValueError:
+            options[key.strip()] = text
+    return options
+
+
+def _model_choice(args: argparse.Namespace, data: Any) -> ModelChoice | None:
+    """What ``--model``/``--hf`` say the checkpoints hold (None: the files say it themselves)."""
+    from ..data import TensorData
+    from ..models import MODEL_NAMES, build_model, canonical_model_name, hf_model
+    from ..train.command import _model_kwargs
+
+    if args.hf:
+        return ModelChoice(lambda: hf_model(args.hf, task=args.task), hf_source=Path(args.hf))
+    if not args.model:
+        return None
+    name = canonical_model_name(args.model)
+    num_classes = args.num_classes or getattr(data, "num_classes", None)
+    if num_classes is None:
+        raise UserInputError(f"--model {args.model} needs --num-classes N with --data {args.data} (the file "
+                             f"does not say how many classes)")
+    # the dataset's input shape, as `sharpscope train` passes it (timm models take their own names)
+    kwargs = _model_kwargs(name, data) if isinstance(data, TensorData) and name in MODEL_NAMES else {}
+    kwargs.update(model_options(args.model_arg))
+    return ModelChoice(lambda: build_model(name, num_classes, **kwargs))
+
+
+def _loss_for(args: argparse.Namespace, model: nn.Module, batches: Sequence[Any]) -> Any:
+    """``--loss`` (default: ``hf`` for a Hugging Face model given labels, ``lm`` without, else cross-entropy)."""
+    from ..analysis.objective import as_objective
+    from ..models.hf import is_hf_model
+
+    name = args.loss
+    if name is None:
+        dict_batches = isinstance(batches[0], dict)
+        if is_hf_model(model) and dict_batches:
+            name = "hf" if "labels" in batches[0] else "lm"
+        else:
+            name = "cross_entropy"
+    return as_objective(name, model)
+
+
 def _run(args: argparse.Namespace) -> int:
     from .. import distributed as dist
-    from ..data import canonical_dataset_name, load_dataset
+    from ..data import canonical_dataset_name
     from .summary import print_summary
 
     options = options_from_args(args)
     quiet = args.quiet or not dist.is_main()
     what = [a for a in ANALYSES if getattr(args, a)] or ([] if args.interpolate else list(ANALYSES))
+    _check_model_flags(args)
     paths, names = _checkpoint_paths(args)
-    canonical_dataset_name(args.data)
+    if not _is_tensor_file(args.data):
+        canonical_dataset_name(args.data)
     _result_folder(args.out)  # an unwritable --out is refused before the data is even read
-    data = load_dataset(args.data, root=args.data_root, train=args.split == "train")
+    data = _read_data(args)
+    choice = _model_choice(args, data)
     device = _device(args.device)
     start = time.perf_counter()
     batches = _device_batches(data, options, device)  # the same seeded sample for every checkpoint
+    loaded = {0: _load(paths[0], device, choice)}
+    loss = _loss_for(args, loaded[0].model, batches)
     if len(paths) > 1:  # every checkpoint is checked before the first one's long work starts
         for path in paths:
-            check_ready(_load(path, device), F.cross_entropy, batches, options, what)
+            check_ready(_load(path, device, choice), loss, batches, options, what)
     written: list[Path] = []
     if what:
-        for path, name in progress(list(zip(paths, names)), enabled=not quiet, desc="checkpoints"):
-            written += analyze_checkpoint(path, batches, what, args.out, name=name, options=options, device=device,
-                                          show_progress=not quiet)
+        for i, (path, name) in enumerate(progress(list(zip(paths, names)), enabled=not quiet, desc="checkpoints")):
+            ckpt = loaded.pop(i, None) or _load(path, device, choice)
+            written += analyze_checkpoint(ckpt, batches, what, args.out, name=name, options=options, device=device,
+                                          loss_fn=loss, show_progress=not quiet)
     if args.interpolate:
-        previous = _load(paths[0], device)  # each checkpoint is read once along the chain
+        previous = loaded.pop(0, None) or _load(paths[0], device, choice)  # each is read once along the chain
         for i in range(len(paths) - 1):
-            current = _load(paths[i + 1], device)
+            current = _load(paths[i + 1], device, choice)
             written.append(interpolate_checkpoints(previous, current, batches, args.out,
                                                    names=(names[i], names[i + 1]), options=options,
-                                                   device=device, show_progress=not quiet))
+                                                   device=device, loss_fn=loss, show_progress=not quiet))
             previous = current
     dist.barrier()  # the others wait until rank 0 has written everything
     if not dist.is_main():

@@ -4,6 +4,13 @@ These are conveniences (the paper's architectures and small models for the embed
 every analysis and the training loop work with any ``nn.Module``. A model built here is described
 by its *spec* ``{"name", "num_classes", "kwargs"}``, which a checkpoint stores so that
 :func:`sharpscope.load_checkpoint` can rebuild the model without the user's code.
+
+Models of other libraries, built offline (optional extras, imported only when used):
+
+* ``build_model("timm:NAME", num_classes)``: ``timm.create_model(NAME, pretrained=False, num_classes=...)``
+  (``pip install timm``);
+* :func:`hf_model`: a Hugging Face ``transformers`` model from a ``save_pretrained`` folder or a config
+  (``pip install 'sharpscope[hf]'``), see :mod:`sharpscope.models.hf`.
 """
 
 from __future__ import annotations
@@ -16,14 +23,15 @@ from torch import nn
 
 from .. import _validate
 from ..errors import UserInputError
+from .hf import HF_TASKS, hf_model
 from .resnet_cifar import CifarResNet
 from .small import MLP, SmallCNN
 from .vgg import VGG
 from .vit import ViT
 from .wide_resnet import WideResNet
 
-__all__ = ["MODEL_NAMES", "build_model", "model_spec", "CifarResNet", "VGG", "ViT", "WideResNet", "MLP",
-           "SmallCNN"]
+__all__ = ["MODEL_NAMES", "TIMM_PREFIX", "build_model", "model_spec", "hf_model", "HF_TASKS", "CifarResNet", "VGG",
+           "ViT", "WideResNet", "MLP", "SmallCNN"]
 
 
 def _resnet(depth: int) -> Callable[..., nn.Module]:
@@ -45,8 +53,11 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "cnn": lambda num_classes, **kw: SmallCNN(num_classes=num_classes, **kw),
 }
 
-#: The names :func:`build_model` accepts (case, ``-`` and ``_`` are ignored: ``"ResNet-20"`` works).
+#: The names :func:`build_model` accepts (case, ``-`` and ``_`` are ignored: ``"ResNet-20"`` works), besides
+#: ``timm:NAME`` (:data:`TIMM_PREFIX`).
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+#: ``build_model("timm:NAME", ...)`` builds timm's model ``NAME`` (untrained: nothing is downloaded).
+TIMM_PREFIX = "timm:"
 
 
 def _key(name: str) -> str:
@@ -57,10 +68,39 @@ _BY_KEY = {_key(name): name for name in _BUILDERS}
 
 
 def canonical_model_name(name: str) -> str:
-    """Return the canonical spelling of a model name, or raise :class:`UserInputError` listing them."""
+    """Return the canonical spelling of a model name, or raise :class:`UserInputError` listing them.
+
+    ``timm:NAME`` is kept as given (timm's own names are case-sensitive), with the prefix in lower case.
+    """
+    timm_name = _timm_name(name)
+    if timm_name is not None:
+        return TIMM_PREFIX + timm_name
     if not isinstance(name, str) or _key(name) not in _BY_KEY:
-        raise UserInputError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+        raise UserInputError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)} or timm:NAME")
     return _BY_KEY[_key(name)]
+
+
+def _timm_name(name: Any) -> str | None:
+    """``NAME`` of ``"timm:NAME"``, None for any other name; an empty ``NAME`` is refused."""
+    if not isinstance(name, str) or not name.lower().startswith(TIMM_PREFIX):
+        return None
+    timm_name = name[len(TIMM_PREFIX):].strip()
+    if not timm_name:
+        raise UserInputError(f"model {name!r} names no timm model; write timm:NAME, e.g. timm:resnet18")
+    return timm_name
+
+
+def _timm_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)``, timm imported here."""
+    try:
+        import timm
+    except Exception as exc:  # noqa: BLE001 (a broken install fails with any error, e.g. a torchvision mismatch)
+        reason = " ".join(str(exc).split())[:160]
+        raise UserInputError(f"model timm:{name} needs timm, which cannot be imported here ({type(exc).__name__}: "
+                             f"{reason}); pip install timm (with a torchvision matching this torch)") from None
+    if not timm.is_model(name):
+        raise UserInputError(f"timm has no model {name!r}; list them with timm.list_models()")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 def build_model(name: str, num_classes: int, seed: int | None = None, **kwargs: Any) -> nn.Module:
@@ -69,7 +109,8 @@ def build_model(name: str, num_classes: int, seed: int | None = None, **kwargs: 
     Args:
         name: one of :data:`MODEL_NAMES`: ``resnet20/32/44/56/110`` (CIFAR ResNets, option-A shortcuts),
             ``vgg16_bn`` (GAP + one linear head), ``vit`` (the ZSharp paper's CIFAR ViT),
-            ``wrn28_10`` (WideResNet-28-10), ``mlp`` and ``cnn`` (small models for 8x8 digits).
+            ``wrn28_10`` (WideResNet-28-10), ``mlp`` and ``cnn`` (small models for 8x8 digits); or
+            ``timm:NAME``, timm's model ``NAME`` built with ``pretrained=False`` (timm must be importable).
         num_classes: size of the output layer (>= 1).
         seed: seed of the initial weights (drawn from a forked RNG, so the global one is untouched);
             ``None`` draws them from torch's global generator, as ``nn.Module`` constructors do.
@@ -84,13 +125,15 @@ def build_model(name: str, num_classes: int, seed: int | None = None, **kwargs: 
     canonical = canonical_model_name(name)
     num_classes = _validate.positive_int(num_classes, "num_classes")
     _check_sizes(kwargs)
+    timm_name = _timm_name(canonical)
+    builder = _BUILDERS[canonical] if timm_name is None else (lambda n, **kw: _timm_model(timm_name, n, **kw))
     try:
-        if seed is None:
-            model = _BUILDERS[canonical](num_classes, **kwargs)
-        else:
-            with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
                 torch.manual_seed(int(seed))
-                model = _BUILDERS[canonical](num_classes, **kwargs)
+            model = builder(num_classes, **kwargs)
+    except UserInputError:
+        raise
     except TypeError as exc:
         raise UserInputError(f"bad keyword arguments for model {canonical!r}: {exc}") from None
     except ValueError as exc:
