@@ -97,6 +97,8 @@ LOSS_CHOICES = ("cross_entropy", "lm", "hf")
 
 #: ``--layers``: which tensors get per-layer curvature
 LAYER_CHOICES = ("all", "matrices", "none")
+#: The matrices of --hessian (sharpscope.analysis.hessian.CURVATURES; not imported here to keep the CLI fast).
+CURVATURES = ("hessian", "ggn")
 
 
 @dataclass
@@ -143,6 +145,7 @@ class AnalysisOptions:
     sharpness_samples: int = 20
     layers: str = "all"
     interp_points: int = 31
+    curvature: str = "hessian"
 
     def validate(self) -> AnalysisOptions:
         """Raise :class:`UserInputError` naming the first bad setting."""
@@ -160,6 +163,7 @@ class AnalysisOptions:
         _validate.positive_number(self.span, "span")
         _validate.positive_number(self.rho, "rho")
         _validate.choice(self.layers, "layers", LAYER_CHOICES)
+        _validate.choice(self.curvature, "curvature", CURVATURES)
         return self
 
     def check_model(self, model: nn.Module, what: Sequence[str] = ANALYSES) -> None:
@@ -465,19 +469,20 @@ def _hessian(job: AnalysisJob) -> list[Path]:
     from ..analysis.hessian import hessian_density, hessian_eigenvalues, hessian_trace, layer_curvature
 
     o, m, f, b = job.options, job.model, job.loss_fn, job.batches
-    eigen = hessian_eigenvalues(m, f, b, k=o.top_k, tol=o.tol, max_iter=o.max_iter, seed=o.seed, **job.common)
+    common = {**job.common, "curvature": o.curvature}
+    eigen = hessian_eigenvalues(m, f, b, k=o.top_k, tol=o.tol, max_iter=o.max_iter, seed=o.seed, **common)
     eigen.settings["checkpoint"] = job.source  # figures follow one run over its epochs with it
     job.eigen = eigen
     written = [job.save(eigen, "eigenvalues", eigenvectors=False)]
-    trace = hessian_trace(m, f, b, n_samples=o.trace_samples, seed=o.seed, **job.common)
+    trace = hessian_trace(m, f, b, n_samples=o.trace_samples, seed=o.seed, **common)
     trace.settings["checkpoint"] = job.source
     written.append(job.save(trace, "trace"))
-    density = hessian_density(m, f, b, n_iter=o.density_iter, n_runs=o.density_runs, seed=o.seed, **job.common)
+    density = hessian_density(m, f, b, n_iter=o.density_iter, n_runs=o.density_runs, seed=o.seed, **common)
     density.settings["checkpoint"] = job.source
     written.append(job.save(density, "density"))
     if o.layers != "none":
         chosen = (lambda name, tensor: tensor.dim() > 1) if o.layers == "matrices" else None
-        layers = layer_curvature(m, f, b, tol=o.tol, max_iter=o.max_iter, seed=o.seed, layers=chosen, **job.common)
+        layers = layer_curvature(m, f, b, tol=o.tol, max_iter=o.max_iter, seed=o.seed, layers=chosen, **common)
         written.append(_save_layer_curvature(layers, job.path("layer_curvature"), job.writes))
     return written
 
@@ -732,6 +737,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     knobs.add_argument("--layers", choices=LAYER_CHOICES, default=d.layers,
                        help="per-layer curvature (part of --hessian) of all tensors, of weight matrices only, "
                             "or none (default all)")
+    knobs.add_argument("--curvature", choices=CURVATURES, default=d.curvature,
+                       help="matrix of --hessian: the Hessian (default) or the generalised Gauss-Newton "
+                            "J^T H_loss J (positive semi-definite; needs a loss on the model's outputs)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="results", help="folder for the result files (default: results)")
     run.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
@@ -777,7 +785,7 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
                            density_iter=args.density_iter, density_runs=args.density_runs, steps_1d=args.steps_1d,
                            grid_2d=args.grid_2d, span=args.span, rho=args.rho,
                            percentile=args.percentile, interp_points=args.interp_points,
-                           layers=args.layers).validate()
+                           layers=args.layers, curvature=args.curvature).validate()
 
 
 def _checkpoint_paths(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
