@@ -35,7 +35,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("Result", "TableResult"), "analysis.results"),
     **dict.fromkeys(("SharpnessResult", "sharpness"), "analysis.sharpness"),
     **dict.fromkeys(("DATASET_NAMES", "TensorData", "load_dataset"), "data"),
-    **dict.fromkeys(("MODEL_NAMES", "build_model"), "models"),
+    **dict.fromkeys(("MODEL_NAMES", "build_model", "hf_model"), "models"),
     **dict.fromkeys(("ASAM", "OPTIMIZER_ORDER", "SAM", "FriendlySAM", "ZSharp", "ZSharpAscent",
                      "frozen_running_stats", "zsharp_ascent"), "optim"),
     **dict.fromkeys(("fixed_threads", "thread_policy"), "threads"),

@@ -884,7 +884,7 @@ def _model_choice(args: argparse.Namespace, data: Any) -> ModelChoice | None:
     """What ``--model``/``--hf`` say the checkpoints hold (None: the files say it themselves)."""
     from ..data import TensorData
     from ..models import MODEL_NAMES, build_model, canonical_model_name, hf_model
-    from ..train.command import _model_kwargs
+    from ..train.command import model_kwargs
 
     if args.hf:
         return ModelChoice(lambda: hf_model(args.hf, task=args.task), hf_source=Path(args.hf))
@@ -896,7 +896,7 @@ def _model_choice(args: argparse.Namespace, data: Any) -> ModelChoice | None:
         raise UserInputError(f"--model {args.model} needs --num-classes N with --data {args.data} (the file "
                              f"does not say how many classes)")
     # the dataset's input shape, as `sharpscope train` passes it (timm models take their own names)
-    kwargs = _model_kwargs(name, data) if isinstance(data, TensorData) and name in MODEL_NAMES else {}
+    kwargs = model_kwargs(name, data) if isinstance(data, TensorData) and name in MODEL_NAMES else {}
     kwargs.update(model_options(args.model_arg))
     return ModelChoice(lambda: build_model(name, num_classes, **kwargs))
 

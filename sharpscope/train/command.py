@@ -110,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="seconds a process waits for a dead or stuck peer before it stops (default 300)")
 
 
-def _model_kwargs(name: str, data: TensorData) -> dict[str, Any]:
+def model_kwargs(name: str, data: TensorData) -> dict[str, Any]:
     """Input-shape arguments a zoo model needs to fit ``data``."""
     c, h, w = data.image_shape
     if name == "mlp":
@@ -179,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume:
         model = _build(stored["model_spec"])
     else:
-        model = build_model(name, train_data.num_classes, **_model_kwargs(name, train_data))
+        model = build_model(name, train_data.num_classes, **model_kwargs(name, train_data))
     reporter = _reporter(args) if distributed.is_main() else None
     result = fit(model, train_data, test_data, config, out=out, resume=bool(args.resume), on_epoch=reporter,
                  metadata={"dataset": dataset, "data_root": str(data_root) if data_root is not None else None})
