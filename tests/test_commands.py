@@ -20,6 +20,7 @@ from sharpscope.analysis.results import read_table, result_kind
 from sharpscope.cli import main
 from sharpscope.data import load_dataset
 from sharpscope.models import build_model
+from sharpscope.track import read_tracking
 from sharpscope.train import fit, load_checkpoint
 
 SAMPLES = 200
@@ -234,13 +235,14 @@ def test_curvature_trajectory_over_epochs(tmp_path):
 
 def test_demo_quick(tmp_path, capsys):
     """demo --quick trains the three optimizers, writes every figure (the SGD/SAM -> ZSharp interpolation
-    included) and summary.md, whose rows are the three runs only and whose accuracies are the
-    checkpoints' last test accuracies."""
+    and the lambda_max tracked during training included) and summary.md, whose rows are the three runs
+    only and whose accuracies are the checkpoints' last test accuracies; lambda_max is tracked once per
+    epoch (after steps 0 and ceil(1437 / 128) = 12 of the 2 epochs of batch 128)."""
     out, work = tmp_path / "figures", tmp_path / "work"
     assert main(["demo", "--quick", "--out", str(out), "--work", str(work), "--quiet"]) == 0
     assert {p.stem for p in out.glob("*.png")} >= {"spectrum", "contours", "zscores", "mask_summary", "alignment",
                                                    "training_curves", "sharpness_summary", "landscape_1d",
-                                                   "interpolation"}
+                                                   "interpolation", "sharpness_over_training"}
     assert {p.name for p in (work / "results").glob("*__interpolation.nc")} == {"sgd--zsharp__interpolation.nc",
                                                                                 "sam--zsharp__interpolation.nc"}
     assert {p.suffix for p in out.iterdir()} == {".png", ".pdf", ".md"}
@@ -252,6 +254,8 @@ def test_demo_quick(tmp_path, capsys):
         acc = 100 * load_checkpoint(work / row[0].strip() / "last.pt").history[-1]["test_acc"]
         assert row[column].strip() == f"{acc:.1f}"
     assert pd.read_csv(work / "zsharp" / "masks.csv").shape[0] > 0
+    for optimizer in ("sgd", "sam", "zsharp"):
+        assert read_tracking(work / optimizer, "lambda_max")["step"].tolist() == [0, 12]
 
 
 def test_analyze_layers_option_selects_the_per_layer_tensors(checkpoints, tmp_path):
@@ -271,3 +275,34 @@ def test_analyze_layers_option_selects_the_per_layer_tensors(checkpoints, tmp_pa
             assert not file.exists() and (out / "sgd__eigenvalues.nc").exists()
         else:
             assert LayerCurvatureResult.load(file)["layer"].tolist() == matrices
+
+
+def test_analyze_curvature_ggn_matches_the_exact_gauss_newton_matrix(checkpoints, tmp_path):
+    """--curvature ggn: lambda_max in the file is the top eigenvalue of the exact GGN J^T H_L J on the
+    analysed sample (J by jacrev of the logits; H_L = (diag(p) - p p^T) / N per example, cross-entropy)."""
+    from sharpscope.analysis.hessian import EigenResult
+
+    path = checkpoints["sgd"]
+    assert main(["analyze", str(path), "--data", "digits", *FAST, "--hessian", "--layers", "none",
+                 "--curvature", "ggn", "--out", str(tmp_path)]) == 0
+    eig = EigenResult.load(tmp_path / "sgd__eigenvalues.nc")
+    assert eig.settings["curvature"] == "ggn"
+    model = load_checkpoint(path).model.double().eval()
+    data = load_dataset("digits", train=True)
+    idx = torch.sort(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:SAMPLES]).values
+    x, y = data.subset(idx).tensors()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def logits(flat: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(flat, [int(np.prod(s)) for s in shapes])
+        params = {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}
+        return torch.func.functional_call(model, params, (x.double(),))
+
+    jac = torch.func.jacrev(logits)(flat0)  # (N, C, P)
+    p = torch.softmax(logits(flat0), -1).detach()
+    h_loss = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / len(x)
+    ggn = torch.einsum("ncp,ncd,ndq->pq", jac, h_loss, jac)
+    exact = np.linalg.eigvalsh(ggn.numpy())[::-1]
+    np.testing.assert_allclose(eig.eigenvalues[:2], exact[:2], rtol=2e-3)

@@ -2,14 +2,16 @@
 
 1. Train the digits MLP (64-64-64-10) with SGD, SAM and ZSharp from the same initialisation, with the
    same data order, learning rate, epochs and batch size (SAM and ZSharp with rho = 0.05, ZSharp with
-   percentile 0.95), saving checkpoints and ZSharp's mask log in ``--work``.
+   percentile 0.95), saving checkpoints and ZSharp's mask log in ``--work``, and tracking lambda_max
+   once per epoch (:mod:`sharpscope.track`, warm-started Lanczos on the whole training set) into each
+   run's ``tracking.jsonl``.
 2. Analyse the three checkpoints on the training set (:func:`~sharpscope.commands.analyze_checkpoint`):
    top eigenvalues, trace, spectral density, per-layer curvature, 1-D and 2-D landscapes, Z-score
    distributions, mask statistics, alignment of the ascent directions, sharpness; and the loss and
    accuracy on the straight lines SGD -> ZSharp and SAM -> ZSharp (alpha in [-0.25, 1.25],
    :func:`~sharpscope.commands.analyze.interpolate_checkpoints`).
 3. Draw every figure into ``--out`` (default ``runs/demo/figures``, not the committed ``figures/``;
-   :func:`~sharpscope.commands.draw_figures`) and write
+   :func:`~sharpscope.commands.draw_figures`; the tracked lambda_max is ``sharpness_over_training``) and write
    ``summary.md``: test accuracy, lambda_max, trace +- s.e., worst-case and average sharpness.
 
 Nothing is downloaded. ``--quick`` shrinks every budget (for the test suite); its numbers are not
@@ -19,6 +21,7 @@ meant to be read.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -48,6 +51,8 @@ class DemoBudget:
     lr: float
     log_mask_every: int
     analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
+    #: Probe examples of the lambda_max tracked once per epoch (the first ones; None: the whole training set).
+    track_samples: int | None = None
 
 
 FULL = DemoBudget(epochs=30, batch_size=64, lr=0.05, log_mask_every=10,
@@ -57,16 +62,26 @@ FULL = DemoBudget(epochs=30, batch_size=64, lr=0.05, log_mask_every=10,
 QUICK = DemoBudget(epochs=2, batch_size=128, lr=0.05, log_mask_every=4,
                    analysis=AnalysisOptions(samples=256, batch_size=128, top_k=3, max_iter=60, trace_samples=12,
                                             density_iter=16, density_runs=1, steps_1d=9, grid_2d=7, span=1.0,
-                                            sharpness_steps=3, sharpness_samples=4, interp_points=7))
+                                            sharpness_steps=3, sharpness_samples=4, interp_points=7),
+                   track_samples=128)
+
+
+@functools.cache
+def _train_size() -> int:
+    from ..data import load_dataset
+
+    return len(load_dataset("digits", train=True))
 
 
 def _train_config(optimizer: str, budget: DemoBudget, seed: int, show_progress: bool) -> Any:
     from ..train import TrainConfig
+    from ..train.loop import steps_per_epoch
 
     return TrainConfig(optimizer=optimizer, base="sgd", lr=budget.lr, momentum=0.9, weight_decay=5e-4,
                        epochs=budget.epochs, batch_size=budget.batch_size, schedule="cosine", seed=seed,
                        device="cpu", log_mask_every=budget.log_mask_every if optimizer == "zsharp" else 0,
-                       progress=show_progress)
+                       track="lambda_max", track_every=steps_per_epoch(_train_size(), budget.batch_size),
+                       track_samples=budget.track_samples or _train_size(), progress=show_progress)
 
 
 def _same_run(folder: Path, config: Any) -> bool:
@@ -86,7 +101,7 @@ def _same_run(folder: Path, config: Any) -> bool:
 
 def _run_files(layout: RunLayout) -> list[Path]:
     """The files ``fit`` writes into a run folder (checkpoints, logs, configuration)."""
-    return [layout.last, layout.best, layout.metrics, layout.masks, layout.config,
+    return [layout.last, layout.best, layout.metrics, layout.masks, layout.config, layout.tracking,
             *(path for _, path in layout.epoch_checkpoints()), *layout.stale_temporaries()]
 
 

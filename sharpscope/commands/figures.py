@@ -9,50 +9,57 @@ in the order of :data:`sharpscope.optim.OPTIMIZER_ORDER`. This module only decid
 which figure; every figure is one public function of :mod:`sharpscope.plot`, so it can be redrawn
 (and restyled, with matplotlib keyword arguments) from Python:
 
-==========================  ==========================================================================
-``spectrum``                :func:`~sharpscope.plot.plot_density`: eigenvalue densities (log density)
-                            with the top-k eigenvalues marked
-``sharpness_summary``       :func:`~sharpscope.plot.plot_sharpness_summary`: lambda_max, trace (+-1 s.e.),
-                            worst/average sharpness, one bar per run ("n/a" where not measured); with
-                            several seeds of a configuration :func:`~sharpscope.plot.plot_seed_summary`:
-                            mean +- s.d. over the seeds, every seed a dot
-``layer_curvature``         :func:`~sharpscope.plot.plot_layer_curvature`: per-layer top eigenvalue of
-                            the diagonal Hessian blocks
-``landscape_1d``            :func:`~sharpscope.plot.plot_landscape_1d_panels`: loss and accuracy along a
-                            filter-normalised random direction
-``contours``                :func:`~sharpscope.plot.plot_contours`: 2-D loss contours side by side with
-                            shared levels
-``surfaces``                :func:`~sharpscope.plot.plot_surfaces`: the 2-D slices in 3-D as small
-                            multiples on one z range and colour scale
-``surface_<run>``           :func:`~sharpscope.plot.plot_surface` (``log=True``, titled with the run):
-                            one slice in 3-D, on the z range shared by all runs
-``zscores``                 :func:`~sharpscope.plot.plot_zscore_distributions`: per-layer gradient
-                            Z-score distributions against N(0, 1), threshold marked
-``mask_summary``            :func:`~sharpscope.plot.plot_mask_summary`: ZSharp's kept fraction and
-                            perturbation-norm share per layer
-``alignment``               :func:`~sharpscope.plot.plot_alignment_summary`: the part of each ascent
-                            direction in the top-k eigenspace, and its loss increase
-``training_curves``         :func:`~sharpscope.plot.plot_training_curves`: loss and accuracy per epoch
-                            (from the stored histories, or ``metrics.jsonl`` files found or given)
-``mask_heatmap_<run>``      :func:`~sharpscope.plot.plot_mask_heatmap` (``"threshold"``): the threshold
-                            tau logged during ZSharp training, layer x step
-``interpolation``           :func:`~sharpscope.plot.plot_interpolations`: loss and accuracy on the line
-                            between two models (``<a>--<b>__interpolation.nc``), one row per pair,
-                            the end points named by their optimizers
-``sweep_rho``,               :func:`~sharpscope.plot.plot_sweep`: test accuracy and lambda_max against
-``sweep_percentile``        rho / ZSharp's percentile (mean +- s.d. over seeds), when runs differ in it
-``sharpness_vs_gap``        :func:`~sharpscope.plot.plot_sharpness_vs_gap`: every sharpness measure
-                            against the generalization gap, Spearman's rank correlation (>= 5 runs)
-``cost``                    :func:`~sharpscope.plot.plot_cost`: wall time per epoch and images/s per
-                            optimizer, from the histories (``metrics.jsonl``)
-``mask_stability``          :func:`~sharpscope.plot.plot_mask_stability`: ZSharp's mask Jaccard across
-                            batches per layer over the epochs of one run (``analyze --masks`` on its
-                            ``epoch_XXXX.pt``)
-``curvature_trajectory``    :func:`~sharpscope.plot.plot_curvature_trajectories`: lambda_max and trace
-                            (+-1 s.e.) against the epoch, one line per run, when the Hessian of two or
-                            more epochs of the same run was analysed (``sharpscope train --save-every
-                            K``, then ``analyze --hessian`` on its ``epoch_XXXX.pt``)
-==========================  ==========================================================================
+==============================  ==========================================================================
+``spectrum``                    :func:`~sharpscope.plot.plot_density`: eigenvalue densities (log density)
+                                with the top-k eigenvalues marked
+``sharpness_summary``           :func:`~sharpscope.plot.plot_sharpness_summary`: lambda_max, trace (+-1 s.e.),
+                                worst/average sharpness, one bar per run ("n/a" where not measured); with
+                                several seeds of a configuration :func:`~sharpscope.plot.plot_seed_summary`:
+                                mean +- s.d. over the seeds, every seed a dot
+``layer_curvature``             :func:`~sharpscope.plot.plot_layer_curvature`: per-layer top eigenvalue of
+                                the diagonal Hessian blocks
+``landscape_1d``                :func:`~sharpscope.plot.plot_landscape_1d_panels`: loss and accuracy along a
+                                filter-normalised random direction
+``contours``                    :func:`~sharpscope.plot.plot_contours`: 2-D loss contours side by side with
+                                shared levels
+``surfaces``                    :func:`~sharpscope.plot.plot_surfaces`: the 2-D slices in 3-D as small
+                                multiples on one z range and colour scale
+``surface_<run>``               :func:`~sharpscope.plot.plot_surface` (``log=True``, titled with the run):
+                                one slice in 3-D, on the z range shared by all runs
+``zscores``                     :func:`~sharpscope.plot.plot_zscore_distributions`: per-layer gradient
+                                Z-score distributions against N(0, 1), threshold marked
+``mask_summary``                :func:`~sharpscope.plot.plot_mask_summary`: ZSharp's kept fraction and
+                                perturbation-norm share per layer
+``alignment``                   :func:`~sharpscope.plot.plot_alignment_summary`: the part of each ascent
+                                direction in the top-k eigenspace, and its loss increase
+``training_curves``             :func:`~sharpscope.plot.plot_training_curves`: loss and accuracy per epoch
+                                (from the stored histories, or ``metrics.jsonl`` files found or given)
+``mask_heatmap_<run>``          :func:`~sharpscope.plot.plot_mask_heatmap` (``"threshold"``): the threshold
+                                tau logged during ZSharp training, layer x step
+``interpolation``               :func:`~sharpscope.plot.plot_interpolations`: loss and accuracy on the line
+                                between two models (``<a>--<b>__interpolation.nc``), one row per pair,
+                                the end points named by their optimizers
+``sweep_rho``,                  :func:`~sharpscope.plot.plot_sweep`: test accuracy and lambda_max against
+``sweep_percentile``            rho / ZSharp's percentile (mean +- s.d. over seeds), when runs differ in it
+``sharpness_vs_gap``            :func:`~sharpscope.plot.plot_sharpness_vs_gap`: every sharpness measure
+                                against the generalization gap, Spearman's rank correlation (>= 5 runs)
+``cost``                        :func:`~sharpscope.plot.plot_cost`: wall time per epoch and images/s per
+                                optimizer, from the histories (``metrics.jsonl``)
+``mask_stability``              :func:`~sharpscope.plot.plot_mask_stability`: ZSharp's mask Jaccard across
+                                batches per layer over the epochs of one run (``analyze --masks`` on its
+                                ``epoch_XXXX.pt``)
+``sharpness_over_training``     :func:`~sharpscope.plot.plot_sharpness_over_training`: lambda_max tracked
+                                during training (``tracking.jsonl`` of a run trained with ``--track``)
+                                against the step, one line per run, its stability threshold dashed
+``preconditioned_sharpness``    the same for ``preconditioned`` (lambda_max of P^-1 H; Adam's threshold
+                                38/lr)
+``tracked_masks_<run>``         :func:`~sharpscope.plot.plot_mask_heatmap` of the tracked ``masks`` rows: the
+                                kept fraction, layer x step (the threshold tau when the fraction is fixed)
+``curvature_trajectory``        :func:`~sharpscope.plot.plot_curvature_trajectories`: lambda_max and trace
+                                (+-1 s.e.) against the epoch, one line per run, when the Hessian of two or
+                                more epochs of the same run was analysed (``sharpscope train --save-every
+                                K``, then ``analyze --hessian`` on its ``epoch_XXXX.pt``)
+==============================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -183,6 +190,27 @@ def _histories(results_dir: Path, metrics: Sequence[str | Path], found: dict[str
     return histories
 
 
+def tracked_runs(results_dir: Path, metrics: Sequence[str | Path], found: dict[str, dict[str, Any]]
+                 ) -> dict[str, Path]:
+    """``run -> its tracking.jsonl`` for every run that tracked sharpness while training: the run folders of
+    the analysed checkpoints (named as in the summary), then the run folders found under ``results_dir``
+    or given with ``--metrics`` (named by their folder). A file counts once."""
+    from ..train.layout import RunLayout
+
+    folders: dict[str, Path] = {}
+    for run, source in checkpoint_sources(found).items():
+        folders.setdefault(run, RunLayout.of_checkpoint(source["path"]).folder)
+    given = [Path(m) if Path(m).is_dir() else Path(m).parent for m in metrics]
+    for folder in given + [p.parent for p in sorted(results_dir.rglob(RunLayout.TRACKING))]:
+        folders.setdefault(folder.name or str(folder), folder)
+    tracked: dict[str, Path] = {}
+    for run, folder in folders.items():
+        path = RunLayout(folder).tracking
+        if path.is_file() and path.resolve() not in {p.resolve() for p in tracked.values()}:
+            tracked[run] = path
+    return tracked
+
+
 def draw_figures(results_dir: str | Path, out_dir: str | Path = "figures", style: str = "neurips", *,
                  formats: Sequence[str] = FORMATS, metrics: Sequence[str | Path] = (), column: str = "single",
                  show_progress: bool = True) -> list[Path]:
@@ -215,7 +243,8 @@ def draw_figures(results_dir: str | Path, out_dir: str | Path = "figures", style
     found_all = _load_results(files)
     found = split_runs(found_all)  # the comparisons: runs only; epoch checkpoints are trajectories
     histories = _histories(results_dir, metrics, found)
-    jobs = _jobs(found, histories, summary_table(results_dir), found_all)
+    jobs = _jobs(found, histories, summary_table(results_dir), found_all,
+                 tracked=tracked_runs(results_dir, metrics, found))
     if not jobs:
         raise UserInputError(f"nothing to draw in {str(results_dir)!r}: no sharpscope result files "
                              f"(run `sharpscope analyze CKPT --out {results_dir}` first)")
@@ -250,10 +279,12 @@ def _fig_of(obj: Any) -> Any:
 
 
 def _jobs(found: dict[str, dict[str, Any]], histories: dict[str, pd.DataFrame], table: pd.DataFrame,
-          found_all: dict[str, dict[str, Any]] | None = None) -> list[Job]:
+          found_all: dict[str, dict[str, Any]] | None = None, *,
+          tracked: dict[str, Path] | None = None) -> list[Job]:
     """(file stem, function drawing the figure) for every figure the results allow.
 
-    ``found`` holds the runs compared; ``found_all`` also the epoch checkpoints (trajectories only).
+    ``found`` holds the runs compared; ``found_all`` also the epoch checkpoints (trajectories only);
+    ``tracked`` the ``tracking.jsonl`` of the runs that tracked sharpness (:func:`tracked_runs`).
     """
     from .. import plot
 
@@ -268,6 +299,7 @@ def _jobs(found: dict[str, dict[str, Any]], histories: dict[str, pd.DataFrame], 
                                           table)
         jobs.append(("training_curves", lambda: plot.plot_training_curves(curves)))
     jobs += _across_run_jobs(table, histories)
+    jobs += _tracking_jobs(tracked or {}, table)
     trajectory = curvature_trajectory_table(found_all)
     if not trajectory.empty:
         jobs.append(("curvature_trajectory", lambda: plot.plot_curvature_trajectories(trajectory)))
@@ -471,6 +503,49 @@ def _zsharp_jobs(get: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]
         # the kept fraction is fixed by p and the layer's size; the threshold shows how heavy the tails are
         jobs.append((f"mask_heatmap_{run}", lambda log=log: _fig_of(plot.plot_mask_heatmap(log, "threshold"))))
     return jobs
+
+
+#: Tracked measures drawn against the step, and the file stem of each figure.
+TRACKED_FIGURES = {"lambda_max": "sharpness_over_training", "preconditioned": "preconditioned_sharpness"}
+
+
+def _tracking_jobs(tracked: dict[str, Path], table: pd.DataFrame) -> list[Job]:
+    """sharpness_over_training, preconditioned_sharpness, tracked_masks_<run>: from the
+    rows the runs tracked while training (``tracking.jsonl``), one line per configuration."""
+    from .. import plot
+    from ..track import read_tracking
+
+    labels = _configuration_labels(table)
+    rows: dict[str, pd.DataFrame] = {}
+    for run, path in _ordered(tracked).items():
+        try:
+            rows[run] = read_tracking(path)
+        except UserInputError as exc:  # one damaged log must not cost every other figure
+            warnings.warn(f"skipped the tracked rows of {run}: {exc}", RuntimeWarning, stacklevel=3)
+    runs: dict[str, pd.DataFrame] = {}
+    for run, frame in rows.items():
+        if not frame.empty:
+            runs.setdefault(labels.get(run, run), frame)  # of several seeds of one configuration, the first
+    jobs: list[Job] = []
+    for measure, stem in TRACKED_FIGURES.items():
+        series = {label: frame for label, frame in runs.items() if (frame["measure"] == measure).any()}
+        if series:
+            jobs.append((stem, lambda m=measure, s=series: _fig_of(plot.plot_sharpness_over_training(s, m))))
+    for run, frame in rows.items():
+        if not frame.empty and (frame["measure"] == "masks").any():
+            jobs.append((f"tracked_masks_{run}", lambda path=tracked[run]: _tracked_mask_heatmap(path)))
+    return jobs
+
+
+def _tracked_mask_heatmap(path: Path) -> Any:
+    """ZSharp's kept fraction per layer and step, or, when no layer's varies over the steps (it is fixed
+    by p and the layer's size unless the filter falls back to SAM), the threshold tau, which shows how
+    heavy the gradient's tails are."""
+    from .. import plot
+
+    masks = plot.tracked_masks(path)
+    spread = masks.groupby("layer")["kept_fraction"].agg(lambda v: float(v.max() - v.min())).max()
+    return _fig_of(plot.plot_mask_heatmap(masks, "kept_fraction" if spread > 1e-6 else "threshold"))
 
 
 def _ordered_pairs(pairs: dict[str, Any]) -> dict[str, Any]:

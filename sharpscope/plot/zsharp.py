@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,7 @@ _VALUE_LABEL = {
     "grad_norm": r"Gradient norm $\|g_l\|$",
     "perturbation_norm": r"Perturbation norm $\|e_l\|$",
     "kept": "Kept entries",
+    "perturbation_share": r"Perturbation share $\|e_l\|^2 / \sum_k \|e_k\|^2$",
 }
 
 
@@ -83,11 +85,21 @@ def read_mask_log(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def _mask_frame(obj: Any, arg: str) -> pd.DataFrame:
+    from .tracking import tracked_masks
+
     if isinstance(obj, (str, os.PathLike)):
+        from ..train.layout import RunLayout
+
+        folder = RunLayout(obj)
+        if Path(obj).name == RunLayout.TRACKING or (folder.tracking.is_file() and not folder.masks.is_file()):
+            return tracked_masks(obj)  # a run that tracked its masks (SharpnessTracker) instead of logging them
         return read_mask_log(obj)
     if hasattr(obj, "mask_stats") and not isinstance(obj, pd.DataFrame):  # a ZSharp optimizer
         return obj.mask_stats.copy()
-    return to_frame(obj, arg)
+    if hasattr(obj, "layer_dataframe"):  # a SharpnessTracker
+        return tracked_masks(obj)
+    frame = to_frame(obj, arg)
+    return tracked_masks(frame) if {"key", "value", "layer"} <= set(frame.columns) else frame
 
 
 # --- Z-score distributions -------------------------------------------------------------------
@@ -458,7 +470,10 @@ def plot_mask_heatmap(data: Any, value: str = "kept_fraction", *, x: str = "step
     """A layer x step heatmap of a mask statistic logged during ZSharp training.
 
     ``data`` (formerly ``log=``): the ``masks.csv`` training log (path, run folder or DataFrame
-    with ``step``, ``layer`` and ``value``); ``value`` is any numeric mask column (``kept_fraction``
+    with ``step``, ``layer`` and ``value``), or the ``masks`` rows a
+    :class:`~sharpscope.track.SharpnessTracker` tracked (its ``tracking.jsonl``, a run folder holding
+    only that, the tracker, or :func:`~sharpscope.track.read_tracking_layers` rows; see
+    :func:`~sharpscope.plot.tracked_masks`); ``value`` is any numeric mask column (``kept_fraction``
     is drawn in percent). Steps may be unevenly spaced; each cell spans the interval to the next
     logged step. A value constant to float precision (the kept fraction is fixed by ``p`` and the
     layer's size; the perturbation norm of every tensor is rho) is drawn in one colour and said so
