@@ -3,9 +3,13 @@
 One spawned group of two ranks runs every check (starting a group costs seconds, so they share it).
 Each check computes the analysis twice on every rank -- once single-process (``distributed=False``,
 all the data) and once split over the ranks -- and compares: the single-process result is the
-independent reference. Floating results must agree to 1e-10 (relative to their scale), counts
+independent reference. Floating results must agree to 1e-10 (relative to their scale; single
+Hessian/GGN-vector products and gradients to 1e-12), counts
 (Z-score histograms, mask sizes) exactly. The data are five batches of unequal sizes, so the two
-ranks hold unequal shares (3 and 2 batches) and the global batch weights matter.
+ranks hold unequal shares (3 and 2 batches) and the global batch weights matter. A tiny token
+language model on padded dict batches checks the token-count weights: its batches (and the pieces a
+single batch is cut into when there are fewer batches than ranks) hold unequal numbers of target tokens,
+so weighting by examples instead of tokens would change the split result.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from sharpscope import distributed as dist
 
 WORLD = 2
 TOL = 1e-10
+PRODUCT_TOL = 1e-12  # one product or gradient is a short weighted sum: only its summation order differs
 
 
 def _model() -> nn.Module:
@@ -89,19 +94,32 @@ def _all_reduce_sizes(fn: Callable[[], torch.Tensor]) -> tuple[list[int], torch.
         torch.distributed.all_reduce = real
 
 
-def _hvp_checks(c: _Checks, model: nn.Module, batches: list) -> None:
-    """H v and the gradient; one all-reduce of dim + 1 numbers per product; a single batch is cut."""
-    from sharpscope.analysis.curvature import HessianOperator
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
-    v = torch.randn(83, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    for data, label in ((batches, "5 batches"), (batches[0], "1 batch")):
-        with HessianOperator(model, F.cross_entropy, data, distributed=False) as one:
-            want_hv, want_g = one.matvec(v), one.gradient()
-        with HessianOperator(model, F.cross_entropy, data, distributed=True) as op:
-            calls, got_hv = _all_reduce_sizes(lambda op=op: op.matvec(v))
-            c.close(f"HVP ({label})", got_hv, want_hv)
-            c.close(f"gradient ({label})", op.gradient(), want_g)
-            c.equal(f"one all-reduce of dim + 1 numbers per HVP ({label})", calls, [op.dim + 1])
+
+def _product_checks(c: _Checks, model: nn.Module, loss_fn: object, datasets: list[tuple[object, str]]) -> None:
+    """H v (HessianOperator), G v (GGNOperator) and the gradient on each ``(data, label)``: equal to one
+    process, and one all-reduce of dim + 1 numbers per product."""
+    from sharpscope.analysis.curvature import HessianOperator
+    from sharpscope.analysis.ggn import GGNOperator
+
+    v = torch.randn(_n_params(model), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for operator in (HessianOperator, GGNOperator):
+        for data, label in datasets:
+            name = f"{operator.__name__} {label}"
+            with operator(model, loss_fn, data, distributed=False) as one:
+                want_hv, want_g = one.matvec(v), one.gradient()
+            with operator(model, loss_fn, data, distributed=True) as op:
+                calls, got_hv = _all_reduce_sizes(lambda op=op: op.matvec(v))
+                c.close(f"product ({name})", got_hv, want_hv, PRODUCT_TOL)
+                c.close(f"gradient ({name})", op.gradient(), want_g, PRODUCT_TOL)
+                c.equal(f"one all-reduce of dim + 1 numbers per product ({name})", calls, [op.dim + 1])
+
+
+def _hvp_checks(c: _Checks, model: nn.Module, batches: list) -> None:
+    """Hessian and GGN products of the classifier; a single batch is cut into one piece per rank."""
+    _product_checks(c, model, F.cross_entropy, [(batches, "5 batches"), (batches[0], "1 batch")])
 
 
 def _hessian_checks(c: _Checks, model: nn.Module, batches: list) -> None:
@@ -113,17 +131,22 @@ def _hessian_checks(c: _Checks, model: nn.Module, batches: list) -> None:
     )
 
     kw = {"progress": False}
-    one = hessian_eigenvalues(model, F.cross_entropy, batches, k=3, tol=1e-6, max_iter=83, distributed=False, **kw)
-    got = hessian_eigenvalues(model, F.cross_entropy, batches, k=3, tol=1e-6, max_iter=83, distributed=True, **kw)
-    c.close("eigenvalues", got.eigenvalues, one.eigenvalues)
-    c.close("eigenvectors", np.abs(got.eigenvectors), np.abs(one.eigenvectors), 1e-8)
-    for method in ("hutch++", "hutchinson"):
-        want = hessian_trace(model, F.cross_entropy, batches, n_samples=13, method=method, distributed=False, **kw)
-        for split in ("data", "probes"):
-            tr = hessian_trace(model, F.cross_entropy, batches, n_samples=13, method=method, distributed=True,
-                               split=split, **kw)
-            c.close(f"trace {method} split={split}", [tr.estimate, tr.stderr], [want.estimate, want.stderr])
-            c.equal(f"trace {method} split={split} n_hvp", tr.n_hvp, want.n_hvp)
+    for curvature, methods in (("hessian", ("hutch++", "hutchinson")), ("ggn", ("hutch++",))):
+        eig = {"k": 3, "tol": 1e-6, "max_iter": 83, "curvature": curvature, **kw}
+        one = hessian_eigenvalues(model, F.cross_entropy, batches, distributed=False, **eig)
+        got = hessian_eigenvalues(model, F.cross_entropy, batches, distributed=True, **eig)
+        c.close(f"{curvature} eigenvalues", got.eigenvalues, one.eigenvalues)
+        c.close(f"{curvature} eigenvectors", np.abs(got.eigenvectors), np.abs(one.eigenvectors), 1e-8)
+        ranks = dist.all_gather_object(np.asarray(got.eigenvalues).tolist())
+        c.equal(f"{curvature} eigenvalues identical on every rank", ranks, [ranks[0]] * WORLD)
+        for method in methods:
+            tr_kw = {"n_samples": 13, "method": method, "curvature": curvature, **kw}
+            want = hessian_trace(model, F.cross_entropy, batches, distributed=False, **tr_kw)
+            for split in ("data", "probes"):
+                tr = hessian_trace(model, F.cross_entropy, batches, distributed=True, split=split, **tr_kw)
+                name = f"{curvature} trace {method} split={split}"
+                c.close(name, [tr.estimate, tr.stderr], [want.estimate, want.stderr])
+                c.equal(f"{name} n_hvp", tr.n_hvp, want.n_hvp)
     want_d = hessian_density(model, F.cross_entropy, batches, n_iter=12, n_runs=3, distributed=False, **kw)
     for split in ("data", "probes"):
         den = hessian_density(model, F.cross_entropy, batches, n_iter=12, n_runs=3, distributed=True, split=split,
@@ -216,6 +239,75 @@ def _sharpness_and_landscape_checks(c: _Checks, model: nn.Module, batches: list)
     c.close("interpolate split=data", got_i.loss, want_i.loss)
 
 
+class _TinyLM(nn.Module):
+    """Next-token logits: embedding, tanh, causal running mean over the real tokens, linear head."""
+
+    def __init__(self, vocab: int = 11, width: int = 4) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        h = torch.tanh(self.embed(input_ids)) * mask.unsqueeze(-1).to(self.head.weight.dtype)
+        seen = mask.cumsum(1).clamp(min=1).unsqueeze(-1).to(h.dtype)
+        return self.head(h.cumsum(1) / seen)
+
+
+def _lm_batches() -> list[dict[str, torch.Tensor]]:
+    """Right-padded dict batches of 4, 2 and 3 rows; a row of length L has L - 1 target tokens, so the
+    batches hold 12, 6 and 11 targets, and the first one's halves (rows 0-1, rows 2-3) 11 and 1."""
+    g = torch.Generator().manual_seed(4)
+    out = []
+    for lengths in ((7, 6, 2, 1), (5, 3), (6, 4, 4)):
+        width = max(lengths)
+        mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+        out.append({"input_ids": torch.randint(1, 11, (len(lengths), width), generator=g) * mask,
+                    "attention_mask": mask})
+    return out
+
+
+@torch.no_grad()
+def _token_mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Independent reference: sum of -log p(next token) over every real target token, over their number."""
+    total, n = 0.0, 0
+    for b in batches:
+        valid = b["attention_mask"][:, 1:] == 1
+        logits = model(b["input_ids"], b["attention_mask"])[:, :-1]
+        total += F.cross_entropy(logits[valid], b["input_ids"][:, 1:][valid], reduction="sum").item()
+        n += int(valid.sum())
+    return total / n
+
+
+def _lm_checks(c: _Checks, model: nn.Module, batches: list) -> None:
+    """The token LM objective on padded dict batches split over the ranks: 3 batches (dealt 2 + 1), and
+    1 batch cut into two pieces of 11 and 1 target tokens (fewer batches than ranks: the pieces must be
+    weighted by tokens, 11/12 and 1/12, not by rows). Loss (also against the hand-computed token mean),
+    gradient, sharpness, H v and G v equal one process."""
+    from sharpscope.analysis.evaluation import full_data_gradient, full_data_loss
+    from sharpscope.analysis.objective import TokenCrossEntropy
+    from sharpscope.analysis.parallel import shared_batches
+    from sharpscope.analysis.sharpness import sharpness
+
+    torch.manual_seed(3)
+    lm, data = _TinyLM().double().eval(), _lm_batches()
+    datasets = [(data, "3 LM batches"), (data[:1], "1 LM batch")]
+    pieces = shared_batches(data[:1], True, TokenCrossEntropy())
+    c.close("1 LM batch: one piece per rank, weighted by its tokens", [w for _, w in pieces],
+            [(11 / 12, 1 / 12)[dist.rank()]])
+    _product_checks(c, lm, "lm", datasets)
+    params = list(lm.parameters())
+    for part, label in datasets:
+        loss = full_data_loss(lm, TokenCrossEntropy(), part, distributed=True)
+        c.close(f"LM loss = token mean ({label})", loss, _token_mean_loss(lm, part))
+        c.close(f"LM loss ({label})", loss, full_data_loss(lm, TokenCrossEntropy(), part, distributed=False))
+        want, got = (full_data_gradient(lm, TokenCrossEntropy(), part, params, distributed=d) for d in (False, True))
+        c.close(f"LM full-data loss and gradient ({label})", [got[0], *torch.cat([g.reshape(-1) for g in got[1]])],
+                [want[0], *torch.cat([g.reshape(-1) for g in want[1]])])
+        kw = {"rho": 0.3, "kind": "worst", "steps": 3}
+        want_s, got_s = (sharpness(lm, "lm", part, distributed=d, **kw) for d in (False, True))
+        c.close(f"LM sharpness ({label})", [got_s.value, got_s.base_loss], [want_s.value, want_s.base_loss])
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(rank, WORLD, f"tcp://127.0.0.1:{port}", "gloo", timeout_s=120)
@@ -223,7 +315,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         model, batches = _model(), _batches()
         for name, fn in (("hvp", _hvp_checks), ("hessian", _hessian_checks), ("gradients", _gradient_checks),
-                         ("sharpness+landscape", _sharpness_and_landscape_checks)):
+                         ("sharpness+landscape", _sharpness_and_landscape_checks), ("lm", _lm_checks)):
             start = time.perf_counter()
             checks.run(name, lambda fn=fn: fn(checks, model, batches))
             checks.seconds[name] = time.perf_counter() - start
@@ -235,15 +327,15 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def test_every_analysis_split_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
-    """Every data-parallel analysis (HVP, eigenvalues, trace with both splits, density, layer curvature,
-    Z-scores, mask statistics, ZSharp masks, alignment, sharpness, landscapes, interpolation) equals its
-    single-process result on both ranks."""
+    """Every data-parallel analysis (Hessian and GGN products, eigenvalues and traces with both splits,
+    density, layer curvature, Z-scores, mask statistics, ZSharp masks, alignment, sharpness, landscapes,
+    interpolation; a token LM on padded dict batches) equals its single-process result on both ranks."""
     mp.spawn(_worker, args=(dist.free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         print(f"rank {rank} seconds per group of checks: {report['seconds']}")
         assert not report["failures"], f"rank {rank}:\n" + "\n".join(report["failures"])
-        assert len(report["passed"]) >= 40, report["passed"]  # every check ran
+        assert len(report["passed"]) >= 88, report["passed"]  # every check ran
 
 
 def test_distributed_true_without_a_group_is_one_line() -> None:
