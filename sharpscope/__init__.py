@@ -45,7 +45,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("analyze_checkpoint", "draw_figures", "run_demo", "summary_table"), "commands"),
 }
 #: the modules whose result classes ``load`` must know (each registers its kinds on import)
-_RESULT_MODULES = ("analysis.hessian", "analysis.sharpness", "analysis.landscape", "analysis.gradients",
+_RESULT_MODULES = ("analysis.hessian", "analysis.sharpness", "analysis.landscape", "analysis.gradients", "track.result",
                    "analysis.masks", "analysis.directions")
 
 

@@ -188,3 +188,128 @@ def test_a_damaged_tracking_log_is_skipped_with_a_warning(runs, tmp_path):
     assert [stem for stem, _ in jobs] == ["sharpness_over_training"]
     ax = jobs[0][1]().axes[0]
     assert [ln.get_label() for ln in ax.get_lines() if not ln.get_label().startswith("_")] == ["SGD"]
+
+
+# --- tracked rows stored by `analyze`, and `figures` on run folders ---------------------------------------
+@pytest.fixture(scope="module")
+def analysed(runs, tmp_path_factory):
+    """The two runs copied elsewhere, analysed from there (--masks, tiny), then moved away: what is left
+    is a results folder whose checkpoints' run folders no longer exist."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("analysed")
+    copies, results = root / "runs", root / "results"
+    shutil.copytree(runs, copies)
+    checkpoints = [str(copies / name / "last.pt") for name in ("sgd", "zsharp")]
+    assert main(["analyze", *checkpoints, "--masks", "--samples", "32", "--batch-size", "32", "--quiet",
+                 "--out", str(results)]) == 0
+    copies.rename(root / "moved")
+    return results
+
+
+def _json_rows(folder):
+    """tracking.jsonl parsed with json: the scalar rows and the tidy per-layer values, as plain frames."""
+    records = [json.loads(line) for line in (folder / "tracking.jsonl").read_text().splitlines() if line]
+    rows = pd.DataFrame([{k: v for k, v in r.items() if k != "layers"} for r in records])
+    layers = pd.DataFrame([{"step": r["step"], "measure": r["measure"], "layer": layer, "key": k, "value": v}
+                           for r in records for layer, vals in r.get("layers", {}).items() for k, v in vals.items()])
+    return rows, layers
+
+
+@pytest.mark.parametrize("name", ["sgd", "zsharp"])
+def test_analyze_stores_the_tracked_rows_and_load_reads_them_back(runs, analysed, name):
+    """analyze writes <run>__tracking.nc; sharpscope.load gives a TrackingResult whose rows equal the run's
+    tracking.jsonl parsed with json (and read_tracking of it), per-layer masks values included, with the
+    checkpoint it was stored for; no temporary file is left next to it."""
+    import sharpscope
+    from sharpscope.track import read_tracking, read_tracking_layers
+
+    path = analysed / f"{name}__tracking.nc"
+    result = sharpscope.load(path)
+    assert type(result).__name__ == "TrackingResult" and result.provenance
+    expected_rows, expected_layers = _json_rows(runs / name)
+    pd.testing.assert_frame_equal(result.to_dataframe(), expected_rows, check_dtype=False)
+    pd.testing.assert_frame_equal(result.to_dataframe(), read_tracking(runs / name))
+    pd.testing.assert_frame_equal(result.layer_dataframe(), read_tracking_layers(runs / name))
+    if name == "zsharp":
+        pd.testing.assert_frame_equal(result.layer_dataframe("masks"), expected_layers, check_dtype=False)
+        assert set(result.table["layer"]) > {""}  # the per-layer values are in the long table itself
+    assert result.n_rows == len(expected_rows)
+    assert result.settings["checkpoint"]["path"].endswith(f"{name}/last.pt")
+    assert sorted(p.name for p in analysed.iterdir() if not p.name.endswith(".nc")) == []
+
+
+def test_a_fresh_process_opens_the_tracking_file_with_sharpscope_load(analysed):
+    """sharpscope.load alone (nothing else imported) knows the 'tracking' kind: a new interpreter opens the
+    file and counts the rows of the jsonl."""
+    import subprocess
+    import sys
+
+    code = "import sys, sharpscope; r = sharpscope.load(sys.argv[1]); print(type(r).__name__, r.n_rows)"
+    out = subprocess.run([sys.executable, "-c", code, str(analysed / "sgd__tracking.nc")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n = len(list(filter(None, (analysed.parent / "moved" / "sgd" / "tracking.jsonl").read_text().splitlines())))
+    assert out.stdout.split() == ["TrackingResult", str(n)]
+
+
+def test_figures_draw_the_tracked_rows_stored_in_the_results_after_the_runs_moved(runs, analysed, tmp_path):
+    """The run folders are gone (moved), so the tracked figures can only come from <run>__tracking.nc: the
+    figures are drawn, and the SGD line is the (step, value) of the jsonl parsed with json."""
+    from sharpscope.commands.figures import _load_results, _tracking_jobs, split_runs, tracked_runs
+    from sharpscope.commands.summary import result_files, summary_table
+
+    assert not (analysed.parent / "runs").exists()
+    figs = tmp_path / "figs"
+    assert main(["figures", str(analysed), "--out", str(figs), "--formats", "png", "--quiet"]) == 0
+    stems = {p.stem for p in figs.glob("*.png")}
+    assert {"sharpness_over_training", "preconditioned_sharpness", "tracked_masks_zsharp"} <= stems
+    found = split_runs(_load_results(result_files(analysed)))
+    jobs = dict(_tracking_jobs(tracked_runs(analysed, [], found), summary_table(analysed)))
+    ax = jobs["sharpness_over_training"]().axes[0]
+    rows = _jsonl(runs / "sgd", "lambda_max")
+    np.testing.assert_allclose(_line(ax, "SGD").get_ydata(), [r["value"] for r in rows], rtol=1e-12)
+
+
+@pytest.mark.parametrize("folder", ["runs", "one run"])
+def test_figures_on_run_folders_not_analysed_draw_the_tracked_sharpness(runs, tmp_path, folder):
+    """A folder of run folders (or one run folder) with tracking.jsonl and metrics.jsonl but no .nc: the
+    tracked figures and the training curves are drawn instead of the "analyse first" refusal."""
+    given = runs if folder == "runs" else runs / "zsharp"
+    figs = tmp_path / "figs"
+    assert main(["figures", str(given), "--out", str(figs), "--formats", "png", "--quiet"]) == 0
+    stems = {p.stem for p in figs.glob("*.png")}
+    assert {"sharpness_over_training", "training_curves", "tracked_masks_zsharp"} <= stems
+    assert ("preconditioned_sharpness" in stems) and not list(given.rglob("*.nc"))
+
+
+def test_figures_refuse_run_folders_with_nothing_to_draw_in_one_line(tmp_path, capsys):
+    """A run folder whose tracking.jsonl and metrics.jsonl are still empty (no tracked row, no finished
+    epoch): exit 2 and one line saying to analyse first (a runs folder that never tracked is refused too:
+    tests/test_commands.py)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    (tmp_path / "run" / "tracking.jsonl").write_text("")
+    assert main(["figures", str(tmp_path), "--out", str(tmp_path / "figs"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "analyse them first" in err[0] and "no sharpscope result files" in err[0]
+    assert not (tmp_path / "figs").exists()
+
+
+def test_tracking_result_keeps_rows_without_values_and_layer_only_rows(tmp_path):
+    """Rows written by hand (one with no value at all, one with per-layer values only, a repeated step) come
+    back from save/load as the same rows, in the same order, as the TrackRow objects given."""
+    import sharpscope
+    from sharpscope.track import TrackRow
+    from sharpscope.track.result import TrackingResult
+
+    given = [TrackRow(0, "lambda_max", {"value": 2.5, "residual": 1e-3}),
+             TrackRow(0, "trace", {}),
+             TrackRow(3, "masks", {}, layers={"0.weight": {"kept_fraction": 0.05}, "2.weight": {"threshold": 1.7}}),
+             TrackRow(3, "lambda_max", {"value": 3.25})]
+    path = TrackingResult.from_rows(given, {"run": "hand"}).save(tmp_path / "hand__tracking.nc")
+    loaded = sharpscope.load(path)
+    assert [(r.step, r.measure, r.values, r.layers) for r in loaded.rows()] == \
+        [(r.step, r.measure, r.values, r.layers) for r in given]
+    assert loaded.n_rows == 4 and loaded.settings["run"] == "hand"
+    assert list(loaded.to_dataframe()["measure"]) == ["lambda_max", "trace", "masks", "lambda_max"]

@@ -15,7 +15,9 @@ the files are ``<out>/<run>__<analysis>.nc``:
 ==============  ==========================================================================================
 
 Every checkpoint written by ``sharpscope train`` also gives ``history`` (its per-epoch metrics) and,
-for a ZSharp run with a ``masks.csv`` next to it, ``mask_log`` (the mask statistics logged in training).
+for a ZSharp run with a ``masks.csv`` next to it, ``mask_log`` (the mask statistics logged in training),
+and for a run trained with ``--track`` (a ``tracking.jsonl`` next to it) ``tracking``, the rows it tracked
+(:class:`~sharpscope.track.result.TrackingResult`): the tracked figures then need only the results folder.
 The Hessian results also record which checkpoint they come from (``settings["checkpoint"]``: run folder,
 epoch, step, optimizer), so ``sharpscope figures`` can follow the curvature of one run over training
 (``sharpscope train --save-every K`` keeps the ``epoch_XXXX.pt`` to analyse).
@@ -574,7 +576,8 @@ assert tuple(ANALYSIS_STEPS) == ANALYSES
 
 
 def _training_records(ckpt: Any, job: AnalysisJob) -> list[Path]:
-    """The checkpoint's per-epoch history and, next to it, ZSharp's training mask log (if any)."""
+    """The checkpoint's per-epoch history and, next to it, ZSharp's training mask log and the rows it
+    tracked while training (if any)."""
     from ..analysis.masks import load_mask_log
     from ..analysis.results import write_table
 
@@ -593,7 +596,26 @@ def _training_records(ckpt: Any, job: AnalysisJob) -> list[Path]:
         else:
             written.append(_save_table(log, job.path("mask_log"), MASK_LOG_KIND,
                                        {"run": job.run, "source": str(log_file)}))
-    return written
+    return written + _tracked_rows(ckpt, job)
+
+
+def _tracked_rows(ckpt: Any, job: AnalysisJob) -> list[Path]:
+    """The rows the checkpoint's run tracked while training (its ``tracking.jsonl``), stored as
+    ``<run>__tracking.nc`` (:class:`~sharpscope.track.result.TrackingResult`), so the tracked figures
+    need only the results folder."""
+    from ..track.result import TrackingResult
+
+    log_file = RunLayout.of_checkpoint(ckpt.path).tracking
+    if not log_file.is_file():
+        return []
+    try:
+        result = TrackingResult.read(log_file, {"run": job.run, "checkpoint": job.source})
+    except UserInputError as exc:
+        warnings.warn(f"tracked rows skipped: {exc}", RuntimeWarning, stacklevel=3)
+        return []
+    if result.n_rows == 0:
+        return []  # the run has tracked nothing yet
+    return [_save_table(result, job.path("tracking"), TrackingResult.KIND, {})]
 
 
 def _check_analyses(what: Sequence[str]) -> list[str]:

@@ -49,8 +49,9 @@ which figure; every figure is one public function of :mod:`sharpscope.plot`, so 
                                 batches per layer over the epochs of one run (``analyze --masks`` on its
                                 ``epoch_XXXX.pt``)
 ``sharpness_over_training``     :func:`~sharpscope.plot.plot_sharpness_over_training`: lambda_max tracked
-                                during training (``tracking.jsonl`` of a run trained with ``--track``)
-                                against the step, one line per run, its stability threshold dashed
+                                during training (a run trained with ``--track``: the ``<run>__tracking.nc``
+                                ``analyze`` stored, else the run folder's ``tracking.jsonl``) against the
+                                step, one line per run, its stability threshold dashed
 ``preconditioned_sharpness``    the same for ``preconditioned`` (lambda_max of P^-1 H; Adam's threshold
                                 38/lr)
 ``tracked_masks_<run>``         :func:`~sharpscope.plot.plot_mask_heatmap` of the tracked ``masks`` rows: the
@@ -93,6 +94,7 @@ def _load_results(files: Sequence[Path]) -> dict[str, dict[str, Any]]:
     from ..analysis.masks import AlignmentResult
     from ..analysis.results import read_table, result_kind
     from ..analysis.sharpness import SharpnessResult
+    from ..track.result import TrackingResult
     from .analyze import HISTORY_KIND, MASK_LOG_KIND, MASKS_KIND, split_result_name
 
     loaders: dict[str, Callable[[Path], Any]] = {
@@ -103,6 +105,7 @@ def _load_results(files: Sequence[Path]) -> dict[str, dict[str, Any]]:
         HISTORY_KIND: _read_history_table,
         MASK_LOG_KIND: lambda p: read_table(p, MASK_LOG_KIND)[0],
         MASKS_KIND: lambda p: read_table(p, MASKS_KIND)[0],
+        TrackingResult.KIND: TrackingResult.load,
     }
     found: dict[str, dict[str, Any]] = {}
     for path in files:
@@ -135,14 +138,14 @@ def _read_history_table(path: Path) -> pd.DataFrame:
 
 def checkpoint_sources(found: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """``run -> {"path", "epoch", "optimizer" (its configuration dict, when stored)}`` from the
-    stored histories and the Hessian results, for every run whose checkpoint is known."""
+    stored histories, the Hessian results and the tracked rows, for every run whose checkpoint is known."""
     sources: dict[str, dict[str, Any]] = {}
     for run, history in found.get("training_history", {}).items():
         meta = history.attrs.get("source") or {}
         if meta.get("checkpoint"):
             sources[run] = {"path": str(meta["checkpoint"]), "epoch": meta.get("epoch"),
                             "optimizer": meta.get("optimizer") or {}}
-    for kind in ("hessian_eigenvalues", "hessian_trace", "hessian_density"):
+    for kind in ("hessian_eigenvalues", "hessian_trace", "hessian_density", "tracking"):
         for run, result in found.get(kind, {}).items():
             source = result.settings.get("checkpoint") or {}
             if run not in sources and source.get("path"):
@@ -190,25 +193,58 @@ def _histories(results_dir: Path, metrics: Sequence[str | Path], found: dict[str
     return histories
 
 
-def tracked_runs(results_dir: Path, metrics: Sequence[str | Path], found: dict[str, dict[str, Any]]
-                 ) -> dict[str, Path]:
-    """``run -> its tracking.jsonl`` for every run that tracked sharpness while training: the run folders of
-    the analysed checkpoints (named as in the summary), then the run folders found under ``results_dir``
-    or given with ``--metrics`` (named by their folder). A file counts once."""
+def tracked_runs(results_dir: Path, metrics: Sequence[str | Path], found: dict[str, dict[str, Any]],
+                 found_all: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``run -> its tracked rows`` (a :class:`~sharpscope.track.result.TrackingResult` or the path of a
+    ``tracking.jsonl``) for every run that tracked sharpness while training.
+
+    First the ``<run>__tracking.nc`` that ``analyze`` stored (named as in the summary; a run of which only
+    ``epoch_XXXX.pt`` were analysed by its run folder's name), so the figures survive the runs being moved;
+    then the ``tracking.jsonl`` of the analysed checkpoints' run folders (named as in the summary), of the
+    run folders under ``results_dir`` and of those given with ``--metrics`` (named by their folder). A log
+    counts once, and a name too (the first source found).
+    """
+    tracked: dict[str, Any] = {}
+    seen: set[Any] = set()
+    stored = list(found.get("tracking", {}).items())
+    stored += [(_run_folder_name(run, result), result) for run, result in (found_all or {}).get("tracking", {}).items()]
+    for run, result in stored:
+        key = _resolved(result.settings.get("source")) or id(result)
+        if key not in seen and run not in tracked:
+            tracked[run] = result
+            seen.add(key)
+    for run, path in _tracking_logs(results_dir, metrics, found).items():
+        if _resolved(path) not in seen and run not in tracked:
+            tracked[run] = path
+            seen.add(_resolved(path))
+    return tracked
+
+
+def _tracking_logs(results_dir: Path, metrics: Sequence[str | Path], found: dict[str, dict[str, Any]]
+                   ) -> dict[str, Path]:
+    """``run -> tracking.jsonl`` in the run folders of the analysed checkpoints, under ``results_dir``
+    and given with ``--metrics``, for those that have one."""
     from ..train.layout import RunLayout
 
-    folders: dict[str, Path] = {}
-    for run, source in checkpoint_sources(found).items():
-        folders.setdefault(run, RunLayout.of_checkpoint(source["path"]).folder)
+    folders = [(run, RunLayout.of_checkpoint(source["path"]).folder) for run, source in checkpoint_sources(found).items()]
     given = [Path(m) if Path(m).is_dir() else Path(m).parent for m in metrics]
     for folder in given + [p.parent for p in sorted(results_dir.rglob(RunLayout.TRACKING))]:
-        folders.setdefault(folder.name or str(folder), folder)
-    tracked: dict[str, Path] = {}
-    for run, folder in folders.items():
-        path = RunLayout(folder).tracking
-        if path.is_file() and path.resolve() not in {p.resolve() for p in tracked.values()}:
-            tracked[run] = path
-    return tracked
+        folders.append((folder.name or str(folder), folder))
+    logs: dict[str, Path] = {}
+    for run, folder in folders:
+        if RunLayout(folder).tracking.is_file():
+            logs.setdefault(run, RunLayout(folder).tracking)
+    return logs
+
+
+def _resolved(path: str | Path | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
+
+
+def _run_folder_name(run: str, result: Any) -> str:
+    """The name of the run folder a stored result's checkpoint came from (else the result's run name)."""
+    run_dir = (result.settings.get("checkpoint") or {}).get("run_dir")
+    return Path(run_dir).name if run_dir and Path(run_dir).name else run
 
 
 def draw_figures(results_dir: str | Path, out_dir: str | Path = "figures", style: str = "neurips", *,
@@ -217,7 +253,10 @@ def draw_figures(results_dir: str | Path, out_dir: str | Path = "figures", style
     """Draw every figure the result files under ``results_dir`` allow into ``out_dir``; return the paths.
 
     Args:
-        results_dir: folder written by ``sharpscope analyze`` (searched recursively).
+        results_dir: folder written by ``sharpscope analyze`` (searched recursively), or a folder of run
+            folders (or one run folder) not analysed yet that tracked sharpness (``train --track``): then
+            the figures their ``tracking.jsonl`` and ``metrics.jsonl`` allow (tracked sharpness and masks,
+            training curves).
         out_dir: where the figures go (created); each figure is written in every format of ``formats``.
         style: venue of :func:`sharpscope.plot.style` (``neurips``, ``icml``, ``iclr``, ``paper``).
         metrics: extra ``metrics.jsonl`` files (or run folders) for the training curves.
@@ -236,18 +275,15 @@ def draw_figures(results_dir: str | Path, out_dir: str | Path = "figures", style
         raise UserInputError(f"unknown style {style!r}; choose one of: {', '.join(sorted(VENUES))}")
     results_dir = Path(results_dir)
     files = result_files(results_dir)
-    if not files:
-        raise UserInputError(f"nothing to draw in {str(results_dir)!r}: it holds no sharpscope result files (*.nc); "
-                             f"if it holds runs, analyse them first: sharpscope analyze {results_dir}/*/last.pt "
-                             "--out results")
     found_all = _load_results(files)
     found = split_runs(found_all)  # the comparisons: runs only; epoch checkpoints are trajectories
+    tracked = tracked_runs(results_dir, metrics, found, found_all)
+    if not files and not tracked:  # run folders that tracked nothing: their figures need `analyze`
+        raise _nothing_to_draw(results_dir, files)
     histories = _histories(results_dir, metrics, found)
-    jobs = _jobs(found, histories, summary_table(results_dir), found_all,
-                 tracked=tracked_runs(results_dir, metrics, found))
+    jobs = _jobs(found, histories, summary_table(results_dir), found_all, tracked=tracked)
     if not jobs:
-        raise UserInputError(f"nothing to draw in {str(results_dir)!r}: no sharpscope result files "
-                             f"(run `sharpscope analyze CKPT --out {results_dir}` first)")
+        raise _nothing_to_draw(results_dir, files)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {str(out)!r} is a file; give a folder for the figures")
@@ -261,6 +297,16 @@ def draw_figures(results_dir: str | Path, out_dir: str | Path = "figures", style
             finally:
                 plt.close(fig)
     return written
+
+
+def _nothing_to_draw(results_dir: Path, files: Sequence[Path]) -> UserInputError:
+    """The one-line refusal: no result file (analyse the runs first), or none that gives a figure."""
+    if files:
+        return UserInputError(f"nothing to draw in {str(results_dir)!r}: no sharpscope result files "
+                              f"(run `sharpscope analyze CKPT --out {results_dir}` first)")
+    return UserInputError(f"nothing to draw in {str(results_dir)!r}: it holds no sharpscope result files (*.nc) "
+                          "and no run that tracked sharpness (tracking.jsonl); if it holds runs, analyse them "
+                          f"first: sharpscope analyze {results_dir}/*/last.pt --out results")
 
 
 def _ordered(runs: dict[str, Any]) -> dict[str, Any]:
@@ -509,23 +555,23 @@ def _zsharp_jobs(get: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]
 TRACKED_FIGURES = {"lambda_max": "sharpness_over_training", "preconditioned": "preconditioned_sharpness"}
 
 
-def _tracking_jobs(tracked: dict[str, Path], table: pd.DataFrame) -> list[Job]:
-    """sharpness_over_training, preconditioned_sharpness, tracked_masks_<run>: from the
-    rows the runs tracked while training (``tracking.jsonl``), one line per configuration."""
+def _tracking_jobs(tracked: dict[str, Any], table: pd.DataFrame) -> list[Job]:
+    """sharpness_over_training, preconditioned_sharpness, tracked_masks_<run>: from the rows the runs
+    tracked while training (a stored :class:`~sharpscope.track.result.TrackingResult` or a
+    ``tracking.jsonl``, :func:`tracked_runs`), one line per configuration."""
     from .. import plot
-    from ..track import read_tracking
 
-    labels = _configuration_labels(table)
+    labels = _tracked_labels(tracked, table)
     rows: dict[str, pd.DataFrame] = {}
-    for run, path in _ordered(tracked).items():
+    for run, source in _ordered(tracked).items():
         try:
-            rows[run] = read_tracking(path)
+            rows[run] = _tracked_frame(source)
         except UserInputError as exc:  # one damaged log must not cost every other figure
             warnings.warn(f"skipped the tracked rows of {run}: {exc}", RuntimeWarning, stacklevel=3)
     runs: dict[str, pd.DataFrame] = {}
     for run, frame in rows.items():
         if not frame.empty:
-            runs.setdefault(labels.get(run, run), frame)  # of several seeds of one configuration, the first
+            runs.setdefault(labels[run], frame)  # of several seeds of one configuration, the first
     jobs: list[Job] = []
     for measure, stem in TRACKED_FIGURES.items():
         series = {label: frame for label, frame in runs.items() if (frame["measure"] == measure).any()}
@@ -533,17 +579,44 @@ def _tracking_jobs(tracked: dict[str, Path], table: pd.DataFrame) -> list[Job]:
             jobs.append((stem, lambda m=measure, s=series: _fig_of(plot.plot_sharpness_over_training(s, m))))
     for run, frame in rows.items():
         if not frame.empty and (frame["measure"] == "masks").any():
-            jobs.append((f"tracked_masks_{run}", lambda path=tracked[run]: _tracked_mask_heatmap(path)))
+            jobs.append((f"tracked_masks_{run}", lambda source=tracked[run]: _tracked_mask_heatmap(source)))
     return jobs
 
 
-def _tracked_mask_heatmap(path: Path) -> Any:
+def _tracked_frame(source: Any) -> pd.DataFrame:
+    """The tracked rows (``step, measure`` and the values) of a stored result or a ``tracking.jsonl``."""
+    from ..track import read_tracking
+
+    return read_tracking(source) if isinstance(source, (str, Path)) else source.to_dataframe()
+
+
+def _tracked_labels(tracked: dict[str, Any], table: pd.DataFrame) -> dict[str, str]:
+    """run -> its series label: its configuration in the summary table; for a run the table does not know
+    (a run folder found, no result of it), the optimizer it was trained with when no other series has that
+    label, else the run's name."""
+    from collections import Counter
+
+    from ..plot.tracking import run_label
+
+    configured = _configuration_labels(table)
+    known = {run: configured[run] for run in tracked if run in configured}
+    guessed = {}
+    for run, source in tracked.items():
+        if run not in known:
+            trained = run_label(source) if isinstance(source, (str, Path)) else \
+                (source.settings.get("checkpoint") or {}).get("optimizer")
+            guessed[run] = str(trained or run)
+    taken = Counter([*known.values(), *guessed.values()])
+    return {**known, **{run: label if taken[label] == 1 else run for run, label in guessed.items()}}
+
+
+def _tracked_mask_heatmap(source: Any) -> Any:
     """ZSharp's kept fraction per layer and step, or, when no layer's varies over the steps (it is fixed
     by p and the layer's size unless the filter falls back to SAM), the threshold tau, which shows how
     heavy the gradient's tails are."""
     from .. import plot
 
-    masks = plot.tracked_masks(path)
+    masks = plot.tracked_masks(source)
     spread = masks.groupby("layer")["kept_fraction"].agg(lambda v: float(v.max() - v.min())).max()
     return _fig_of(plot.plot_mask_heatmap(masks, "kept_fraction" if spread > 1e-6 else "threshold"))
 
@@ -600,7 +673,9 @@ def _percentile(found: dict[str, dict[str, Any]]) -> float | None:
 
 # --- the command ---------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("results", metavar="RESULTS_DIR", help="folder of result files (sharpscope analyze --out)")
+    parser.add_argument("results", metavar="RESULTS_DIR",
+                        help="folder of result files (sharpscope analyze --out), or of run folders that tracked "
+                             "sharpness (tracked figures and training curves only)")
     parser.add_argument("--out", default="figures", help="folder for the figures (default: figures)")
     parser.add_argument("--style", default="neurips", help="venue: neurips (default), icml, iclr, paper")
     parser.add_argument("--column", choices=["single", "double"], default="single",
