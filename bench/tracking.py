@@ -9,7 +9,9 @@ ResNet-20 on synthetic 32x32 images (2,048 by default), ZSharp (base SGD momentu
 - ``update_curvature`` every step on ``--curvature-samples`` probe samples: the same ratio (<= 1.05).
 
 Both trackers ride on one training run; the time of each ``tracker.step`` call and of the training
-steps are summed separately, so ratio = 1 + tracker time / training time (machine noise hits both alike).
+steps are summed separately, so ratio = 1 + tracker time / training time (machine noise hits both alike;
+the machine's load average is printed with the result). To compare two versions of the tracker, run
+them at the same time with the same arguments (e.g. one with ``PYTHONPATH`` pointing at the other tree).
 ``--quick`` shrinks everything for a smoke run; ``--digits`` runs a small CNN on the 8x8 digits (a run that
 sharpens progressively, for the warm start's product count).
 """
@@ -17,6 +19,7 @@ sharpens progressively, for the warm start's product count).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -38,7 +41,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--probe", type=int, default=512)
-    parser.add_argument("--curvature-samples", type=int, default=32)
+    parser.add_argument("--curvature-samples", type=int, default=16)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--digits", action="store_true",
                         help="a small CNN (width 8) on the 8x8 digits instead: fast, sharpens progressively")
@@ -70,6 +73,7 @@ def main() -> None:
     args = _arguments()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     data = load_dataset("digits") if args.digits else load_synthetic(num_examples=args.images)
     x_all, y_all = data.normalized(data.inputs), data.targets
     model = build_model("cnn", 10, seed=0, in_channels=1, width=8) if args.digits else build_model("resnet20", 10, seed=0)
@@ -102,7 +106,8 @@ def main() -> None:
                           f"{row.values['residual']:.1e}  HVPs {warm[-1]:2d} (cold {cold[-1]:2d})", flush=True)
     what = f"CNN on {len(x_all)} digits" if args.digits else f"ResNet-20, {args.images} synthetic images"
     print(f"\n{what}, ZSharp({args.base}), {args.steps} steps of {args.batch}, "
-          f"{torch.get_num_threads()} threads; training {times['train']:.1f} s")
+          f"{torch.get_num_threads()} threads; training {times['train']:.1f} s; machine load (1-min average) "
+          f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores")
     print(f"lambda_max+masks every {args.every} steps on {args.probe} samples: wall ratio "
           f"{1 + times['sharp'] / times['train']:.3f} (target <= 1.10)")
     if len(warm) > 1:

@@ -62,6 +62,28 @@ def test_warm_start_agrees_with_cold_lanczos_within_residual():
     assert len(warm) == 4 and np.mean(warm[1:]) < np.mean(cold[1:])
 
 
+def test_one_product_warm_events_meet_the_tolerance_against_the_exact_eigenvalue():
+    """When the weights move little between events the warm vector's Rayleigh quotient is accepted after ONE
+    product (r^2 / gap bound); every reported value is within tol of numpy's top eigenvalue of the exact
+    Hessian, and within its own error bound; dict batches with a loss_fn(model, batch) give the same values."""
+    model, data = tiny_mlp(), mlp_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    tol = 1e-2
+    tracker = SharpnessTracker(model, F.cross_entropy, data, every=1, measures=[LambdaMax(tol=tol)])
+    as_dicts = SharpnessTracker(model, lambda model, batch: F.cross_entropy(model(batch["x"]), batch["labels"]),
+                                {"x": data[0], "labels": data[1]}, every=1, measures=[LambdaMax(tol=tol)])
+    counts = []
+    for step in range(6):
+        _train(model, opt, data, 1, start=step)
+        row = tracker.step(step)[0].values
+        top = np.linalg.eigvalsh(exact_hessian(model, F.cross_entropy, *data))[-1]
+        assert abs(row["value"] - top) <= tol * abs(top)
+        assert abs(row["value"] - top) <= row["error_bound"] + 1e-9 * abs(top)
+        assert as_dicts.step(step)[0].values["value"] == pytest.approx(row["value"], rel=1e-6)
+        counts.append(row["n_hvp"])
+    assert counts[0] > 2 and min(counts[1:]) == 1
+
+
 def _adam_preconditioner(opt: torch.optim.Adam, params: list[torch.Tensor]) -> np.ndarray:
     """diag(sqrt(v / (1 - beta2^t))) + eps, flattened, from Adam's state (written out here independently)."""
     beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from sharpscope.errors import UserInputError
 from sharpscope.track import JsonlLogger, TrackRow, read_tracking, read_tracking_layers
@@ -109,6 +110,49 @@ def test_wandb_offline_run_holds_the_scalars(tmp_path):
     assert logger.run.summary["lambda_max/value"] == 3.0
     logger.close()
     assert any((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def _tracked_fit(out, epochs, resume, log):
+    from sharpscope.data import load_dataset
+    from sharpscope.models import build_model
+    from sharpscope.train import fit
+
+    train = load_dataset("digits").subset(range(64))
+    torch.manual_seed(0)
+    return fit(build_model("cnn", 10, in_channels=1, width=4), train, optimizer="sgd", lr=0.05, epochs=epochs,
+               batch_size=32, track="lambda_max", track_every=1, track_samples=16, log=log, progress=False,
+               out=out, resume=resume, device="cpu")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # SQLAlchemy's, inside MLflow's store
+def test_resumed_fit_continues_the_same_mlflow_run(tmp_path, monkeypatch):
+    """1 epoch + resume to 2 epochs with --log mlflow: the store (read back by a new MlflowClient) holds ONE
+    run, FINISHED, whose lambda_max history has the steps of both segments once each (0-1 and 2-3)."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()  # the file store: creating the default SQLite store takes ~30 s
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    _tracked_fit(tmp_path / "run", 1, False, "mlflow")
+    _tracked_fit(tmp_path / "run", 2, True, "mlflow")
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "lambda_max/value")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+
+
+def test_resumed_fit_continues_the_same_wandb_run(tmp_path):
+    """With wandb installed (offline): the resumed segment logs into the run the first segment started (same id)."""
+    pytest.importorskip("wandb")
+    from sharpscope.train.checkpoint import load_checkpoint
+
+    _tracked_fit(tmp_path / "run", 1, False, "wandb")
+    first = load_checkpoint(tmp_path / "run" / "last.pt").raw["tracker"]["loggers"]["wandb"]["run_id"]
+    _tracked_fit(tmp_path / "run", 2, True, "wandb")
+    second = load_checkpoint(tmp_path / "run" / "last.pt").raw["tracker"]["loggers"]["wandb"]["run_id"]
+    assert first == second
 
 
 def test_named_logger_without_its_package_is_one_line(monkeypatch, tmp_path):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._validate import integer
-from ..analysis.batching import Batch, LossFn
+from ..analysis.batching import Batch, LossFn, batch_size, slice_batch
 from ..analysis.curvature import HessianOperator
 from .rows import TrackRow
 
@@ -58,11 +58,12 @@ def first_samples(batches: Sequence[Batch], n: int | None) -> list[Batch]:
     if n is None:
         return list(batches)
     out, left = [], n
-    for x, y in batches:
+    for batch in batches:
         if left <= 0:
             break
-        out.append((x[:left], y[:left]))
-        left -= len(out[-1][0])
+        size = batch_size(batch)
+        out.append(batch if size <= left else slice_batch(batch, slice(0, left)))
+        left -= min(size, left)
     return out
 
 

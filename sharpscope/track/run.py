@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from .._validate import integer
-from ..analysis.batching import LossFn, model_device
+from ..analysis.batching import LossFn, as_batches, model_device, to_device
 from ..errors import UserInputError
+from .measure import first_samples
 from .registry import LOGGERS, MEASURES, split_names
 from .tracker import SharpnessTracker
 
@@ -27,9 +28,13 @@ DEFAULT_EVERY = 200
 DEFAULT_SAMPLES = 512
 
 
-def probe_batch(data: Any, samples: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``samples`` examples of a :class:`~sharpscope.data.TensorData`, normalised, on ``device``."""
+def probe_batch(data: Any, samples: int, device: torch.device) -> Any:
+    """The probe set: the first ``samples`` examples of a :class:`~sharpscope.data.TensorData`, normalised, on
+    ``device``, as one ``(x, y)`` batch; or, for batches (a list, as :func:`fit` takes them from its data), the
+    first batches holding ``samples`` examples (the last one cut)."""
     samples = integer(samples, "track samples")
+    if not hasattr(data, "normalized"):
+        return [to_device(b, device) for b in first_samples(as_batches(data), samples)]
     n = min(samples, len(data.targets))
     return data.normalized(data.inputs[:n].to(device)), data.targets[:n].to(device)
 
@@ -60,8 +65,5 @@ def run_tracker(model: nn.Module, loss_fn: LossFn, train_data: Any, folder: str 
     measures = parse_names(track, MEASURES, "measure")
     loggers = parse_names(log, LOGGERS, "logger")
     probe = probe_batch(train_data, samples, model_device(model))
-    tracker = SharpnessTracker(model, loss_fn, probe, every=every, measures=measures, loggers=loggers,
-                               folder=folder, resume_step=resume_step)
-    if state is not None:
-        tracker.load_state_dict(state)
-    return tracker
+    return SharpnessTracker(model, loss_fn, probe, every=every, measures=measures, loggers=loggers,
+                            folder=folder, resume_step=resume_step, state=state)

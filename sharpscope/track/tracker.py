@@ -29,8 +29,16 @@ import torch
 from torch import nn
 
 from .._validate import choice, integer
-from ..analysis.batching import LossFn, model_device, prepared_batches, preserved_model_state, to_device
+from ..analysis.batching import (
+    LossFn,
+    batch_size,
+    model_device,
+    prepared_batches,
+    preserved_model_state,
+    to_device,
+)
 from ..analysis.curvature import HVP_METHODS
+from ..analysis.objective import as_objective
 from ..errors import UserInputError
 from .measure import Event, Measure
 from .registry import build_logger, build_measures, split_names
@@ -44,9 +52,11 @@ class SharpnessTracker:
 
     Args:
         model: the model being trained.
-        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced.
-        probe_data: the fixed probe set: one ``(inputs, targets)`` batch or an iterable of batches
-            (one batch of a few hundred examples makes ``hvp="cached"`` the product method).
+        loss_fn: ``loss_fn(outputs, targets)`` (mean-reduced), ``loss_fn(model, batch)``, ``"lm"``, ``"hf"``
+            or an :class:`~sharpscope.analysis.objective.Objective` (``as_objective``); kept as ``objective``.
+        probe_data: the fixed probe set: one batch (``(inputs, targets)`` or a dict of tensors) or an
+            iterable of batches (one batch of a few hundred examples makes ``hvp="cached"`` the product
+            method); the probe loss is the count-weighted mean over its batches.
         every: default period of the measures (a measure's own ``every`` wins).
         measures: names (``lambda_max, preconditioned, trace, update_curvature, masks, zscores``, or one
             comma-separated string) or :class:`~sharpscope.track.measure.Measure` instances.
@@ -55,38 +65,48 @@ class SharpnessTracker:
         folder: where named loggers write (a run folder); with a folder, ``jsonl`` is always on.
         hvp, dtype: the Hessian-vector product method and precision (see ``HessianOperator``).
         resume_step: when resuming, named loggers drop what they hold from this step on.
+        state: a :meth:`state_dict` to continue from (warm-start vectors, counters, and the runs that
+            named loggers such as MLflow and W&B reopen instead of starting new ones).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, probe_data: Any, every: int = 100,
                  measures: str | Iterable[str | Measure] = ("lambda_max",), loggers: str | Iterable[Any] = (),
                  *, folder: str | os.PathLike[str] | None = None, hvp: str = "auto", dtype: torch.dtype | None = None,
-                 resume_step: int | None = None) -> None:
-        self.model, self.loss_fn = model, loss_fn
+                 resume_step: int | None = None, state: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.loss_fn = self.objective = as_objective(loss_fn, model)
         self.every = integer(every, "every (tracking period in steps)")
         self.hvp = choice(hvp, "hvp", HVP_METHODS)
         self.dtype = dtype
         device = model_device(model)
-        self.batches = [to_device(b, device) for b in prepared_batches(model, loss_fn, probe_data)]
+        self.batches = [to_device(b, device) for b in prepared_batches(model, self.objective, probe_data)]
         self.measures = build_measures(measures)
         self.folder = None if folder is None else Path(folder)
-        self.loggers = self._loggers(loggers, resume_step)
+        _check_state(state)
+        self.named_loggers: dict[str, Any] = {}
+        self.loggers = self._loggers(loggers, resume_step, (state or {}).get("loggers") or {})
         self.rows: list[TrackRow] = []
         self._checked = False
+        if state is not None:
+            self.load_state_dict(state)
 
-    def _loggers(self, loggers: str | Iterable[Any], resume_step: int | None) -> list[Any]:
+    def _loggers(self, loggers: str | Iterable[Any], resume_step: int | None,
+                 reopen: dict[str, dict[str, Any]]) -> list[Any]:
         items = split_names(loggers)
         names = [x for x in items if isinstance(x, str)]
         if names and self.folder is None:
             raise UserInputError(f"loggers given by name ({', '.join(names)}) need folder= (where they write)")
         if self.folder is not None and "jsonl" not in names:
             names.insert(0, "jsonl")
-        out = [build_logger(n, self.folder, resume_step) for n in dict.fromkeys(names)] if self.folder else []
-        return out + [x for x in items if not isinstance(x, str)]
+        if self.folder is not None:
+            for n in dict.fromkeys(names):
+                self.named_loggers[n] = build_logger(n, self.folder, resume_step, **reopen.get(n, {}))
+        return list(self.named_loggers.values()) + [x for x in items if not isinstance(x, str)]
 
     @property
     def n_samples(self) -> int:
         """Number of probe examples."""
-        return sum(len(x) for x, _ in self.batches)
+        return sum(batch_size(b) for b in self.batches)
 
     def due(self, step: int) -> bool:
         """Whether some measure runs after optimizer step ``step``."""
@@ -134,12 +154,14 @@ class SharpnessTracker:
     # -- resume ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Warm-start vectors, counters and previous weights of every measure (CPU tensors)."""
-        return {"version": STATE_VERSION, "measures": {m.name: m.state_dict() for m in self.measures}}
+        return {"version": STATE_VERSION, "measures": {m.name: m.state_dict() for m in self.measures},
+                "loggers": {n: lg.resume_state() for n, lg in self.named_loggers.items()
+                            if hasattr(lg, "resume_state") and lg.resume_state()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict` (measures not in ``state`` start fresh)."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise UserInputError("tracker state was not written by this version's SharpnessTracker.state_dict()")
+        """Continue from :meth:`state_dict` (measures not in ``state`` start fresh; the loggers' runs are
+        reopened only by the constructor's ``state=``)."""
+        _check_state(state, required=True)
         for m in self.measures:
             if m.name in state["measures"]:
                 m.load_state_dict(state["measures"][m.name])
@@ -164,3 +186,8 @@ class SharpnessTracker:
     def __repr__(self) -> str:
         return (f"SharpnessTracker(every={self.every}, measures={[m.name for m in self.measures]}, "
                 f"samples={self.n_samples}, loggers={[type(lg).__name__ for lg in self.loggers]})")
+
+
+def _check_state(state: Any, required: bool = False) -> None:
+    if (state is not None or required) and (not isinstance(state, dict) or state.get("version") != STATE_VERSION):
+        raise UserInputError("tracker state was not written by this version's SharpnessTracker.state_dict()")

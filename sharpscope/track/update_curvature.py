@@ -11,9 +11,9 @@ quadratic; with :math:`a = 1` the secant curvature over the whole step, which is
 the step overshoots). Evaluated in eval mode with ``torch.func.functional_call`` (the model is not
 written to). For a model without buffers the loss at :math:`w - d` (:math:`a = 1`) is the loss this
 measure computed at the previous step, so two forward passes suffice; BatchNorm's running statistics
-change during training, so models with buffers take three. The points are evaluated in one batched
-forward pass (``torch.func.vmap`` over the weights). ``samples`` limits the probe examples used
-(every-step tracking must stay cheap).
+change during training, so models with buffers take three. ``samples`` (default 16) limits the probe
+examples used: every-step tracking must stay cheap (three eval-mode forward passes on 16 examples cost
+about 5 % of a ZSharp step on a batch of 128 for a ResNet-20; ``samples=None`` uses the whole probe set).
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
 
 from .._validate import integer, positive_number
-from ..analysis.batching import batch_weights, checked_loss
 from ..analysis.evaluation import full_data_loss
 from .measure import Event, Measure, first_samples
 from .rows import TrackRow
@@ -41,19 +39,18 @@ class UpdateCurvature(Measure):
     Args:
         every: default 1 (every step); the direction is always the last single step's update.
         a: step fraction (> 0).
-        samples: use the first ``samples`` probe examples (None: all).
+        samples: use the first ``samples`` probe examples (None: all; default 16).
     """
 
     name = "update_curvature"
 
-    def __init__(self, every: int | None = 1, a: float = 1.0, samples: int | None = None) -> None:
+    def __init__(self, every: int | None = 1, a: float = 1.0, samples: int | None = 16) -> None:
         super().__init__(every)
         self.a = positive_number(a, "update_curvature a")
         self.samples = None if samples is None else integer(samples, "update_curvature samples")
         self._previous: list[torch.Tensor] | None = None
         self._previous_step: int | None = None
         self._last_loss: tuple[int, float] | None = None  # (step, L(w)) for the two-pass shortcut
-        self._vmap_ok = True
 
     def after_step(self, model: nn.Module, step: int, default_every: int) -> None:
         if self.due(step + 1, default_every):
@@ -87,24 +84,13 @@ class UpdateCurvature(Measure):
 
     def _losses(self, event: Event, batches: list[Any], named: list[tuple[str, nn.Parameter]],
                 d: list[torch.Tensor], coefficients: list[float]) -> list[float]:
-        """``L(w + c d)`` for each coefficient: one batched (``torch.func.vmap``) forward per probe batch, so the
-        fixed cost of a forward pass is paid once; one forward per point where vmap cannot run the model."""
-        points = [{n: p.detach() + c * t for (n, p), t in zip(named, d)} for c in coefficients]
-        if self._vmap_ok:
-            try:
-                stacked = {n: torch.stack([pt[n] for pt in points]) for n, _ in named}
-                total = torch.zeros(len(points), dtype=torch.float64, device=d[0].device)
-                for (x, y), weight in zip(batches, batch_weights(batches)):
-                    def loss_at(ps: dict[str, torch.Tensor], x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-                        return checked_loss(event.loss_fn(functional_call(event.model, ps, (x,)), y))
-
-                    with torch.no_grad():
-                        total += vmap(loss_at)(stacked).double() * weight
-                return [float(v) for v in total.cpu()]
-            except (RuntimeError, NotImplementedError):
-                self._vmap_ok = False  # e.g. an op without a batching rule: evaluate point by point from now on
-        return [float(full_data_loss(event.model, event.loss_fn, batches, parameters=pt))  # type: ignore[arg-type]
-                for pt in points]
+        """``L(w + c d)`` for each coefficient: one forward pass per point and probe batch, with the weights given
+        to ``torch.func.functional_call`` (the model is not written to). Batching the points with
+        ``torch.func.vmap`` was twice as slow for a ResNet-20 on the CPU (grouped convolutions)."""
+        with torch.no_grad():
+            return [float(full_data_loss(event.model, event.loss_fn, batches,  # type: ignore[arg-type]
+                                         parameters={n: p.detach() + c * t for (n, p), t in zip(named, d)}))
+                    for c in coefficients]
 
     def state_dict(self) -> dict[str, Any]:
         return {"previous": None if self._previous is None else [t.cpu().clone() for t in self._previous],

@@ -48,11 +48,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed as dist_
 from .._progress import progress
-from ..analysis.evaluation import LossAndAccuracy, full_data_loss, non_finite_tensors
+from ..analysis.batching import Batch, batch_size, slice_batch
+from ..analysis.evaluation import LossAndAccuracy, full_data_loss, non_finite_tensors, weighted_loss_sums
+from ..analysis.objective import ClassificationLoss, Objective, as_objective
 from ..data.augment import random_crop_flip
 from ..data.dataset import TensorData
 from ..errors import UserInputError
 from ..threads import fixed_thread_count, forward_backward_trial, thread_policy
+from .batches import BatchData, channels_last, evaluation_mode
 from .checkpoint import checkpoint_bytes, load_checkpoint, rng_state, set_rng_state, to_cpu
 from .config import (
     RESUMABLE_FIELDS,
@@ -152,6 +155,41 @@ def evaluate(model: nn.Module, data: TensorData, batch_size: int = 1024, device:
     return result.loss, result.accuracy
 
 
+def training_objective(config: TrainConfig) -> ClassificationLoss:
+    """The default loss :func:`fit` descends: cross-entropy with ``config.label_smoothing`` (half-precision
+    logits upcast to float32)."""
+    smoothing = config.label_smoothing
+
+    def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(_upcast(out), y, label_smoothing=smoothing)
+
+    objective = ClassificationLoss(cross_entropy)
+    objective._sharpscope_default = True  # type: ignore[attr-defined]  # the run's identity omits it
+    return objective
+
+
+@dataclass
+class StepOutcome:
+    """What one :meth:`TrainStep.on_batch` gives: the first-pass loss (mean over the batch's ``count``
+    targets), the outputs of each micro-batch, the micro-batches and ZSharp's mask statistics (or None)."""
+
+    loss: torch.Tensor
+    count: int
+    outputs: list[Any]
+    chunks: list[Batch]
+    masks: pd.DataFrame | None
+
+    def correct(self, objective: Objective) -> torch.Tensor | None:
+        """Correct predictions of the first pass, or None when the objective has no accuracy."""
+        total = None
+        for out, chunk in zip(self.outputs, self.chunks):
+            part = objective.correct(out, chunk)
+            if part is None:
+                return None
+            total = part if total is None else total + part
+        return total
+
+
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     groups = list(optimizer.param_groups)
     base = getattr(optimizer, "base_optimizer", None)
@@ -165,9 +203,13 @@ class TrainStep:
     """One optimizer step on one batch (one or two passes); returns the first-pass loss and logits.
 
     ``step(x, y, log_masks)`` -> ``(loss, logits, mask_stats or None)``; used by :func:`fit` and the benchmark.
+    :meth:`on_batch` takes any batch the ``objective`` understands (default: the config's cross-entropy,
+    label smoothing included) and returns a :class:`StepOutcome`. Both passes of a sharpness-aware
+    optimizer use the same objective on the same batch.
 
-    With ``config.accumulate = K`` the batch is split into K micro-batches :math:`x_k` of :math:`n_k`
-    examples; each pass accumulates :math:`\\sum_k (n_k/n) \\nabla L_k`, which is the gradient of the mean
+    With ``config.accumulate = K`` the batch is split into K micro-batches :math:`b_k` with :math:`c_k`
+    targets (``objective.count``: examples, or target tokens of a language model) out of :math:`c`; each
+    pass accumulates :math:`\\sum_k (c_k/c) \\nabla L_k`, which is the gradient of the mean
     loss over the whole batch (exactly, up to rounding, for a model without BatchNorm: with BatchNorm
     each micro-batch is normalised with its own statistics and the running statistics are updated
     K times). Pass 1 (at w) gives one ascent, pass 2 (at w + e, on the same micro-batches) one descent.
@@ -180,8 +222,10 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
-                 config: TrainConfig, device: torch.device, ddp: DistributedDataParallel | None = None) -> None:
+                 config: TrainConfig, device: torch.device, ddp: DistributedDataParallel | None = None,
+                 objective: Objective | None = None) -> None:
         self.model, self.forward, self.optimizer, self.config, self.device = model, forward, optimizer, config, device
+        self.objective = objective if objective is not None else training_objective(config)
         self.two_pass = config.optimizer in SHARPNESS_AWARE
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ddp = ddp
@@ -193,10 +237,10 @@ class TrainStep:
         else:
             self.second_pass_context = contextlib.nullcontext
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, batch: Batch) -> tuple[torch.Tensor, Any]:
         with _autocast(self.device, self.config.amp):
-            out = self.forward(x)
-        return F.cross_entropy(_upcast(out), y, label_smoothing=self.config.label_smoothing), out
+            out = self.objective.outputs(self.forward, batch)
+        return self.objective.loss(_upcast(out) if isinstance(out, torch.Tensor) else out, batch), out
 
     def _clip(self) -> None:
         if self.config.grad_clip is not None:
@@ -205,44 +249,56 @@ class TrainStep:
     def _sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
         return self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
 
-    def _pass(self, chunks: list[tuple[torch.Tensor, torch.Tensor]], n: int, sync: bool, keep_logits: bool
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Forward/backward over the micro-batches: ``grad += sum_k (n_k / n) grad L_k``; DDP reduces on the
-        last one only, and only when ``sync``. Returns the weighted loss and (optionally) the logits."""
+    def _chunks(self, batch: Batch) -> tuple[list[Batch], int]:
+        """The micro-batches of ``batch`` (``config.accumulate`` of them) and its number of targets."""
+        n = batch_size(batch)
+        k = max(1, min(self.accumulate, n))
+        if k == 1:
+            return [batch], self.objective.count(batch)
+        bounds = [int(part[0]) for part in torch.tensor_split(torch.arange(n), k)] + [n]
+        chunks = [slice_batch(batch, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        return chunks, sum(self.objective.count(c) for c in chunks)
+
+    def _pass(self, chunks: list[Batch], n: int, sync: bool, keep_outputs: bool) -> tuple[torch.Tensor, list[Any]]:
+        """Forward/backward over the micro-batches: ``grad += sum_k (c_k / c) grad L_k``; DDP reduces on the
+        last one only, and only when ``sync``. Returns the weighted loss and (optionally) the outputs."""
         total: torch.Tensor | None = None
         outs = []
-        for i, (xc, yc) in enumerate(chunks):
-            weight = len(yc) / n
+        for i, chunk in enumerate(chunks):
+            weight = self.objective.count(chunk) / n if len(chunks) > 1 else 1.0
             with self._sync(sync and i == len(chunks) - 1):
-                loss, out = self._loss(xc, yc)
+                loss, out = self._loss(chunk)
                 (loss if weight == 1.0 else loss * weight).backward()
             part = loss.detach() if weight == 1.0 else loss.detach() * weight
             total = part if total is None else total + part
-            if keep_logits:
-                outs.append(out.detach())
+            if keep_outputs:
+                outs.append(out.detach() if isinstance(out, torch.Tensor) else out)
         assert total is not None
-        return total, (torch.cat(outs) if keep_logits else None)
+        return total, outs
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, log_masks: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame | None]:
+    def on_batch(self, batch: Batch, log_masks: bool) -> StepOutcome:
+        """One optimizer step on ``batch`` (see the class docstring)."""
         self.optimizer.zero_grad(set_to_none=True)
-        k = max(1, min(self.accumulate, len(y)))
-        chunks = list(zip(torch.tensor_split(x, k), torch.tensor_split(y, k)))
-        loss, out = self._pass(chunks, len(y), sync=not self.two_pass or self.sync_ascent, keep_logits=True)
-        assert out is not None
+        chunks, n = self._chunks(batch)
+        loss, outs = self._pass(chunks, n, sync=not self.two_pass or self.sync_ascent, keep_outputs=True)
         masks = None
         if not self.two_pass:
             self._clip()
             self.optimizer.step()
-            return loss, out, masks
-        self.optimizer.first_step(zero_grad=True)
-        if log_masks:
-            masks = self._mask_stats()
-        with self.second_pass_context():
-            self._pass(chunks, len(y), sync=True, keep_logits=False)
-        self._clip()  # clipping g (before the ascent) would do nothing: e is normalised
-        self.optimizer.second_step(zero_grad=True)
-        return loss, out, masks
+        else:
+            self.optimizer.first_step(zero_grad=True)
+            if log_masks:
+                masks = self._mask_stats()
+            with self.second_pass_context():
+                self._pass(chunks, n, sync=True, keep_outputs=False)
+            self._clip()  # clipping g (before the ascent) would do nothing: e is normalised
+            self.optimizer.second_step(zero_grad=True)
+        return StepOutcome(loss, n, outs, chunks, masks)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, log_masks: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame | None]:
+        outcome = self.on_batch((x, y), log_masks)
+        return outcome.loss, torch.cat(outcome.outputs), outcome.masks
 
     def _mask_stats(self) -> pd.DataFrame:
         """ZSharp's mask statistics; under DDP with local ascent reduced over the ranks (a collective)."""
@@ -285,9 +341,10 @@ class _Run:
     device: torch.device
     spec: dict[str, Any] | None
     metadata: dict[str, Any]
-    train_data: TensorData
-    test_data: TensorData | None
+    train_data: TensorData | BatchData
+    test_data: TensorData | BatchData | None
     folder: RunFolder | None
+    objective: Objective
     optimizer: torch.optim.Optimizer = field(init=False)
     optimizer_config: dict[str, Any] = field(init=False)
     masks: MaskLog = field(init=False)
@@ -303,6 +360,7 @@ class _Run:
     ddp: DistributedDataParallel | None = None  # the DDP wrapper under torch.distributed (world size > 1)
     tracker: Any = None  # SharpnessTracker when config.track names measures (rank 0 only)
     tracker_state: dict[str, Any] | None = None  # tracker state of the checkpoint resumed from
+    has_accuracy: bool = True  # whether the objective gives an accuracy (objective.correct is not None)
 
     def __post_init__(self) -> None:
         # numpy's and python's generators too: checkpoints store them, so they must not depend on the process.
@@ -314,22 +372,70 @@ class _Run:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer, self.optimizer_config = build_optimizer(self.model, self.config)
         self.masks = MaskLog(self.folder.layout.masks if self.folder is not None else None)
-        self.identity = {"train": self.train_data.name,
-                         "test": self.test_data.name if self.test_data is not None else None,
-                         "train_size": len(self.train_data), "num_classes": self.train_data.num_classes}
+        self.identity = _identity(self.train_data, self.test_data, self.objective)
+
+    @property
+    def generic(self) -> bool:
+        """Whether the training data are batches (:class:`BatchData`) rather than a :class:`TensorData`."""
+        return isinstance(self.train_data, BatchData)
 
 
-def fit(model: nn.Module, train_data: TensorData, test_data: TensorData | None = None,
-        config: TrainConfig | None = None, *, out: str | Path | None = None, resume: bool | str | Path = False,
-        spec: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
+def _identity(train: TensorData | BatchData, test: TensorData | BatchData | None, objective: Objective
+              ) -> dict[str, Any]:
+    """What a resumed run must match: the datasets (name, size, classes) and, for batches, the objective."""
+    if isinstance(train, TensorData):
+        identity = {"train": train.name, "test": test.name if test is not None else None,
+                    "train_size": len(train), "num_classes": train.num_classes}
+    else:
+        identity = {"train": train.name, "test": test.name if test is not None else None,
+                    "train_size": train.num_examples, "num_classes": None, "train_batches": len(train)}
+    if not isinstance(train, TensorData) or not _is_default(objective):
+        identity["loss"] = objective.name + ":" + _loss_name(objective)
+    return identity
+
+
+def _is_default(objective: Objective) -> bool:
+    return getattr(objective, "_sharpscope_default", False)
+
+
+def _loss_name(objective: Objective) -> str:
+    """A name of the user's loss that is the same in every process (no memory address)."""
+    fn = getattr(objective, "loss_fn", None) or getattr(objective, "fn", None)
+    if fn is None:
+        return objective.describe()
+    return str(getattr(fn, "__qualname__", type(fn).__qualname__))
+
+
+def fit(model: nn.Module, train_data: Any, test_data: Any = None,
+        config: TrainConfig | None = None, *, loss_fn: Any = None, out: str | Path | None = None,
+        resume: bool | str | Path = False, spec: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None, **overrides: Any) -> FitResult:
     """Train ``model`` on ``train_data``, evaluating on ``test_data`` after every epoch.
 
+    Two forms. With :class:`sharpscope.data.TensorData` splits, ``fit`` shuffles (from ``(seed, epoch)``),
+    augments and batches the data itself (``config.batch_size``). With any re-iterable of batches (a
+    ``DataLoader``, a list of ``(x, y)`` tuples or of dicts, a map-style ``Dataset``;
+    :mod:`sharpscope.train.batches`) each epoch iterates ``train_data`` once, one optimizer step per
+    batch, in the order it yields (the loader decides batch size, order and augmentation). The train
+    loss is ``sum_b c_b loss_b / sum_b c_b`` over the first passes, ``c_b = objective.count(batch)``
+    (examples; target tokens of a language model); accuracies are ``None`` when the objective has none.
+    Resume replays the batch order when the loader's order comes from its ``generator`` (seeded here
+    from ``(seed, epoch)`` before each epoch) or from torch's global generator (seeded by ``fit``,
+    stored in checkpoints): a ``DataLoader(shuffle=True)`` resumes bit for bit on the CPU; a sampler
+    with its own private generator does not. Batches run in one process (``torch.distributed`` needs
+    ``TensorData``).
+
     Args:
-        model: any classifier ``nn.Module`` (logits out); trained in place.
-        train_data, test_data: :class:`sharpscope.data.TensorData` splits (test is optional).
+        model: the ``nn.Module`` to train (in place); a classifier (logits out) with the default loss.
+        train_data, test_data: :class:`sharpscope.data.TensorData` splits or re-iterables of batches
+            (test is optional).
         config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields
             (``fit(model, train, test, optimizer="zsharp", epochs=5)``).
+        loss_fn: the loss descended (both passes of a sharpness-aware optimizer), evaluated and tracked:
+            ``loss_fn(outputs, targets)``, ``loss_fn(model, batch)``, ``"lm"`` (next-token
+            cross-entropy), ``"hf"`` (the model's own ``.loss``) or a :class:`sharpscope.Objective`
+            (:func:`~sharpscope.analysis.objective.as_objective`). Default: cross-entropy with
+            ``config.label_smoothing``.
         out: run folder for ``last.pt``, ``best.pt``, ``epoch_XXXX.pt``, ``metrics.jsonl``, ``masks.csv``
             and ``config.json``; None keeps everything in memory. One process at a time writes it.
         resume: True continues the run in ``out`` (from ``last.pt``; from the start when it was
@@ -352,26 +458,49 @@ def fit(model: nn.Module, train_data: TensorData, test_data: TensorData | None =
             disk, read-only folder); the message names it and the folder stays resumable.
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides).validate()
+    train_data, test_data = _as_data(train_data, "train_data", config), _as_data(test_data, "test_data", config)
+    objective = _objective(loss_fn, model, config)
     device, spec = _check_inputs(model, train_data, config, spec)
+    parts = (model, config, device, spec, dict(metadata or {}), train_data, test_data)
     if out is None:
         if resume is True:
             raise UserInputError("resume=True needs out= (the run folder holding last.pt)")
-        run = _Run(model, config, device, spec, dict(metadata or {}), train_data, test_data, None)
-        return _fit(run, resume, on_epoch)
+        return _fit(_Run(*parts, None, objective), resume, on_epoch)
     if not dist_.is_main():  # only rank 0 owns (locks, recovers, writes) the run folder
-        run = _Run(model, config, device, spec, dict(metadata or {}), train_data, test_data, None)
-        return _fit(run, resume, on_epoch)
+        return _fit(_Run(*parts, None, objective), resume, on_epoch)
     folder = RunFolder(Path(out))
     with folder.locked():
-        run = _Run(model, config, device, spec, dict(metadata or {}), train_data, test_data, folder)
-        return _fit(run, resume, on_epoch)
+        return _fit(_Run(*parts, folder, objective), resume, on_epoch)
 
 
-def _check_inputs(model: nn.Module, train_data: TensorData, config: TrainConfig, spec: dict[str, Any] | None
-                  ) -> tuple[torch.device, dict[str, Any] | None]:
+def _as_data(data: Any, what: str, config: TrainConfig) -> TensorData | BatchData | None:
+    """A :class:`TensorData` as it is; anything else as :class:`BatchData` (checked: re-iterable, sized)."""
+    if data is None or isinstance(data, TensorData):
+        return data
+    return BatchData(data, what, batch_size=config.batch_size if what == "train_data" else config.eval_batch_size,
+                     shuffle=what == "train_data")
+
+
+def _objective(loss_fn: Any, model: nn.Module, config: TrainConfig) -> Objective:
+    """The objective of ``loss_fn`` (default: the config's cross-entropy); label smoothing belongs to the default."""
+    if loss_fn is None:
+        return training_objective(config)
+    if config.label_smoothing:
+        raise UserInputError("label_smoothing applies to the default cross-entropy; with loss_fn= put the smoothing "
+                             "into your loss (e.g. F.cross_entropy(..., label_smoothing=0.1))")
+    return as_objective(loss_fn, model)
+
+
+def _check_inputs(model: nn.Module, train_data: TensorData | BatchData, config: TrainConfig,
+                  spec: dict[str, Any] | None) -> tuple[torch.device, dict[str, Any] | None]:
     if len(train_data) == 0:
         raise UserInputError("the training data is empty")
     device = resolve_device(config.device)
+    if isinstance(train_data, BatchData):
+        if dist_.is_distributed():
+            raise UserInputError("under torch.distributed fit needs TensorData (it shards each epoch's permutation "
+                                 "over the ranks); train on batches (a DataLoader) in one process")
+        return device, spec if spec is not None else getattr(model, "sharpscope_spec", None)
     if dist_.is_distributed():
         _check_distributed(config, device)
         if device.type == "cuda" and device.index is None:
@@ -408,7 +537,7 @@ def _fit(run: _Run, resume: bool | str | Path, on_epoch: Callable[[dict[str, Any
             if run.tracker is not None:
                 run.tracker.close()
     return FitResult(model=run.model, history=run.history,
-                     best_test_acc=run.best if run.test_data is not None else None,
+                     best_test_acc=run.best if run.test_data is not None and run.has_accuracy else None,
                      out=run.folder.folder if run.folder is not None else None, masks=run.masks.frame(),
                      tracking=run.tracker.to_dataframe() if run.tracker is not None else pd.DataFrame())
 
@@ -438,6 +567,8 @@ def _training_threads(run: _Run) -> contextlib.AbstractContextManager[int]:
         run.threads = int(dist_.broadcast_object(torch.get_num_threads()))  # type: ignore[arg-type]
     if run.device.type != "cpu" or fixed_thread_count() is not None or run.threads is not None:
         return _recording(run, thread_policy(None, run.threads if fixed_thread_count() is None else None))
+    if run.generic or not _is_default(run.objective):  # the trial unit is an (x, y) cross-entropy pass
+        return _recording(run, thread_policy(None, None))
     x, y = next(iter(run.train_data.batches(run.config.batch_size, shuffle=False, augment=False, device=run.device)))
     return _recording(run, thread_policy(forward_backward_trial(run.model, _cross_entropy, (x, y))))
 
@@ -557,9 +688,9 @@ def _check_same_run(run: _Run, stored_config: Any, stored_data: Any, where: str)
 
 def _prepare_training(run: _Run) -> None:
     """Data on the device, the (compiled) forward, the step, and ``config.json``."""
-    if run.device.type == "cuda":  # keep the uint8 images in device memory, augment there
+    if run.device.type == "cuda" and not run.generic:  # keep the uint8 images in device memory, augment there
         run.train_data = run.train_data.to(run.device)
-        run.test_data = run.test_data.to(run.device) if run.test_data is not None else None
+        run.test_data = run.test_data.to(run.device) if isinstance(run.test_data, TensorData) else run.test_data
     forward: nn.Module = run.model
     if dist_.is_distributed():
         if run.config.sync_bn:
@@ -567,7 +698,7 @@ def _prepare_training(run: _Run) -> None:
         ids = [run.device.index] if run.device.type == "cuda" else None
         run.ddp = forward = DistributedDataParallel(run.model, device_ids=ids)
     run.forward = torch.compile(forward) if run.config.compile else forward
-    run.stepper = TrainStep(run.model, run.forward, run.optimizer, run.config, run.device, run.ddp)
+    run.stepper = TrainStep(run.model, run.forward, run.optimizer, run.config, run.device, run.ddp, run.objective)
     if run.folder is not None:
         run.folder.write_config({"config": run.config.to_dict(), "model_spec": run.spec,
                                  "optimizer": run.optimizer_config, "data": run.identity, "metadata": run.metadata})
@@ -578,20 +709,21 @@ def _prepare_training(run: _Run) -> None:
 def _start_tracker(run: _Run) -> None:
     """The :class:`~sharpscope.track.SharpnessTracker` of ``config.track`` (rank 0 tracks the replicated model).
 
-    Its probe set is the first ``track_samples`` training examples and its loss the training loss (label
-    smoothing included); on resume the loggers drop rows from
-    the checkpoint's step on and the warm-start vectors and counters come back from the checkpoint, so the
-    rows equal an uninterrupted run's. Measures use their own random generators: the weights do not change.
+    Its probe set is the first ``track_samples`` training examples (with batches: the first batches of
+    epoch 0 up to that many examples) and its loss the training objective (label smoothing included); on
+    resume the loggers drop rows from the checkpoint's step on (and MLflow/W&B reopen the run they logged to)
+    and the warm-start vectors and counters come back from the checkpoint, so the rows equal an
+    uninterrupted run's. Measures use their own random generators: the weights do not change.
     """
     config = run.config
     if not config.track or not dist_.is_main():
         return
     from ..track.run import run_tracker
 
-    def training_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # the loss the optimizer descends
-        return F.cross_entropy(_upcast(out), y, label_smoothing=config.label_smoothing)
-
-    run.tracker = run_tracker(run.model, training_loss, run.train_data,
+    probe: Any = run.train_data
+    if isinstance(run.train_data, BatchData):
+        probe = run.train_data.first(config.track_samples, config.seed, run.device)
+    run.tracker = run_tracker(run.model, run.objective, probe,
                               run.folder.folder if run.folder is not None else None, track=config.track,
                               every=config.track_every, samples=config.track_samples, log=config.log,
                               resume_step=run.step if run.step > 0 else None, state=run.tracker_state)
@@ -607,7 +739,7 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     bad = non_finite_tensors(run.model)
     if bad:
         raise _diverged(run, epoch, lr, f"weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
-    test_loss = test_acc = float("nan")
+    test_loss, test_acc = (None, None) if run.generic else (float("nan"), float("nan"))  # TensorData: as before
     if run.test_data is not None:
         assert run.forward is not None
         test_loss, test_acc = _evaluate_test(run)
@@ -620,10 +752,12 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     return row
 
 
-def _evaluate_test(run: _Run) -> tuple[float, float]:
+def _evaluate_test(run: _Run) -> tuple[float, float | None]:
     """Test loss and accuracy; under DDP each rank evaluates a disjoint shard, weighted by its size."""
     assert run.test_data is not None and run.forward is not None
     config = run.config
+    if isinstance(run.test_data, BatchData) or not _is_default(run.objective):
+        return _evaluate_batches(run)
     if not dist_.is_distributed():
         return evaluate(run.forward, run.test_data, config.eval_batch_size, run.device, config.amp,
                         config.channels_last)
@@ -634,6 +768,36 @@ def _evaluate_test(run: _Run) -> tuple[float, float]:
         totals += torch.tensor([loss * len(shard), acc * len(shard), len(shard)], dtype=torch.float64)
     totals = _reduced(run, totals)
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+
+def _test_batches(run: _Run) -> Iterator[Batch]:
+    """The test batches on the device (a :class:`TensorData` cut into ``eval_batch_size`` batches)."""
+    data = run.test_data
+    if isinstance(data, BatchData):
+        yield from data.epoch(0, run.config.seed, run.device)
+    elif data is not None:
+        yield from _EvalBatches(data, run.config.eval_batch_size, run.device, False)
+
+
+def _evaluate_batches(run: _Run) -> tuple[float, float | None]:
+    """Test loss ``sum_b c_b loss_b / sum_b c_b`` (``c_b = objective.count``) and accuracy (None without one), in
+    eval mode, streamed one batch at a time (:func:`~sharpscope.analysis.evaluation.weighted_loss_sums`)."""
+    objective, counts = run.objective, []
+
+    def weighted() -> Iterator[tuple[Batch, float]]:
+        for batch in _test_batches(run):
+            counts.append(objective.count(batch))
+            yield (channels_last(batch) if run.config.channels_last else batch), float(counts[-1])
+
+    assert run.forward is not None
+    with evaluation_mode(run.model):
+        sums = weighted_loss_sums(run.forward, objective, weighted(), with_accuracy=run.has_accuracy,  # type: ignore[arg-type]
+                                  context=lambda: _autocast(run.device, run.config.amp))
+    total = sum(counts)
+    if total == 0:
+        raise UserInputError("test_data has no targets to average the loss over (every label is ignore_index?)")
+    loss, correct = sums.tolist()
+    return loss / total, (correct / total if run.has_accuracy else None)
 
 
 def _collective_device(run: _Run) -> torch.device:
@@ -656,6 +820,8 @@ def steps_per_epoch(data_size: int, batch_size: int, world_size: int = 1) -> int
 
 
 def _steps_per_epoch(run: _Run) -> int:
+    if isinstance(run.train_data, BatchData):
+        return len(run.train_data)  # one step per batch
     return steps_per_epoch(len(run.train_data), run.config.batch_size, dist_.world_size())
 
 
@@ -684,46 +850,91 @@ def rank_batches(data: TensorData, batch_size: int, seed: int, epoch: int, augme
         yield data.normalized(x), y
 
 
-def _train_epoch(run: _Run, epoch: int, start: float) -> tuple[float, float, float, int]:
-    """One pass over the shuffled training data: ``(mean loss, accuracy, last lr, examples seen)``."""
+def _epoch_batches(run: _Run, epoch: int) -> Iterator[Batch]:
+    """The training batches of ``epoch`` on the device: this rank's shard under DDP, the shuffled
+    :class:`TensorData` in one process, or the user's batches."""
     config, device = run.config, run.device
+    if isinstance(run.train_data, BatchData):
+        return run.train_data.epoch(epoch, config.seed, device)
+    if dist_.is_distributed():
+        return rank_batches(run.train_data, config.batch_size, config.seed, epoch, config.augment, device)
+    return run.train_data.batches(config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
+                                  augment=config.augment, device=device)
+
+
+@dataclass
+class _EpochSums:
+    """Running sums of an epoch (on the device, no synchronisation per step): ``sum_b c_b loss_b``, correct
+    predictions, targets ``sum_b c_b`` and examples (for the throughput)."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor | None
+    targets: int = 0
+    examples: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> _EpochSums:
+        return cls(torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64, device=device))
+
+    def add(self, outcome: StepOutcome, objective: Objective, examples: int) -> None:
+        self.loss += outcome.loss.double() * outcome.count
+        correct = outcome.correct(objective) if self.correct is not None else None
+        if correct is None:
+            self.correct = None  # the objective has no accuracy: none is reported (never a made-up 0)
+        else:
+            self.correct += correct
+        self.targets += outcome.count
+        self.examples += examples
+
+    def accuracy(self) -> float | None:
+        return None if self.correct is None else float(self.correct) / max(self.targets, 1)
+
+
+def _train_epoch(run: _Run, epoch: int, start: float) -> tuple[float, float | None, float, int]:
+    """One pass over the shuffled training data: ``(mean loss, accuracy or None, last lr, examples seen)``."""
+    config = run.config
     assert run.stepper is not None
     steps = _steps_per_epoch(run)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
-    if dist_.is_distributed():
-        batches = rank_batches(run.train_data, config.batch_size, config.seed, epoch, config.augment, device)
-    else:
-        batches = run.train_data.batches(config.batch_size, shuffle=True, seed=config.seed, epoch=epoch,
-                                         augment=config.augment, device=device)
-    bar = progress(batches, enabled=config.progress and dist_.is_main(), total=steps,
+    sums = _EpochSums.zeros(run.device)
+    bar = progress(_epoch_batches(run, epoch), enabled=config.progress and dist_.is_main(), total=steps,
                    desc=f"epoch {epoch + 1}/{config.epochs}")
     lr = config.base_lr
-    for i, (x, y) in enumerate(bar):
+    for i, batch in enumerate(bar):
         lr = config.base_lr * lr_factor(config, run.step, steps)
         _set_lr(run.optimizer, lr)
         if config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            batch = channels_last(batch)
         log_masks = config.optimizer == "zsharp" and config.log_mask_every > 0 and run.step % config.log_mask_every == 0
-        loss, logits, stats = run.stepper(x, y, log_masks)
-        if stats is not None:
-            run.masks.add(run.step, epoch, stats)
+        outcome = run.stepper.on_batch(batch, log_masks)
+        if outcome.masks is not None:
+            run.masks.add(run.step, epoch, outcome.masks)
         if run.tracker is not None:
             run.tracker.step(run.step, optimizer=run.optimizer)
-        loss_sum += loss.double() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
+        sums.add(outcome, run.objective, batch_size(batch))
         run.step += 1
         if config.progress and hasattr(bar, "set_postfix") and (i % 20 == 0 or i == steps - 1):
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{float(correct) / seen:.3f}",
-                            img_s=f"{seen / elapsed:.0f}", refresh=False)
+            _show_progress(bar, sums, start)
+    run.has_accuracy = sums.correct is not None
+    if sums.targets == 0:
+        raise UserInputError("the training data has no targets to average the loss over (every label is "
+                             "ignore_index?)")
     if dist_.is_distributed():  # the epoch's metrics over all ranks (padded duplicates included)
-        totals = _reduced(run, torch.stack([loss_sum, correct.double(),
-                                            torch.tensor(float(seen), dtype=torch.float64, device=device)]))
-        return float(totals[0] / totals[2]), float(totals[1] / totals[2]), lr, int(totals[2])
-    return float(loss_sum) / seen, float(correct) / seen, lr, seen  # float() synchronises the device
+        correct = sums.correct.double() if sums.correct is not None else torch.zeros_like(sums.loss)
+        totals = _reduced(run, torch.stack([sums.loss, correct,
+                                            torch.tensor(float(sums.targets), dtype=torch.float64, device=run.device)]))
+        accuracy = float(totals[1] / totals[2]) if sums.correct is not None else None
+        return float(totals[0] / totals[2]), accuracy, lr, int(totals[2])
+    return float(sums.loss) / sums.targets, sums.accuracy(), lr, sums.examples  # float() synchronises the device
+
+
+def _show_progress(bar: Any, sums: _EpochSums, start: float) -> None:
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    accuracy = sums.accuracy()
+    shown = {"loss": f"{float(sums.loss) / max(sums.targets, 1):.4f}"}
+    if accuracy is not None:
+        shown["acc"] = f"{accuracy:.3f}"
+    shown["img_s"] = f"{sums.examples / elapsed:.0f}"
+    bar.set_postfix(refresh=False, **shown)
 
 
 def _diverged(run: _Run, epoch: int, lr: float, what: str) -> TrainingDiverged:
@@ -741,7 +952,7 @@ def _commit(run: _Run, row: dict[str, Any], lr: float) -> None:
     """Record the epoch in memory and, with a run folder, write its files in the commit order."""
     epoch = row["epoch"]
     run.history.append(row)
-    score = row["test_acc"] if run.test_data is not None else row["train_acc"]
+    score = _score(run, row)
     improved = run.best is None or score > run.best
     if improved:
         run.best, run.best_epoch = score, epoch
@@ -753,6 +964,13 @@ def _commit(run: _Run, row: dict[str, Any], lr: float) -> None:
         run.folder.commit_epoch(checkpoint_bytes(_payload(run, lr, ranks)), epoch=epoch, improved=improved,
                                 save_every=run.config.save_every, history=run.history, masks=run.masks)
     dist_.barrier(run.config.dist_timeout)  # the others wait until rank 0 has committed the epoch
+
+
+def _score(run: _Run, row: dict[str, Any]) -> float:
+    """What ``best.pt`` maximises: the test (else train) accuracy, or minus the loss when there is no accuracy."""
+    split = "test" if run.test_data is not None else "train"
+    accuracy = row[f"{split}_acc"]
+    return float(accuracy) if accuracy is not None else -float(row[f"{split}_loss"])
 
 
 def _rank_states(run: _Run) -> list[dict[str, Any]] | None:

@@ -7,6 +7,7 @@ A logger receives the :class:`~sharpscope.track.rows.TrackRow` objects of one tr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from ...errors import UserInputError
 from ..rows import TrackRow
@@ -24,6 +25,11 @@ class Logger:
     def close(self) -> None:
         """Flush and release resources."""
         self.flush()
+
+    def resume_state(self) -> dict[str, Any]:
+        """Keyword arguments that reopen the same logged run after a resume (e.g. ``{"run_id": ...}``);
+        stored with the tracker's state. Default: nothing (the logger starts afresh)."""
+        return {}
 
 
 def missing_package(package: str, logger: str) -> UserInputError:

@@ -4,7 +4,9 @@ By default the tracking store is a local SQLite file in the run folder (``sqlite
 MLflow 3 keeps its plain-file store ``./mlruns`` in maintenance mode and refuses it unless
 ``MLFLOW_ALLOW_FILE_STORE=true``); ``tracking_uri`` selects any other store (a server, ``file:...``),
 and ``MLFLOW_TRACKING_URI`` is used when set. The client API is used (not ``mlflow.start_run``), so no
-global active run is left behind. ``run_id`` continues an existing run (resume).
+global active run is left behind. ``run_id`` continues an existing run: a resumed training reopens the
+run it logged to (its id is in the tracker's state, stored in every checkpoint), sets it running again and
+appends to the same metric histories, as ``mlflow.start_run(run_id=...)`` would.
 """
 
 from __future__ import annotations
@@ -47,13 +49,29 @@ class MlflowLogger(Logger):
             uri = f"sqlite:///{root.resolve() / 'mlflow.db'}"
         self.tracking_uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        if run_id is not None and not self._reopen(run_id):
+            run_id = None  # not in this store (another tracking URI): a new run
         if run_id is None:
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
             run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+            for key, value in (params or {}).items():
+                self.client.log_param(run_id, _key(key), value)
         self.run_id = run_id
-        for key, value in (params or {}).items():
-            self.client.log_param(run_id, _key(key), value)
+
+    def _reopen(self, run_id: str) -> bool:
+        """Mark the existing run ``run_id`` running again; False when this store does not hold it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        self.client.update_run(run_id, status="RUNNING")
+        return True
+
+    def resume_state(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
 
     def log(self, rows: Sequence[TrackRow]) -> None:
         from mlflow.entities import Metric
