@@ -155,6 +155,13 @@ class ClassificationLoss(Objective):
     def __repr__(self) -> str:
         return repr(self.loss_fn)
 
+    def describe(self) -> str:
+        """The loss module's repr, or a function's qualified name (no memory address)."""
+        if isinstance(self.loss_fn, nn.Module):
+            return repr(self.loss_fn)
+        fn = self.loss_fn
+        return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
 
 class TokenCrossEntropy(Objective):
     """Next-token cross-entropy of a language model, averaged over the target tokens.
@@ -308,6 +315,9 @@ class BatchLoss(Objective):
 
     def __repr__(self) -> str:
         return f"BatchLoss({getattr(self.fn, '__qualname__', repr(self.fn))})"
+
+    def describe(self) -> str:
+        return f"BatchLoss({getattr(self.fn, '__module__', '')}.{getattr(self.fn, '__qualname__', repr(self.fn))})"
 
 
 _NAMED: dict[str, Callable[[Any], Objective]] = {

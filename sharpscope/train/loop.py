@@ -569,10 +569,11 @@ def _training_threads(run: _Run) -> contextlib.AbstractContextManager[int]:
         run.threads = int(dist_.broadcast_object(torch.get_num_threads()))  # type: ignore[arg-type]
     if run.device.type != "cpu" or fixed_thread_count() is not None or run.threads is not None:
         return _recording(run, thread_policy(None, run.threads if fixed_thread_count() is None else None))
-    if run.generic or not _is_default(run.objective):  # the trial unit is an (x, y) cross-entropy pass
+    if run.generic:  # reading a user's loader ahead could move the random state its shuffling draws from
         return _recording(run, thread_policy(None, None))
     x, y = next(iter(run.train_data.batches(run.config.batch_size, shuffle=False, augment=False, device=run.device)))
-    return _recording(run, thread_policy(forward_backward_trial(run.model, _cross_entropy, (x, y))))
+    loss = _cross_entropy if _is_default(run.objective) else run.objective
+    return _recording(run, thread_policy(forward_backward_trial(run.model, loss, (x, y))))
 
 
 @contextlib.contextmanager
