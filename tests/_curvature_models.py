@@ -75,3 +75,12 @@ def trained_mlp() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
         opt.step()
     model.zero_grad(set_to_none=True)
     return model, (x, y)
+
+
+def parameters_from_flat(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``name -> view of flat`` in the order of ``model.named_parameters()`` (for a loss of the flat vector)."""
+    tensors, i = {}, 0
+    for name, p in model.named_parameters():
+        tensors[name] = flat[i:i + p.numel()].view(p.shape)
+        i += p.numel()
+    return tensors

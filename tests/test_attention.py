@@ -16,6 +16,7 @@ from torch import nn
 
 import sharpscope as ss
 from sharpscope.analysis.attention import math_attention
+from tests._curvature_models import parameters_from_flat
 
 
 def _encoder() -> nn.Module:
@@ -46,16 +47,10 @@ def test_transformer_encoder_top_eigenvalues_equal_the_exact_hessian():
     model = _encoder().eval()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(5, 3, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
     flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     def loss_of(flat: torch.Tensor) -> torch.Tensor:
-        tensors, i = {}, 0
-        for n, s in zip(names, shapes):
-            tensors[n] = flat[i:i + s.numel()].view(s)
-            i += s.numel()
-        return F.cross_entropy(_by_hand(model, tensors, x), y)
+        return F.cross_entropy(_by_hand(model, parameters_from_flat(model, flat), x), y)
 
     with torch.no_grad():  # the hand-written forward is the module's forward
         torch.testing.assert_close(loss_of(flat0), F.cross_entropy(model(x), y), rtol=0, atol=1e-12)

@@ -24,6 +24,7 @@ from sharpscope.analysis.objective import (
     as_objective,
 )
 from sharpscope.errors import UserInputError
+from tests._curvature_models import parameters_from_flat
 
 
 class TinyLM(nn.Module):
@@ -172,16 +173,10 @@ def test_hessian_of_token_lm_with_unequal_padded_batches_equals_the_concatenated
     batches = _padded_batches()
     for b in batches:
         b["input_ids"] = b["input_ids"] % 5
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
     flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     def loss_of(flat: torch.Tensor) -> torch.Tensor:
-        tensors, i = {}, 0
-        for n, s in zip(names, shapes):
-            tensors[n] = flat[i:i + s.numel()].view(s)
-            i += s.numel()
-        f = ss.analysis.objective.functional_model(model, tensors)
+        f = ss.analysis.objective.functional_model(model, parameters_from_flat(model, flat))
         total = sum(TokenCrossEntropy()(f, b) * TokenCrossEntropy().count(b) for b in batches)
         return total / sum(TokenCrossEntropy().count(b) for b in batches)
 
