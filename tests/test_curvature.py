@@ -213,7 +213,7 @@ class _Switchable(nn.Module):
 
 
 def test_auto_picks_double_backward_at_build_when_forward_mode_is_unsupported() -> None:
-    """hvp="auto" with several batches wants torch.func; a model without forward-mode AD gets "autograd"
+    """hvp="auto" with several batches tries torch.func; a model without forward-mode AD gets "autograd"
     chosen at construction (no warning: auto), keeps it for every product, and the products equal
     those of the same model written with torch.tanh (whose func HVP is checked against torch.func.hessian
     above)."""
@@ -226,8 +226,9 @@ def test_auto_picks_double_backward_at_build_when_forward_mode_is_unsupported() 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         op = HessianOperator(odd, CE, batches)
-        ref = HessianOperator(plain, CE, batches)
+        ref = HessianOperator(plain, CE, batches, hvp="func")
     assert op.method == "autograd" and op.fallback_reason.startswith("NotImplementedError")
+    assert op.trial_seconds == {}  # nothing to time: only one method works
     assert ref.method == "func" and ref.fallback_reason is None
     assert op.n_hvp == 0  # the trial product is not counted
     np.testing.assert_allclose(dense(op), dense(ref), rtol=0, atol=1e-13)
@@ -240,7 +241,7 @@ def test_method_stays_fixed_and_later_errors_propagate() -> None:
     construction propagates too (it is not taken for "torch.func unsupported")."""
     model = _Switchable()
     x, y = mlp_data()
-    op = HessianOperator(model, CE, [(x[:20], y[:20]), (x[20:], y[20:])])
+    op = HessianOperator(model, CE, [(x[:20], y[:20]), (x[20:], y[20:])], hvp="func")
     assert op.method == "func"
     op.matvec(torch.ones(op.dim, dtype=torch.float64))
     model.fail = True
@@ -265,3 +266,67 @@ def test_non_finite_weights_refused_when_the_operator_is_built() -> None:
     with pytest.raises(UserInputError, match=r"2\.bias") as info:
         HessianOperator(model, CE, mlp_data())
     assert "\n" not in str(info.value)
+
+
+def test_auto_times_both_methods_once_and_keeps_the_faster() -> None:
+    """hvp="auto": one batch -> "cached" without a trial; several batches -> one timed trial product per
+    method at construction, the faster kept (the choice is the argmin of the recorded times) and never
+    re-timed; an explicit method is taken as given, untimed."""
+    model = tiny_mlp()
+    x, y = mlp_data()
+    single = HessianOperator(model, CE, (x, y))
+    assert single.method == "cached" and single.trial_seconds == {}
+    op = HessianOperator(model, CE, [(x[:20], y[:20]), (x[20:], y[20:])])
+    assert set(op.trial_seconds) == {"func", "autograd"} and all(t > 0 for t in op.trial_seconds.values())
+    assert op.method == min(op.trial_seconds, key=op.trial_seconds.__getitem__)
+    times = dict(op.trial_seconds)
+    op.matvec(torch.ones(op.dim, dtype=torch.float64))
+    assert op.trial_seconds == times and op.n_hvp == 1
+    for method in ("func", "autograd"):  # a block takes the shared-graph path either way: same products
+        op.method = method
+        V = torch.randn(op.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        np.testing.assert_allclose(op.matmat(V).numpy(), exact_hessian(model, CE, x, y) @ V.numpy(), atol=1e-12)
+    for hvp in ("func", "autograd", "cached"):
+        explicit = HessianOperator(model, CE, [(x[:20], y[:20]), (x[20:], y[20:])], hvp=hvp)
+        assert explicit.method == hvp and explicit.trial_seconds == {}
+
+
+@pytest.mark.parametrize("hvp", ["func", "cached", "autograd"])
+def test_matmat_equals_stacked_matvecs(hvp: str) -> None:
+    """matmat(V) is the (dim, k) block of matvec(V[:, j]) (the exact Hessian times V on unequal batches),
+    counts k products, and refuses a block of the wrong shape."""
+    model = tiny_cnn()
+    x, y = cnn_data()
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+    V = torch.randn(0, 1, dtype=torch.float64)
+    with HessianOperator(model, CE, batches, hvp=hvp) as op:
+        V = torch.randn(op.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        block = op.matmat(V)
+        assert block.shape == (op.dim, 3) and op.n_hvp == 3
+        cols = torch.stack([op.matvec(V[:, j]) for j in range(3)], dim=1)
+        with pytest.raises(ValueError, match="shape"):
+            op.matmat(V[:-1])
+    np.testing.assert_allclose(block.numpy(), cols.numpy(), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(block.numpy(), exact_hessian(model, CE, x, y) @ V.numpy(), rtol=0, atol=1e-12)
+
+
+def test_batch_norm_without_running_statistics_is_left_to_torch() -> None:
+    """Eval-mode BatchNorm is computed as an affine map inside the operator; a BatchNorm that keeps no
+    running statistics (batch statistics even in eval mode) must not be: its products equal
+    torch.autograd.functional.hessian of the plain model's loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double().eval()
+    x, y = cnn_data()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        tensors = {n: c.view(s) for n, c, s in zip(names, torch.split(flat, sizes), shapes)}
+        return CE(torch.func.functional_call(model, tensors, (x,)), y)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    ref = torch.autograd.functional.hessian(loss_of, flat).numpy()
+    with HessianOperator(model, CE, (x, y), hvp="cached") as op:
+        np.testing.assert_allclose(dense(op), ref, rtol=0, atol=1e-12)
