@@ -8,6 +8,10 @@ PyHessian 0.1 as installed is used unmodified; inside :func:`pyhessian_session` 
 * ``torch.eig``, removed from torch, is provided for the duration of the call (its ``density`` uses it on
   a symmetric tridiagonal matrix, so ``torch.linalg.eigh`` gives the same answer);
 * the global RNG is seeded with ``seed`` and restored afterwards (PyHessian draws from it);
+* attention runs on the math kernel (:func:`~sharpscope.analysis.attention.math_attention`): PyHessian
+  differentiates its gradient (built with ``create_graph=True`` when the session opens) once more, and
+  the fused SDPA kernels and the ``nn.MultiheadAttention`` fast path have no double backward, so
+  without it a transformer fails with ``derivative for aten::_scaled_dot_product_flash_attention...``;
 * Hessian-vector products are counted by wrapping its HVP functions, and drive the progress bar
   (``progress=True``; PyHessian itself draws none): its total is the most products the call may make
   (``k * max_iter`` power iterations, ``max_iter`` trace probes, ``n_iter * n_runs`` SLQ steps), and
@@ -38,6 +42,7 @@ from torch import nn
 
 from .._progress import progress as progress_bar
 from ..errors import UserInputError
+from .attention import math_attention
 from .batching import Batch, as_batches, batch_size, model_device, preserved_model_state
 from .curvature import HessianOperator, LossFn
 from .objective import ClassificationLoss, as_objective
@@ -102,7 +107,7 @@ def pyhessian_session(model: nn.Module, loss_fn: LossFn, data: Any, seed: int = 
 
     old_eig = getattr(torch, "eig", _MISSING)
     with preserved_model_state(model, train=False), torch.random.fork_rng(
-            devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+            devices=[device] if device.type == "cuda" else []), warnings.catch_warnings(), math_attention(model):
         # PyHessian calls backward(create_graph=True); the .grad cycle it warns about is cleared below.
         warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
         torch.manual_seed(seed)
