@@ -41,7 +41,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--probe", type=int, default=512)
-    parser.add_argument("--curvature-samples", type=int, default=16)
+    parser.add_argument("--curvature-samples", type=int, default=8)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--digits", action="store_true",
                         help="a small CNN (width 8) on the 8x8 digits instead: fast, sharpens progressively")
