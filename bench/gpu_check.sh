@@ -2,8 +2,8 @@
 # The prepared GPU check, to run as ONE command on a lent GPU machine (device tool), e.g.
 #   run(command="bash bench/gpu_check.sh", timeout_s=540)
 # It prints the GPU figures the issues ask for: the CUDA no-host-sync test of ZSharp.first_step,
-# ZSharp/SAM/SGD step times, bf16 + channels_last training throughput, and Hessian work on
-# ResNet-56 against PyHessian. Each part has its own time limit so one slow part cannot eat the rest.
+# ZSharp/SAM/SGD step times, bf16 + channels_last training throughput, Hessian work on
+# ResNet-56 against PyHessian, and transformer HVPs (the paper's ViT, GPT-2 12 x 256) with peak memory. Each part has its own time limit so one slow part cannot eat the rest.
 # DEVICE=cpu QUICK=1 bash bench/gpu_check.sh checks that the script itself runs (on any machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,7 @@ if [ "$QUICK" = 1 ]; then
     part 120 python bench/train_throughput.py --device "$DEVICE" --amp bf16 --optimizers sgd,sam,zsharp \
         --steps 2 --warmup 1 --batch-size 32
     part 300 python bench/hessian_vs_pyhessian.py --device "$DEVICE" --quick
+    part 300 python bench/gpu_transformer.py --device "$DEVICE" --quick
 else
     part 60 python -m pytest -q tests/test_optim_protocol.py -k no_cuda_sync
     part 120 python bench/optim_step.py --device "$DEVICE"
@@ -29,5 +30,6 @@ else
         --optimizers sgd,sam,asam,fsam,zsharp --steps 50
     part 240 python bench/hessian_vs_pyhessian.py --device "$DEVICE" --depth 56 --images 10000 --batch 1000 \
         --trace-seeds 3
+    part 180 python bench/gpu_transformer.py --device "$DEVICE"
 fi
 exit $status
