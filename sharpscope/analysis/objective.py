@@ -202,22 +202,28 @@ class TokenCrossEntropy(Objective):
         args, kwargs = self._inputs(batch)
         return _logits(model(*args, **kwargs))
 
+    def _aligned_targets(self, batch: Any, device: torch.device) -> torch.Tensor:
+        """Targets for every logit position (shifted: position ``t`` predicts ``t + 1``, the last nothing),
+        so the logits are used whole: slicing off the last position would copy them."""
+        targets = self.targets(batch).to(device)
+        if self.shift:
+            targets = F.pad(targets, (0, 1), value=self.ignore_index)
+        return targets
+
     def loss(self, outputs: Any, batch: Any) -> torch.Tensor:
-        logits = outputs[..., :-1, :] if self.shift else outputs
-        targets = self.targets(batch).to(logits.device)
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float() if logits.dtype in
-                                (torch.float16, torch.bfloat16) else logits.reshape(-1, logits.shape[-1]),
-                                targets.reshape(-1), ignore_index=self.ignore_index, reduction="sum")
+        logits = outputs.reshape(-1, outputs.shape[-1])
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        targets = self._aligned_targets(batch, outputs.device).reshape(-1)
+        total = F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum")
         return total / max(self.count(batch), 1)
 
     def count(self, batch: Any) -> int:
         return int((self.targets(batch) != self.ignore_index).sum())
 
     def correct(self, outputs: Any, batch: Any) -> torch.Tensor | None:
-        logits = outputs[..., :-1, :] if self.shift else outputs
-        targets = self.targets(batch).to(logits.device)
-        valid = targets != self.ignore_index
-        return ((logits.argmax(-1) == targets) & valid).sum()
+        targets = self._aligned_targets(batch, outputs.device)
+        return ((outputs.argmax(-1) == targets) & (targets != self.ignore_index)).sum()
 
     def __repr__(self) -> str:
         return f"TokenCrossEntropy(ignore_index={self.ignore_index}, shift={self.shift})"
