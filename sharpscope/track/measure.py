@@ -46,6 +46,10 @@ class Event:
                                              distributed=False)
         return self._operator
 
+    def method(self) -> str | None:
+        """The product method this event's operator used (None when no measure needed one)."""
+        return None if self._operator is None else self._operator.method
+
     def close(self) -> None:
         """Free the operator's graph."""
         if self._operator is not None:

@@ -77,6 +77,7 @@ class SharpnessTracker:
         self.loss_fn = self.objective = as_objective(loss_fn, model)
         self.every = integer(every, "every (tracking period in steps)")
         self.hvp = choice(hvp, "hvp", HVP_METHODS)
+        self._method: str | None = None if self.hvp == "auto" else self.hvp  # the method "auto" chose
         self.dtype = dtype
         device = model_device(model)
         self.batches = [to_device(b, device) for b in prepared_batches(model, self.objective, probe_data)]
@@ -130,7 +131,7 @@ class SharpnessTracker:
         return rows
 
     def _run(self, step: int, due: Sequence[Measure], optimizer: torch.optim.Optimizer | None) -> list[TrackRow]:
-        event = Event(step, self.model, self.loss_fn, self.batches, optimizer, self.hvp, self.dtype)
+        event = Event(step, self.model, self.loss_fn, self.batches, optimizer, self._method or self.hvp, self.dtype)
         rows = []
         with preserved_model_state(self.model, train=False):
             try:
@@ -138,6 +139,8 @@ class SharpnessTracker:
                     row = m.measure(event)
                     if row is not None:
                         rows.append(row)
+                # "auto" times the product methods when the probe has several batches: once per tracker
+                self._method = self._method or event.method()
             finally:
                 event.close()
         return rows
