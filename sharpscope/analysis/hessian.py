@@ -900,6 +900,8 @@ def layer_curvature(model: nn.Module, loss_fn: LossFn, data: Any, tol: float = 1
                        distributed=active) as op:
             rows.append(_block_curvature(op, name, p.shape, seed + i, tol, max_iter, n_trace_samples))
             data_settings = _data_settings(op)
+            if curvature == "hessian" and hvp == "auto":
+                hvp = op.method  # "auto" times the methods on the first block, not again on every block
     data_settings.pop("dim", None)
     settings = {"seed": seed, "tol": tol, "max_iter": max_iter, "n_trace_samples": n_trace_samples,
                 "model_fingerprint": fingerprint, "seconds": time.perf_counter() - start, **data_settings,
