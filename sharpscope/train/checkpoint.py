@@ -55,7 +55,6 @@ exist only inside a pickled module is refused.
 
 from __future__ import annotations
 
-import _compat_pickle
 import hashlib
 import io
 import os
@@ -357,31 +356,19 @@ class Opaque:
         return f"Opaque({self.name})"
 
 
-class _PlaceholderUnpickler(pickle.Unpickler):
-    """Resolves only the globals ``torch.load(weights_only=True)`` allows (tensor rebuilders, dtypes, ...);
-    every other global becomes an :class:`Opaque` class, so the file's own code never runs."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        # protocol 2 (torch.save's) names Python 2 modules: __builtin__.set is builtins.set
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        allowed = torch._weights_only_unpickler._get_allowed_globals()
-        full = f"{module}.{name}"
-        return allowed[full] if full in allowed else type("Opaque", (Opaque,), {"name": full})
-
-
-class _placeholder_pickle:  # noqa: N801 (stands for the pickle module torch.load is given)
-    Unpickler = _PlaceholderUnpickler
-    __name__ = "sharpscope_placeholder_pickle"
-
-
 def _read_with_placeholders(handle: BinaryIO, path: Path, map_location: Any) -> Any:
-    """Load a file that pickles other objects beside its tensors, each such global replaced by an inert
-    :class:`Opaque` (the globals ``weights_only=True`` allows are the only ones resolved)."""
+    """Load a file that pickles other objects beside its tensors, still with ``weights_only=True``: each global
+    the safe loader refuses (``torch.serialization.get_unsafe_globals_in_checkpoint``) is allowed for this one
+    load as an inert :class:`Opaque` stand-in of that name (``torch.serialization.safe_globals``), so the
+    file's own code never runs."""
     refused = UserInputError(f"{str(path)!r} holds Python objects that safe loading (weights_only=True) refuses, "
                              f"e.g. a pickled model; save model.state_dict() instead")
     try:
-        obj = torch.load(handle, map_location=map_location, weights_only=False, pickle_module=_placeholder_pickle)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(handle)
+        handle.seek(0)
+        stand_ins = [(type("Opaque", (Opaque,), {"name": name}), name) for name in names]
+        with torch.serialization.safe_globals(stand_ins):
+            obj = torch.load(handle, map_location=map_location, weights_only=True)
     except Exception:  # noqa: BLE001 (any failure of the tolerant reading is the refusal above)
         raise refused from None
     if not isinstance(obj, dict) or _find_weights(obj)[0] is None:
