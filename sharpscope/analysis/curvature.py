@@ -244,6 +244,9 @@ class HessianOperator:
             hv = op.matvec(torch.randn(op.dim, device=op.device, dtype=op.dtype))
     """
 
+    #: The matrix this operator applies (:data:`sharpscope.analysis.hessian.CURVATURES`).
+    curvature = "hessian"
+
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, params: Iterable[torch.Tensor] | None = None,
                  dtype: torch.dtype | None = None, hvp: str = "auto", progress: bool = False,
                  distributed: bool | None = None) -> None:
@@ -397,8 +400,6 @@ class HessianOperator:
         slower than this loop on CPU (ResNet-20, ViT), so it is not used.
         """
         V = self._check_block(V)
-        if type(self).matvec is not HessianOperator.matvec:  # a subclass's own product (e.g. Gauss-Newton)
-            return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
         return self._products([tuple(self.unflatten(V[:, j].contiguous())) for j in range(V.shape[1])]).T
 
     def _check_block(self, V: torch.Tensor) -> torch.Tensor:
@@ -473,16 +474,20 @@ class HessianOperator:
         return progress(self._local, enabled=self.progress and len(self._local) > 1, desc="HVP batches",
                         total=len(self._local))
 
-    def _loss(self, ps: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
-        """The objective of one batch with the parameters ``ps`` (and the fixed snapshot for the rest)."""
+    def _tensors(self, ps: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """Every tensor the forward pass reads: ``ps`` (under all their tied names) and the fixed snapshot."""
         tensors = dict(self._fixed)
         for (name, aliases), p in zip(self._aliases, ps):
             tensors[name] = p
             for alias in aliases:
                 tensors[alias] = p
+        return tensors
+
+    def _loss(self, ps: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
+        """The objective of one batch with the parameters ``ps`` (and the fixed snapshot for the rest)."""
         batch = to_device(batch, self.device, self.dtype)
         with _AffineEvalBatchNorm() if self._affine_bn else contextlib.nullcontext():
-            return checked_loss(self.objective(functional_model(self.model, tensors), batch))
+            return checked_loss(self.objective(functional_model(self.model, self._tensors(ps)), batch))
 
     def _hvp_func(self, vs: tuple[torch.Tensor, ...], batches: Iterable[_Weighted],
                   losses: list[torch.Tensor]) -> list[torch.Tensor] | None:

@@ -114,6 +114,11 @@ class GGNOperator(HessianOperator):
 
     __matmul__ = matvec
 
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``G V`` for a block ``V`` of shape ``(dim, k)``: ``k`` products (no shared graph to reuse)."""
+        V = self._check_block(V)
+        return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
     def _ggn_products(self, vs: tuple[torch.Tensor, ...], batches: Iterable[_Weighted],
                       losses: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """``sum_b w_b J_b^T H_b J_b v`` over this rank's batches (None for no batch)."""
@@ -145,15 +150,6 @@ class GGNOperator(HessianOperator):
         _, pullback = vjp(forward, self._params)
         (gv,) = pullback(hjv)
         return gv, loss
-
-    def _tensors(self, ps: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        """Every tensor the forward pass reads: ``ps`` (under all their tied names) and the fixed snapshot."""
-        tensors = dict(self._fixed)
-        for (name, aliases), p in zip(self._aliases, ps):
-            tensors[name] = p
-            for alias in aliases:
-                tensors[alias] = p
-        return tensors
 
     def __repr__(self) -> str:
         return (f"GGNOperator(dim={self.dim}, tensors={len(self.shapes)}, batches={len(self.batches)}, "

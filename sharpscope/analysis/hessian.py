@@ -137,7 +137,7 @@ def _dimension(model: nn.Module, params: Iterable[torch.Tensor] | None) -> int:
 def _data_settings(op: HessianOperator, split: str = "data", probes: bool = False) -> dict[str, Any]:
     world = rank_and_world(op.distributed or probes)[1]
     return {"n_examples": int(sum(batch_size(b) for b in op.batches)), "n_batches": len(op.batches),
-            "curvature": getattr(op, "curvature", "hessian"), "dim": op.dim,
+            "curvature": op.curvature, "dim": op.dim,
             "dtype": str(op.dtype).replace("torch.", ""), "hvp": op.method,
             "device": str(op.device), "world_size": world, "split": split if world > 1 else None}
 
