@@ -182,19 +182,14 @@ class _ForwardBackward:
         self._run(*self.plan)
 
     def _run(self, size: int, repeats: int = 1) -> None:
-        from .analysis.batching import slice_batch, to_device
+        from .analysis.batching import eval_mode, slice_batch, to_device
 
         batch = to_device(slice_batch(self.batch, slice(0, size)), self.device)
-        flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             for _ in range(repeats):
                 loss = self.objective(self.model, batch)
                 if self.params and loss.requires_grad:
                     torch.autograd.grad(loss, self.params, allow_unused=True)
-        finally:
-            for module, flag in flags:
-                module.training = flag
 
     def _calibrated_plan(self) -> tuple[int, int]:
         """``(examples, repetitions)`` for a unit of about :data:`TRIAL_SECONDS` at one thread.

@@ -175,6 +175,18 @@ def require_finite(value: float, what: str) -> float:
 
 
 @contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Every submodule in eval mode for the block; each one's own train flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(False)
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@contextlib.contextmanager
 def preserved_model_state(model: nn.Module, train: bool = False) -> Iterator[nn.Module]:
     """Run a block with ``model`` in eval (or train) mode and restore it bit for bit afterwards.
 

@@ -87,7 +87,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,6 +107,7 @@ from .batching import (
     as_batches,
     batch_weights,
     checked_loss,
+    eval_mode,
     model_device,
     preserved_model_state,
     to_device,
@@ -122,18 +123,6 @@ HVP_METHODS = ("auto", "func", "cached", "autograd")
 # autograd.Function without setup_context, an unsupported operator). Only these trigger the fallback,
 # and only if double-backward autograd then succeeds on the same trial product.
 _UNSUPPORTED = (RuntimeError, NotImplementedError)
-
-
-@contextlib.contextmanager
-def _eval_flags(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the block and restore each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.train(False)
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def _add_weighted(total: list[torch.Tensor] | None, terms: Sequence[torch.Tensor],
@@ -321,7 +310,7 @@ class HessianOperator:
         """Seconds one product with ``method`` takes on the trial batch (not counted in ``n_hvp``)."""
         _sync(self.device)
         start = time.perf_counter()
-        with _eval_flags(self.model), math_attention(self.model):
+        with eval_mode(self.model), math_attention(self.model):
             if method == "func":
                 self._hvp_func(probe, trial, [])
             else:
@@ -412,7 +401,7 @@ class HessianOperator:
     def _products(self, columns: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """``H v`` for every column, as a ``(k, dim)`` tensor, summed over ranks and checked."""
         losses: list[torch.Tensor] = []
-        with _eval_flags(self.model), math_attention(self.model):
+        with eval_mode(self.model), math_attention(self.model):
             if self.method == "func" and (len(columns) == 1 or "autograd" not in self.trial_seconds):
                 outs = [self._hvp_func(vs, self._weighted_batches(), losses) for vs in columns]
             elif self.method == "cached":
@@ -458,7 +447,7 @@ class HessianOperator:
         over ranks like :meth:`matvec` when the operator is data-parallel)."""
         total: list[torch.Tensor] | None = None
         losses: list[torch.Tensor] = []
-        with _eval_flags(self.model), math_attention(self.model):
+        with eval_mode(self.model), math_attention(self.model):
             for batch, weight in self._weighted_batches():
                 ps = [p.detach().requires_grad_(True) for p in self._params]
                 loss = self._loss(tuple(ps), batch)

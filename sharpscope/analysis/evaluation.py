@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UserInputError
-from .batching import Batch, checked_loss, model_device, slice_batch, to_device
+from .batching import Batch, checked_loss, eval_mode, model_device, slice_batch, to_device
 from .objective import as_objective, functional_model
 from .parallel import reduce_sum, shared_batches, use_ranks
 
@@ -187,10 +187,8 @@ def check_model_accepts(model: nn.Module, loss_fn: Any, batch: Batch, n: int = 2
     """
     objective = as_objective(loss_fn, model)
     small = to_device(slice_batch(batch, slice(0, n)), model_device(model))
-    was_training = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             checked_loss(objective(model, small))
     except (RuntimeError, ValueError, IndexError, TypeError, KeyError, AttributeError) as exc:
         if isinstance(exc, UserInputError):
@@ -200,6 +198,3 @@ def check_model_accepts(model: nn.Module, loss_fn: Any, batch: Batch, n: int = 2
             f"the {type(model).__name__} model cannot run on this data ({_shapes(batch)}): "
             f"{detail[:300]}; check that the model was built for this dataset (input size, channels, classes)"
         ) from None
-    finally:
-        for module, flag in was_training:
-            module.training = flag

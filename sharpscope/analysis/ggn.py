@@ -45,8 +45,8 @@ from torch.func import grad, jvp, vjp
 
 from ..errors import UserInputError
 from .attention import math_attention
-from .batching import Batch, LossFn, checked_loss, to_device
-from .curvature import HessianOperator, _add_weighted, _eval_flags, _Weighted
+from .batching import Batch, LossFn, checked_loss, eval_mode, to_device
+from .curvature import HessianOperator, _add_weighted, _Weighted
 from .objective import as_objective, functional_model
 
 #: ``method`` of a :class:`GGNOperator` (recorded as ``hvp`` in the settings of results).
@@ -106,7 +106,7 @@ class GGNOperator(HessianOperator):
         """``G v`` for a flat vector ``v`` of length ``dim``; returns a flat tensor (device, dtype)."""
         vs = tuple(self.unflatten(v))
         losses: list[torch.Tensor] = []
-        with _eval_flags(self.model), math_attention(self.model):
+        with eval_mode(self.model), math_attention(self.model):
             out = self._ggn_products(vs, self._weighted_batches(), losses)
         flat = self._reduced(out, losses, "the Gauss-Newton-vector product")
         self.n_hvp += 1

@@ -16,7 +16,6 @@ the global generator between epochs (e.g. a ``collate_fn`` or worker that does).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -124,13 +123,3 @@ def channels_last(batch: Batch) -> Batch:
     return map_tensors(batch, lambda t: t.contiguous(memory_format=torch.channels_last)
                        if t.dim() == 4 and t.is_floating_point() else t)
 
-
-@contextlib.contextmanager
-def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for a block, the train flag restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -48,14 +48,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed as dist_
 from .._progress import progress
-from ..analysis.batching import Batch, batch_size, slice_batch
+from ..analysis.batching import Batch, batch_size, eval_mode, slice_batch
 from ..analysis.evaluation import LossAndAccuracy, full_data_loss, non_finite_tensors, weighted_loss_sums
 from ..analysis.objective import ClassificationLoss, Objective, as_objective
 from ..data.augment import random_crop_flip
 from ..data.dataset import TensorData
 from ..errors import UserInputError
 from ..threads import fixed_thread_count, forward_backward_trial, thread_policy
-from .batches import BatchData, channels_last, evaluation_mode
+from .batches import BatchData, channels_last
 from .checkpoint import checkpoint_bytes, load_checkpoint, rng_state, set_rng_state, to_cpu
 from .config import (
     RESUMABLE_FIELDS,
@@ -144,13 +144,9 @@ def evaluate(model: nn.Module, data: TensorData, batch_size: int = 1024, device:
     The loss is ``sum_b (n_b / N) CE_b`` (:func:`sharpscope.analysis.evaluation.full_data_loss`).
     """
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         result = full_data_loss(model, _cross_entropy, _EvalBatches(data, batch_size, device, channels_last),
                                 with_accuracy=True, context=lambda: _autocast(device, amp))
-    finally:
-        model.train(was_training)
     assert isinstance(result, LossAndAccuracy)
     return result.loss, result.accuracy
 
@@ -796,7 +792,7 @@ def _evaluate_batches(run: _Run) -> tuple[float, float | None]:
             yield (channels_last(batch) if run.config.channels_last else batch), float(counts[-1])
 
     assert run.forward is not None
-    with evaluation_mode(run.model):
+    with eval_mode(run.model):
         sums = weighted_loss_sums(run.forward, objective, weighted(), with_accuracy=run.has_accuracy,  # type: ignore[arg-type]
                                   context=lambda: _autocast(run.device, run.config.amp))
     total = sum(counts)
