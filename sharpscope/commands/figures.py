@@ -560,12 +560,13 @@ def _tracking_jobs(tracked: dict[str, Any], table: pd.DataFrame) -> list[Job]:
     tracked while training (a stored :class:`~sharpscope.track.result.TrackingResult` or a
     ``tracking.jsonl``, :func:`tracked_runs`), one line per configuration."""
     from .. import plot
+    from ..plot.tracking import tracked_frame
 
     labels = _tracked_labels(tracked, table)
     rows: dict[str, pd.DataFrame] = {}
     for run, source in _ordered(tracked).items():
         try:
-            rows[run] = _tracked_frame(source)
+            rows[run] = tracked_frame(source, run)
         except UserInputError as exc:  # one damaged log must not cost every other figure
             warnings.warn(f"skipped the tracked rows of {run}: {exc}", RuntimeWarning, stacklevel=3)
     runs: dict[str, pd.DataFrame] = {}
@@ -581,13 +582,6 @@ def _tracking_jobs(tracked: dict[str, Any], table: pd.DataFrame) -> list[Job]:
         if not frame.empty and (frame["measure"] == "masks").any():
             jobs.append((f"tracked_masks_{run}", lambda source=tracked[run]: _tracked_mask_heatmap(source)))
     return jobs
-
-
-def _tracked_frame(source: Any) -> pd.DataFrame:
-    """The tracked rows (``step, measure`` and the values) of a stored result or a ``tracking.jsonl``."""
-    from ..track import read_tracking
-
-    return read_tracking(source) if isinstance(source, (str, Path)) else source.to_dataframe()
 
 
 def _tracked_labels(tracked: dict[str, Any], table: pd.DataFrame) -> dict[str, str]:

@@ -77,8 +77,9 @@ def run_label(path: str | os.PathLike[str]) -> str:
         return folder.name or str(path)
 
 
-def _one_frame(obj: Any, arg: str) -> pd.DataFrame:
-    """Tracked rows of one run: a run folder or ``tracking.jsonl``, a FitResult, a tracker, a DataFrame."""
+def tracked_frame(obj: Any, arg: str = "data") -> pd.DataFrame:
+    """Tracked rows of one run: a run folder or ``tracking.jsonl``, a FitResult, a tracker, a stored
+    ``TrackingResult``, a DataFrame."""
     if _is_path(obj):
         from ..track import read_tracking
 
@@ -113,7 +114,7 @@ def tracked_rows(data: Any, measure: str) -> pd.DataFrame:
     """
     parts = []
     for label, obj, arg in _labelled(data):
-        frame = _one_frame(obj, arg)
+        frame = tracked_frame(obj, arg)
         if "measure" in frame.columns:
             have = ordered_unique(frame["measure"].dropna())
             frame = frame[frame["measure"] == measure]
