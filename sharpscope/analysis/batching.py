@@ -141,6 +141,20 @@ def slice_batch(batch: Batch, index: Any) -> Batch:
     return map_tensors(batch, lambda t: t[index] if t.dim() > 0 and t.shape[0] == n else t)
 
 
+def first_samples(batches: Sequence[Batch], n: int | None) -> list[Batch]:
+    """The first ``n`` examples of ``batches`` (all of them for ``None``), in order."""
+    if n is None:
+        return list(batches)
+    out, left = [], n
+    for batch in batches:
+        if left <= 0:
+            break
+        size = batch_size(batch)
+        out.append(batch if size <= left else slice_batch(batch, slice(0, left)))
+        left -= min(size, left)
+    return out
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model with neither)."""
     for tensor in list(model.parameters()) + list(model.buffers()):

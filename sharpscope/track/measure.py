@@ -10,7 +10,6 @@ answer from the same event (the preconditioned sharpness of SGD *is* ``lambda_ma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from .._validate import integer
-from ..analysis.batching import Batch, LossFn, batch_size, slice_batch
+from ..analysis.batching import Batch, LossFn, first_samples  # noqa: F401 (first_samples: its old home)
 from ..analysis.curvature import HessianOperator
 from .rows import TrackRow
 
@@ -55,20 +54,6 @@ class Event:
         if self._operator is not None:
             self._operator.close()
             self._operator = None
-
-
-def first_samples(batches: Sequence[Batch], n: int | None) -> list[Batch]:
-    """The first ``n`` examples of ``batches`` (all of them for ``None``), in order."""
-    if n is None:
-        return list(batches)
-    out, left = [], n
-    for batch in batches:
-        if left <= 0:
-            break
-        size = batch_size(batch)
-        out.append(batch if size <= left else slice_batch(batch, slice(0, left)))
-        left -= min(size, left)
-    return out
 
 
 class Measure:

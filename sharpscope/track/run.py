@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from .._validate import integer
-from ..analysis.batching import LossFn, as_batches, model_device, to_device
+from ..analysis.batching import LossFn, as_batches, first_samples, model_device, to_device
 from ..errors import UserInputError
-from .measure import first_samples
 from .registry import LOGGERS, MEASURES, split_names
 from .tracker import SharpnessTracker
 

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from .._validate import integer, positive_number
+from ..analysis.batching import first_samples
 from ..analysis.evaluation import full_data_loss
-from .measure import Event, Measure, first_samples
+from .measure import Event, Measure
 from .rows import TrackRow
 
 

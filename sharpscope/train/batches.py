@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..analysis.batching import Batch, batch_size, map_tensors, to_device
+from ..analysis.batching import Batch, batch_size, first_samples, map_tensors, to_device
 from ..errors import UserInputError
 
 _MIX = (1_000_003, 1_000_033)
@@ -106,8 +106,6 @@ class BatchData:
         Torch's global generator is left as it was, so taking them changes no later draw (the order of
         a shuffling loader, dropout): a run with tracking trains as one without.
         """
-        from ..track.measure import first_samples
-
         out: list[Batch] = []
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
